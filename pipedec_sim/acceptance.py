@@ -1,0 +1,283 @@
+"""A seeded parametric acceptance model: a calibrated stand-in for a draft model.
+
+Per output position the draft's confidence c ~ Beta(alpha, beta). Its top-k probabilities are
+geometric, p_r = c * (1 - c)^r, and the true (target) token's rank is drawn from those same
+probabilities, with the remaining mass (1 - c)^k outside the top-k. The draft is therefore
+calibrated: P(true == top-1) = E[c] = alpha / (alpha + beta), and tree policies that rank nodes
+by cumulative log-prob see confidences that mean what they say.
+
+Used to make synthetic traces (no real models needed) and to run prompt-only files; fit it
+from recorded traces with `fit_acceptance`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import random
+import statistics
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipedec_sim.errors import InputError
+from pipedec_sim.traces import (Path, Trace, TraceHeader, TraceRequest, atomic_write,
+                                is_trace_file, read_text, read_trace)
+
+if TYPE_CHECKING:  # prompts imports this module
+    from pipedec_sim.prompts import Prompt
+
+KIND = "beta-geometric"
+_FIELDS = ("alpha", "beta", "top_k", "vocab", "name", "source")
+
+
+@dataclass(frozen=True)
+class AcceptanceModel:
+    alpha: float
+    beta: float
+    top_k: int = 16
+    vocab: int = 128256
+    name: str = ""
+    source: str = ""  # what it was fitted from, or "hand-set: ..."
+
+    def __post_init__(self) -> None:
+        _validate(asdict(self), file=None)
+
+    @property
+    def top1_agreement(self) -> float:
+        """P(true token == draft top-1) = E[c]."""
+        return self.alpha / (self.alpha + self.beta)
+
+    def sample_position(self, rng: random.Random) -> tuple[list[int], list[float], int]:
+        """One output position: (draft top-k ids best first, their probabilities, true token)."""
+        c = rng.betavariate(self.alpha, self.beta)
+        probs = [c * (1.0 - c) ** r for r in range(self.top_k)]
+        rank = _draw_rank(probs, rng.random())
+        true = rng.randrange(self.vocab)
+        inside = rank < self.top_k
+        ids = _distinct_ids(rng, self.vocab, self.top_k - inside, exclude=true)
+        if inside:
+            ids.insert(rank, true)
+        return ids, probs, true
+
+    def rank_probs(self) -> list[float]:
+        """Expected P(true token at rank r), r < top_k: E[c (1-c)^r] = B(a+1, b+r) / B(a, b).
+
+        Closed form, so exact and deterministic; 1 - sum() is the chance it is outside the top-k.
+        """
+        a, b = self.alpha, self.beta
+        log_norm = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+        return [math.exp(math.lgamma(a + 1) + math.lgamma(b + r) - math.lgamma(a + b + r + 1)
+                         - log_norm) for r in range(self.top_k)]
+
+    def to_dict(self) -> dict:
+        return {"kind": KIND, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, file: Path | None = None) -> "AcceptanceModel":
+        """Validate a decoded JSON object; InputError names the file and field."""
+        if not isinstance(d, dict):
+            raise InputError("an acceptance model must be a JSON object", file=file)
+        kind = d.get("kind", KIND)
+        if kind != KIND:
+            raise InputError(f"expected {KIND!r}, got {kind!r}", file=file, field="kind")
+        unknown = sorted(set(d) - set(_FIELDS) - {"kind"})
+        if unknown:
+            raise InputError(f"unknown field (known: {', '.join(_FIELDS)})", file=file,
+                             field=unknown[0])
+        for key in ("alpha", "beta"):
+            if key not in d:
+                raise InputError("missing", file=file, field=key)
+        values = {k: d[k] for k in _FIELDS if k in d}
+        _validate(values, file=file)
+        return cls(**values)
+
+
+def _validate(d: dict, *, file: Path | None) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise InputError(msg, file=file, field=key)
+
+    for key in ("alpha", "beta"):
+        v = d.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            bad(key, f"expected a positive number, got {v!r}")
+    for key, low in (("top_k", 1), ("vocab", 2)):
+        v = d.get(key, 1 if key == "top_k" else 2)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            bad(key, f"expected an integer >= {low}, got {v!r}")
+    if d.get("vocab", 128256) <= d.get("top_k", 16):
+        bad("vocab", f"must exceed top_k ({d.get('top_k', 16)}) to fill the top-k with distinct ids")
+    for key in ("name", "source"):
+        if not isinstance(d.get(key, ""), str):
+            bad(key, f"expected a string, got {d[key]!r}")
+
+
+def _draw_rank(probs: list[float], u: float) -> int:
+    """Rank r with probability probs[r]; len(probs) (outside the top-k) with the rest."""
+    acc = 0.0
+    for r, p in enumerate(probs):
+        acc += p
+        if u < acc:
+            return r
+    return len(probs)
+
+
+def _distinct_ids(rng: random.Random, vocab: int, n: int, *, exclude: int) -> list[int]:
+    ids = rng.sample(range(vocab), n + 1)  # one spare in case `exclude` is drawn
+    if exclude in ids:
+        ids.remove(exclude)
+    return ids[:n]
+
+
+DEFAULT_ACCEPTANCE = AcceptanceModel(
+    alpha=4.0, beta=1.2, top_k=16, name="synthetic-default",
+    source="hand-set: top-1 agreement ~0.77, typical of a 1B draft for a 70B Llama "
+           "(EAGLE/SpecInfer reports); replace with a fitted model")
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def fit_acceptance(traces: list[Trace], *, name: str = "") -> AcceptanceModel:
+    """Method-of-moments Beta fit to the recorded top-1 draft probabilities.
+
+    Under the model the top-1 probability *is* c, so its sample mean and variance give alpha and
+    beta directly. The recorded top-1 agreement is reported in `source`: if it differs much
+    from the fitted mean, the real draft is miscalibrated and the model will be optimistic or
+    pessimistic accordingly.
+    """
+    if not traces:
+        raise InputError("need at least one trace to fit an acceptance model")
+    top1 = [row[0] for t in traces for r in t.requests for row in r.topk_probs]
+    hits = sum(ids[0] == tok for t in traces for r in t.requests
+               for ids, tok in zip(r.topk_ids, r.output))
+    where = ", ".join(t.path or "<memory>" for t in traces)
+    if len(top1) < 2:
+        raise InputError(f"need at least 2 output positions to fit, got {len(top1)}", file=where)
+    mean, var = statistics.fmean(top1), statistics.pvariance(top1)
+    if not 0.0 < mean < 1.0 or not 0.0 < var < mean * (1.0 - mean):
+        raise InputError(f"top-1 probabilities (mean {mean:.4g}, variance {var:.4g}) admit no Beta "
+                         "fit", file=where, field="draft_probs")
+    common = mean * (1.0 - mean) / var - 1.0
+    top_k = min(t.header.top_k for t in traces)
+    max_id = max(max(max(r.output), max(max(row) for row in r.topk_ids))
+                 for t in traces for r in t.requests)
+    h = traces[0].header
+    source = (f"method-of-moments Beta fit to {len(top1)} top-1 draft probabilities from {where} "
+              f"(target {h.target}, draft {h.draft}); recorded top-1 agreement "
+              f"{hits / len(top1):.3f}, model {mean:.3f}")
+    return AcceptanceModel(alpha=mean * common, beta=(1.0 - mean) * common, top_k=top_k,
+                           vocab=max(max_id + 1, top_k + 1),  # a lower bound on the real vocab
+                           name=name or f"fitted:{os.path.basename(traces[0].path or 'trace')}",
+                           source=source)
+
+
+def save_acceptance(model: AcceptanceModel, path: Path) -> None:
+    atomic_write(path, (json.dumps(model.to_dict(), indent=2) + "\n").encode("utf-8"))
+
+
+def load_acceptance(path: Path) -> AcceptanceModel:
+    """Read an acceptance-model JSON file; a trace file is accepted too and fitted on the fly."""
+    if is_trace_file(path):
+        return fit_acceptance([read_trace(path)])
+    text = read_text(path)
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=path,
+                         line=e.lineno) from None
+    return AcceptanceModel.from_dict(d, file=path)
+
+
+# ----------------------------------------------------------------------------- synthetic traces
+
+def _draw_len(spec: int | tuple[int, int], rng: random.Random, name: str) -> int:
+    if isinstance(spec, tuple):
+        lo, hi = spec
+        if not 1 <= lo <= hi:
+            raise InputError(f"need 1 <= low <= high, got {spec}", field=name)
+        return rng.randint(lo, hi)
+    if spec < 1:
+        raise InputError(f"must be >= 1, got {spec}", field=name)
+    return spec
+
+
+def _sample_request(rid: str, prompt_len: int, n: int, model: AcceptanceModel,
+                    rng: random.Random, decimals: int | None) -> TraceRequest:
+    output, ids, probs = [], [], []
+    for _ in range(n):
+        row_ids, row_probs, true = model.sample_position(rng)
+        if decimals is not None:
+            row_probs = [round(p, decimals) for p in row_probs]
+        output.append(true)
+        ids.append(row_ids)
+        probs.append(row_probs)
+    return TraceRequest(id=rid, prompt_len=prompt_len, output=output, topk_ids=ids,
+                        topk_probs=probs)
+
+
+def _request_rng(seed: int, i: int) -> random.Random:
+    # One stream per request: the first N requests are the same whatever `requests` is.
+    return random.Random(f"pipedec-synthetic/{seed}/{i}")
+
+
+def synthetic_trace(*, requests: int, output_len: int | tuple[int, int],
+                    prompt_len: int | tuple[int, int],
+                    model: AcceptanceModel = DEFAULT_ACCEPTANCE, seed: int = 0,
+                    dataset: str = "synthetic", command: str = "", target: str = "synthetic",
+                    draft: str = "synthetic", notes: str = "", created: str | None = None,
+                    decimals: int | None = 4) -> Trace:
+    """A trace drawn from `model`; identical for identical arguments (no global random state).
+
+    Lengths are fixed ints or inclusive (low, high) uniform ranges. Probabilities are rounded
+    to `decimals` to keep files small (None keeps full precision).
+    """
+    if requests < 1:
+        raise InputError(f"must be >= 1, got {requests}", field="requests")
+    reqs = []
+    for i in range(requests):
+        rng = _request_rng(seed, i)
+        p_len = _draw_len(prompt_len, rng, "prompt_len")
+        n = _draw_len(output_len, rng, "output_len")
+        reqs.append(_sample_request(str(i), p_len, n, model, rng, decimals))
+    header = TraceHeader(source="synthetic", target=target, draft=draft,
+                         tokenizer=f"none (random ids in [0, {model.vocab}))", dataset=dataset,
+                         top_k=model.top_k, command=command,
+                         created=created or _dt.date.today().isoformat(),
+                         acceptance_model=model.to_dict(),
+                         notes=notes or f"synthetic: drawn from acceptance model "
+                                        f"{model.name or KIND} with seed {seed}")
+    return Trace(header=header, requests=reqs)
+
+
+def trace_from_prompts(prompts: list["Prompt"], *, model: AcceptanceModel, max_new_tokens: int,
+                       seed: int, chars_per_token: float = 4.0, dataset: str | None = None,
+                       command: str = "") -> Trace:
+    """A synthetic trace whose lengths come from real prompts (estimated from characters).
+
+    prompt_len = ceil(len(text) / chars_per_token); the output length is the reference answer's
+    estimated length clipped to max_new_tokens, or max_new_tokens when there is no reference.
+    """
+    if not prompts:
+        raise InputError("no prompts")
+    if max_new_tokens < 1:
+        raise InputError(f"must be >= 1, got {max_new_tokens}", field="max_new_tokens")
+    if not chars_per_token > 0:
+        raise InputError(f"must be > 0, got {chars_per_token}", field="chars_per_token")
+    reqs = []
+    for i, p in enumerate(prompts):
+        p_len = max(1, math.ceil(len(p.text) / chars_per_token))
+        n = max_new_tokens
+        if p.reference:
+            n = max(1, min(max_new_tokens, math.ceil(len(p.reference) / chars_per_token)))
+        reqs.append(_sample_request(p.id, p_len, n, model, _request_rng(seed, i), decimals=4))
+    names = dataset or ", ".join(dict.fromkeys(p.dataset for p in prompts))
+    header = TraceHeader(
+        source="synthetic", target="unspecified", draft=f"acceptance model {model.name or KIND}",
+        tokenizer=f"none (lengths estimated at {chars_per_token:g} chars/token)", dataset=names,
+        top_k=model.top_k, command=command, created=_dt.date.today().isoformat(),
+        acceptance_model=model.to_dict(),
+        notes=(f"prompt lengths (and output lengths where a reference answer exists, else "
+               f"max_new_tokens={max_new_tokens}) estimated from characters at "
+               f"{chars_per_token:g} chars/token; draft proposals drawn from acceptance model "
+               f"{model.name or KIND} ({model.source or 'no source given'}) with seed {seed}"))
+    return Trace(header=header, requests=reqs)

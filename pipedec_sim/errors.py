@@ -1,0 +1,30 @@
+"""Errors for bad input: one message naming the file, the line and the field.
+
+Every reader (traces, profiles, prompt files, CLI flags) raises `InputError`; the CLIs
+catch it, print `str(err)` and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+from os import PathLike
+
+
+class InputError(ValueError):
+    """Bad user input. `str()` gives `FILE:LINE: field 'F': message`."""
+
+    def __init__(self, message: str, *, file: str | PathLike | None = None,
+                 line: int | None = None, field: str | None = None):
+        self.message = message
+        self.file = None if file is None else str(file)
+        self.line = line
+        self.field = field
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = self.file if self.line is None else f"{self.file}:{self.line}"
+        parts = [where] if where else []
+        if self.field is not None:
+            parts.append(f"field '{self.field}'")
+        parts.append(self.message)
+        return ": ".join(parts)

@@ -1,0 +1,97 @@
+"""Expansion policies: which draft proposals become tree nodes.
+
+A candidate is (parent, token, logp); its score is the parent's cumulative log-prob plus
+logp, i.e. the draft's probability of the whole path from the root. Ranking by it is
+what both PipeDec (one layer per step) and EAGLE-2 (a whole tree per pass) do.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from .tree import Node
+
+Candidate = tuple[float, Node, int, float]   # (score, parent, token, logp)
+
+
+def candidates(parents: Iterable[Node], topk: int) -> list[Candidate]:
+    """Each parent's top-k proposals that are not already its children."""
+    out = []
+    for parent in parents:
+        for token, logp in (parent.proposals or ())[:topk]:
+            if token not in parent.children:
+                out.append((parent.score + logp, parent, token, logp))
+    return out
+
+
+def best(cands: list[Candidate], n: int) -> list[Candidate]:
+    # nlargest is stable, so ties keep frontier/proposal order: runs are reproducible.
+    return heapq.nlargest(n, cands, key=lambda c: c[0])
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """PipeDec: the next layer is the `width` best children over the whole frontier.
+
+    floor: drop nodes whose path probability from the root is below it.
+    coverage: adaptive width; stop once the chosen nodes hold this fraction of the
+    frontier's path probability (None: always fill `width`).
+    """
+    width: int = 16
+    topk: int = 16
+    floor: float = 0.0
+    coverage: float | None = None
+
+    def __post_init__(self):
+        if self.width < 1 or self.topk < 1:
+            raise ValueError("width and topk must be >= 1")
+        if not 0.0 <= self.floor < 1.0:
+            raise ValueError("floor must be in [0, 1)")
+        if self.coverage is not None and not 0.0 < self.coverage <= 1.0:
+            raise ValueError("coverage must be in (0, 1]")
+
+    def select(self, frontier: list[Node]) -> list[Candidate]:
+        chosen = best(candidates(frontier, self.topk), self.width)
+        if self.floor > 0.0:
+            log_floor = math.log(self.floor)
+            chosen = [c for c in chosen if c[0] >= log_floor]
+        if self.coverage is not None:
+            chosen = self._adaptive(frontier, chosen)
+        return chosen
+
+    def _adaptive(self, frontier: list[Node], chosen: list[Candidate]) -> list[Candidate]:
+        goal = self.coverage * sum(math.exp(n.score) for n in frontier)
+        mass, out = 0.0, []
+        for c in chosen:
+            out.append(c)
+            mass += math.exp(c[0])
+            if mass >= goal:
+                break
+        return out
+
+
+@dataclass(frozen=True)
+class Eagle2Policy:
+    """EAGLE-2 dynamic tree: `depth` draft passes; each expands the `topk` best nodes of
+    the newest level; finally the `total` best nodes of everything proposed are kept
+    (cumulative scores only fall along a path, so the kept set includes its ancestors)."""
+    depth: int = 6
+    topk: int = 10
+    total: int = 60
+
+    def __post_init__(self):
+        if self.depth < 1 or self.topk < 1 or self.total < 1:
+            raise ValueError("depth, topk and total must be >= 1")
+
+    def expand(self, level: list[Candidate]) -> list[Candidate]:
+        return best(level, self.topk)
+
+    def final(self, pool: list[Node]) -> list[Node]:
+        return heapq.nlargest(self.total, pool, key=lambda n: n.score)
+
+
+def chain_policy(depth: int) -> Eagle2Policy:
+    """Classic speculative decoding: a chain of `depth` greedy draft tokens."""
+    return Eagle2Policy(depth=depth, topk=1, total=depth)

@@ -1,0 +1,115 @@
+"""Per-stage KV bookkeeping by node id, shared by the simulator and the torch backend.
+
+A KV holder (a target stage or the draft) keeps rows in arrival order: first the
+committed prefix (`n_prefix` rows, never removed), then speculative rows (`spec`, by id).
+Prune notices (`Update`) kill rows and promote committed ones; because a node always
+arrives after its ancestors and kills take whole subtrees, the committed rows always
+form the front of the cache once the kills are applied. The torch backend turns the
+keep-index into `index_select` on its cache and `mask` into a tree-attention mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .messages import Row, Update
+
+
+class StageState:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n_prefix = 0
+        self.spec: list[int] = []              # speculative row ids in KV order
+        self.parent: dict[int, int] = {}       # spec row id -> parent id
+        self.killed: set[int] = set()
+        self.committed: set[int] = set()       # every id ever committed here
+        self._pending: set[int] = set()        # committed but not yet promoted
+
+    @property
+    def context(self) -> int:
+        """Rows in the KV cache."""
+        return self.n_prefix + len(self.spec)
+
+    # ---- prune notices ---------------------------------------------------------------
+    def apply(self, update: Update) -> np.ndarray | None:
+        """Apply a prune notice; return the KV rows to keep if any row was removed."""
+        self.killed.update(update.kill)
+        self.committed.update(update.commit)
+        self._pending.update(update.commit)
+        keep = None
+        if update.kill and self.spec:
+            survivors = [j for j, i in enumerate(self.spec) if i not in self.killed]
+            if len(survivors) != len(self.spec):
+                keep = np.concatenate([np.arange(self.n_prefix, dtype=np.int64),
+                                       self.n_prefix + np.asarray(survivors, np.int64)])
+                for i in self.spec:
+                    if i in self.killed:
+                        del self.parent[i]
+                self.spec = [self.spec[j] for j in survivors]
+        self._promote()
+        return keep
+
+    def _promote(self) -> None:
+        while self.spec and self.spec[0] in self._pending:
+            i = self.spec.pop(0)
+            self._pending.discard(i)
+            del self.parent[i]
+            self.n_prefix += 1
+
+    # ---- arriving rows ---------------------------------------------------------------
+    def admit(self, rows: tuple[Row, ...]) -> list[Row]:
+        """Drop rows that are dead here (killed, or a killed node's descendants)."""
+        killed = self.killed
+        out = []
+        for r in rows:
+            if r.id in killed or r.parent in killed:
+                killed.add(r.id)
+            else:
+                out.append(r)
+        return out
+
+    def append(self, rows: list[Row], committed: int = 0) -> None:
+        """Record computed rows: their KV now sits at the end of the cache. The first
+        `committed` rows were committed before they were sent (prompt, verified token)."""
+        for r in rows[:committed]:
+            self.committed.add(r.id)
+            self._pending.add(r.id)
+        for r in rows:
+            self.spec.append(r.id)
+            self.parent[r.id] = r.parent
+        self._promote()
+
+    # ---- attention -------------------------------------------------------------------
+    def mask(self, rows: list[Row]) -> np.ndarray:
+        """Boolean [len(rows), context + len(rows)]: which KV rows each new row attends
+        to, with the new rows appended after the current cache (call before `append`).
+        A row sees the committed prefix, its speculative ancestors and itself."""
+        n, ctx = len(rows), self.context
+        mask = np.zeros((n, ctx + n), dtype=bool)
+        mask[:, : self.n_prefix] = True
+        col = {i: self.n_prefix + j for j, i in enumerate(self.spec)}
+        anc: dict[int, np.ndarray] = {}       # id -> its ancestor columns (memo)
+        for k, r in enumerate(rows):
+            p = r.parent
+            if p in anc or p in self.parent:
+                mask[k] |= self._ancestry(p, col, anc, ctx + n)
+            elif p != -1 and p not in self.committed:
+                raise KeyError(f"row {r.id}: parent {p} is neither committed nor cached here")
+            mask[k, ctx + k] = True
+            col[r.id] = ctx + k
+            anc[r.id] = mask[k]
+        return mask
+
+    def _ancestry(self, i: int, col: dict, anc: dict, width: int) -> np.ndarray:
+        """Columns of speculative row `i` and its speculative ancestors."""
+        chain = []
+        while i not in anc and i in self.parent:
+            chain.append(i)
+            i = self.parent[i]
+        row = anc[i] if i in anc else np.zeros(width, dtype=bool)
+        for j in reversed(chain):
+            row = row.copy()
+            row[col[j]] = True
+            anc[j] = row
+        return row

@@ -1,0 +1,78 @@
+"""PipeDec: the draft grows the prediction tree by one layer per pipeline step and the
+layer enters stage 1 at once. When the root leaves the last stage the target's token is
+known: a hit makes the matching child the root and prunes its siblings on every stage;
+a miss flushes the tree and restarts it from the target's token."""
+from __future__ import annotations
+
+from ..messages import Action, Drafted, Update, Verified
+from ..policies import LayerPolicy
+from ..tree import Hit, Node, PredictionTree
+from .base import Strategy, row
+
+
+class PipeDec(Strategy):
+    name = "pipedec"
+
+    def __init__(self, prompt, max_new_tokens, *, policy: LayerPolicy | None = None, eos=None):
+        super().__init__(prompt, max_new_tokens, eos=eos)
+        self.policy = policy or LayerPolicy()
+
+    def start(self) -> list[Action]:
+        rows = self.prompt_rows()
+        root = self.prompt_root()
+        root.drafted = True
+        self.tree = PredictionTree(root)
+        self.entry_free = False
+        n = len(rows)
+        return [self.inject(rows, "prefill", verify_from=n - 1, committed=n),
+                self.draft(rows, [root.id], self.policy.topk, committed=n)]
+
+    def on_entry_free(self) -> list[Action]:
+        self.entry_free = True
+        return self._grow()
+
+    def on_drafted(self, event: Drafted) -> list[Action]:
+        nodes = self.tree.nodes
+        for i, props in event.proposals.items():
+            if i in nodes:                 # proposals for pruned nodes are stale
+                nodes[i].proposals = props
+        return self._grow()
+
+    def _grow(self) -> list[Action]:
+        """Inject the next layer once stage 1 can take it and the frontier is drafted."""
+        if not self.entry_free:
+            return []
+        frontier = self.tree.frontier()
+        if frontier[0].pos >= self.last_pos or any(n.proposals is None for n in frontier):
+            return []
+        chosen = self.policy.select(frontier)
+        if not chosen:
+            return []
+        layer = [self.tree.add(p, tok, lp, self.new_id()) for _, p, tok, lp in chosen]
+        for n in layer:
+            n.drafted = True
+        rows = [row(n) for n in layer]
+        self.entry_free = False
+        return [self.inject(rows, "layer"),
+                self.draft(rows, [n.id for n in layer], self.policy.topk)]
+
+    def on_verified(self, event: Verified) -> list[Action]:
+        root = self.tree.root
+        x = event.tokens.get(root.id)
+        if x is None:                      # the root was not in this batch
+            return []
+        verdict = self.tree.advance(x)
+        if isinstance(verdict, Hit):
+            actions: list[Action] = [Update(commit=(verdict.root.id,), kill=verdict.killed)]
+            actions += self.commit([x], 1, "hit")
+            return actions if self.done else actions + self._grow()
+        actions = [Update(kill=verdict.killed)] + self.commit([x], 0, "miss")
+        if self.done:
+            return actions
+        new = Node(self.new_id(), root, x, root.pos + 1)
+        new.drafted = True
+        self.tree.restart(new)
+        self.entry_free = False            # the new root jumps the queue at stage 1
+        r = row(new)
+        return actions + [self.inject([r], "token", committed=1),
+                          self.draft([r], [new.id], self.policy.topk, committed=1)]

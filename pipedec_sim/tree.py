@@ -1,0 +1,123 @@
+"""The prediction tree: the root is the newest committed token, every other node a guess.
+
+`advance(token)` is the verdict of the target on the root: a *hit* when the token is one
+of the root's children (that child becomes the root, its siblings' subtrees die) or a
+*miss* (every guess dies; the caller restarts the tree from the target's token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+
+class Node:
+    __slots__ = ("id", "parent", "token", "pos", "logp", "score", "children",
+                 "proposals", "drafted", "__weakref__")
+
+    def __init__(self, id: int, parent: "Node | None", token: int, pos: int,
+                 logp: float = 0.0, score: float = 0.0):
+        self.id = id
+        self.parent = parent
+        self.token = token
+        self.pos = pos
+        self.logp = logp            # draft log-prob of this token given its parent
+        self.score = score          # cumulative log-prob from the root (root: 0)
+        self.children: dict[int, Node] = {}   # token -> child
+        self.proposals: tuple[tuple[int, float], ...] | None = None  # draft's top-k
+        self.drafted = False        # the draft model holds this node's KV
+
+    def __repr__(self) -> str:
+        return f"Node(id={self.id}, token={self.token}, pos={self.pos}, score={self.score:.3f})"
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    root: Node                 # the child that matched: the new root
+    killed: tuple[int, ...]    # ids of every node outside the new root's subtree
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    killed: tuple[int, ...]    # ids of every node but the old root
+
+
+class PredictionTree:
+    def __init__(self, root: Node):
+        self.restart(root)
+
+    def restart(self, root: Node) -> None:
+        root.score = 0.0
+        self.root = root
+        self.nodes: dict[int, Node] = {root.id: root}
+        self._levels: dict[int, list[Node]] = {root.pos: [root]}
+
+    # ---- growth ------------------------------------------------------------------
+    def add(self, parent: Node, token: int, logp: float, node_id: int) -> Node:
+        node = Node(node_id, parent, token, parent.pos + 1, logp, parent.score + logp)
+        parent.children[token] = node
+        self.nodes[node_id] = node
+        self._levels.setdefault(node.pos, []).append(node)
+        return node
+
+    def frontier(self) -> list[Node]:
+        """Live nodes of the deepest level: the next layer grows from them."""
+        return self._levels[max(self._levels)]
+
+    def depth(self, node: Node) -> int:
+        return node.pos - self.root.pos
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __contains__(self, node_id: int) -> bool:
+        return node_id in self.nodes
+
+    # ---- verdicts ----------------------------------------------------------------
+    def advance(self, token: int) -> Hit | Miss:
+        child = self.root.children.get(token)
+        if child is None:
+            killed = tuple(i for i in self.nodes if i != self.root.id)
+            self.nodes = {self.root.id: self.root}
+            self.root.children = {}
+            self._levels = {self.root.pos: [self.root]}
+            return Miss(killed)
+        keep = {n.id: n for n in subtree(child)}
+        killed = tuple(i for i in self.nodes if i not in keep and i != self.root.id)
+        self.nodes = keep
+        self.root = child
+        self._rebuild_levels()
+        return Hit(child, killed)
+
+    def prune_to(self, keep_ids: set[int]) -> tuple[int, ...]:
+        """Drop every node (root excepted) whose id is not in `keep_ids`; return them."""
+        killed = tuple(i for i in self.nodes if i not in keep_ids and i != self.root.id)
+        for i in killed:
+            node = self.nodes.pop(i)
+            if node.parent is not None and node.parent.children.get(node.token) is node:
+                del node.parent.children[node.token]
+        self._rebuild_levels()
+        return killed
+
+    def _rebuild_levels(self) -> None:
+        levels: dict[int, list[Node]] = {}
+        for node in self.nodes.values():
+            levels.setdefault(node.pos, []).append(node)
+        self._levels = levels
+
+
+def subtree(node: Node) -> Iterator[Node]:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n.children.values())
+
+
+def path(node: Node, stop: Node | None = None) -> list[Node]:
+    """Nodes from just below `stop` (or the top) down to `node`, oldest first."""
+    out = []
+    while node is not None and node is not stop:
+        out.append(node)
+        node = node.parent
+    out.reverse()
+    return out
