@@ -106,7 +106,8 @@ def _validate(d: dict, *, file: Path | None) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             bad(key, f"expected an integer >= {low}, got {v!r}")
     if d.get("vocab", 128256) <= d.get("top_k", 16):
-        bad("vocab", f"must exceed top_k ({d.get('top_k', 16)}) to fill the top-k with distinct ids")
+        bad("vocab", f"must exceed top_k ({d.get('top_k', 16)}) to fill the top-k with "
+                     "distinct ids")
     for key in ("name", "source"):
         if not isinstance(d.get(key, ""), str):
             bad(key, f"expected a string, got {d[key]!r}")

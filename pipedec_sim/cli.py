@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--timeline", type=Path, default=None,
                    help="write a Chrome/Perfetto trace JSON of the first request per strategy")
     w.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    from . import plotting_cli, sweep, tune        # exploration commands (issue 5)
+    sweep.add_parser(sub)
+    plotting_cli.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 
@@ -181,7 +185,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run}
+def _lazy(module: str, name: str):
+    def command(args):
+        from importlib import import_module
+        return getattr(import_module(f"pipedec_sim.{module}"), name)(args)
+    return command
+
+
+COMMANDS = {"run": cmd_run,
+            "sweep": _lazy("sweep", "cmd_sweep"),
+            "plot": _lazy("plotting_cli", "cmd_plot"),
+            "tune": _lazy("tune", "cmd_tune")}
 
 
 def main(argv=None) -> int:

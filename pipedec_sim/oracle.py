@@ -11,7 +11,6 @@ a draft conditioned on a wrong prefix is assumed as confident as on the true one
 from __future__ import annotations
 
 import math
-import random
 from typing import Iterable
 
 from .messages import Row
@@ -23,9 +22,8 @@ class TraceOracle:
     def __init__(self, request, *, seed: int = 0):
         self.P = request.prompt_len
         self.output = request.output
-        self.ids = request.topk_ids
-        self.logps = [tuple(math.log(max(p, _TINY)) for p in probs)
-                      for probs in request.topk_probs]
+        self.props = [tuple(zip(ids, (math.log(max(p, _TINY)) for p in probs)))
+                      for ids, probs in zip(request.topk_ids, request.topk_probs)]
         self.seed = seed
         self.on_path: dict[int, bool] = {}
 
@@ -49,10 +47,19 @@ class TraceOracle:
         if i >= n:
             return ()
         if not self.on_path.get(row.id, False):
-            i = random.Random(self.seed * 1_000_003 + row.id).randrange(n)
-        return tuple(zip(self.ids[i][:k], self.logps[i][:k]))
+            i = _mix(self.seed, row.id) % n
+        props = self.props[i]
+        return props if k >= len(props) else props[:k]
 
     def target(self, row: Row) -> int:
         """The target's greedy token after `row` (meaningful on the true path only)."""
         i = row.pos + 1 - self.P
         return self.output[min(max(i, 0), len(self.output) - 1)]
+
+
+def _mix(seed: int, x: int) -> int:
+    """A cheap, seeded integer hash (splitmix64 finaliser): deterministic resampling."""
+    z = (x * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9 + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)

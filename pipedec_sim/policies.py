@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Iterable
 
 from .tree import Node
@@ -26,9 +27,12 @@ def candidates(parents: Iterable[Node], topk: int) -> list[Candidate]:
     return out
 
 
+_SCORE = itemgetter(0)
+
+
 def best(cands: list[Candidate], n: int) -> list[Candidate]:
     # nlargest is stable, so ties keep frontier/proposal order: runs are reproducible.
-    return heapq.nlargest(n, cands, key=lambda c: c[0])
+    return heapq.nlargest(n, cands, key=_SCORE)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ class LayerPolicy:
             raise ValueError("coverage must be in (0, 1]")
 
     def select(self, frontier: list[Node]) -> list[Candidate]:
-        chosen = best(candidates(frontier, self.topk), self.width)
+        # A parent's proposals are sorted, so more than `width` of them never win.
+        chosen = best(candidates(frontier, min(self.topk, self.width)), self.width)
         if self.floor > 0.0:
             log_floor = math.log(self.floor)
             chosen = [c for c in chosen if c[0] >= log_floor]

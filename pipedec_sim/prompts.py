@@ -10,7 +10,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 from pipedec_sim.acceptance import DEFAULT_ACCEPTANCE, AcceptanceModel, trace_from_prompts
 from pipedec_sim.errors import InputError
@@ -41,7 +41,7 @@ class _Item:
     line: int  # 1-based line where the record starts
     in_list: bool  # from a top-level JSON list (fields are named `[i].key`)
 
-    def fail(self, path: Path, key: str | None, message: str) -> None:
+    def fail(self, path: Path, key: str | None, message: str) -> NoReturn:
         prefix = f"[{self.index}]" if self.in_list else ""
         name = (f"{prefix}.{key}" if prefix else key) if key else (prefix or None)
         raise InputError(message, file=path, line=self.line, field=name)
@@ -247,7 +247,6 @@ def _detect(it: _Item, path: Path) -> str:
     it.fail(path, None, f"cannot tell the prompt format from the keys {sorted(keys)[:8]}: "
             "expected alpaca (instruction), sharegpt (conversations), mtbench (turns), "
             "humaneval (task_id, prompt) or gsm8k (question, answer); or force a format")
-    raise AssertionError  # unreachable: fail() raises
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -303,9 +302,8 @@ def _read(path: Path, fmt: str, max_requests: int | None) -> _PromptFile:
     out.truncated = bool(out.state.get("truncated"))
     if not out.prompts:
         fmt_name = "unknown" if out.format == "auto" else out.format
-        raise InputError(f"no prompts found (format {fmt_name}"
-                         + (f"; skipped {out.skipped} record(s) without a human turn" if out.skipped else "")
-                         + ")", file=path)
+        why = f"; skipped {out.skipped} record(s) without a human turn" if out.skipped else ""
+        raise InputError(f"no prompts found (format {fmt_name}{why})", file=path)
     return out
 
 

@@ -20,41 +20,52 @@ class StageState:
 
     def reset(self) -> None:
         self.n_prefix = 0
-        self.spec: list[int] = []              # speculative row ids in KV order
-        self.parent: dict[int, int] = {}       # spec row id -> parent id
+        self.parent: dict[int, int] = {}       # speculative rows in KV order: id -> parent
         self.killed: set[int] = set()
         self.committed: set[int] = set()       # every id ever committed here
         self._pending: set[int] = set()        # committed but not yet promoted
 
     @property
+    def spec(self) -> list[int]:
+        """Speculative row ids in KV order."""
+        return list(self.parent)
+
+    @property
     def context(self) -> int:
         """Rows in the KV cache."""
-        return self.n_prefix + len(self.spec)
+        return self.n_prefix + len(self.parent)
 
     # ---- prune notices ---------------------------------------------------------------
-    def apply(self, update: Update) -> np.ndarray | None:
-        """Apply a prune notice; return the KV rows to keep if any row was removed."""
+    def apply(self, update: Update, *, keep: bool = True) -> np.ndarray | None:
+        """Apply a prune notice. If rows were removed, return the KV rows to keep (or,
+        with keep=False, for callers without tensors, an empty array)."""
         self.killed.update(update.kill)
         self.committed.update(update.commit)
         self._pending.update(update.commit)
-        keep = None
-        if update.kill and self.spec:
-            survivors = [j for j, i in enumerate(self.spec) if i not in self.killed]
-            if len(survivors) != len(self.spec):
-                keep = np.concatenate([np.arange(self.n_prefix, dtype=np.int64),
-                                       self.n_prefix + np.asarray(survivors, np.int64)])
-                for i in self.spec:
-                    if i in self.killed:
-                        del self.parent[i]
-                self.spec = [self.spec[j] for j in survivors]
+        spec = self.parent
+        dead = [i for i in update.kill if i in spec]
+        out = None
+        if dead:
+            if keep:
+                gone = set(dead)
+                survivors = [j for j, i in enumerate(spec) if i not in gone]
+                out = np.concatenate([np.arange(self.n_prefix, dtype=np.int64),
+                                      self.n_prefix + np.asarray(survivors, np.int64)])
+            else:
+                out = np.empty(0, np.int64)
+            for i in dead:
+                del spec[i]
         self._promote()
-        return keep
+        return out
 
     def _promote(self) -> None:
-        while self.spec and self.spec[0] in self._pending:
-            i = self.spec.pop(0)
-            self._pending.discard(i)
-            del self.parent[i]
+        spec, pending = self.parent, self._pending
+        while spec and pending:
+            first = next(iter(spec))
+            if first not in pending:
+                break
+            pending.discard(first)
+            del spec[first]
             self.n_prefix += 1
 
     # ---- arriving rows ---------------------------------------------------------------
@@ -72,12 +83,13 @@ class StageState:
     def append(self, rows: list[Row], committed: int = 0) -> None:
         """Record computed rows: their KV now sits at the end of the cache. The first
         `committed` rows were committed before they were sent (prompt, verified token)."""
-        for r in rows[:committed]:
-            self.committed.add(r.id)
-            self._pending.add(r.id)
+        if committed:
+            ids = [r.id for r in rows[:committed]]
+            self.committed.update(ids)
+            self._pending.update(ids)
+        spec = self.parent
         for r in rows:
-            self.spec.append(r.id)
-            self.parent[r.id] = r.parent
+            spec[r.id] = r.parent
         self._promote()
 
     # ---- attention -------------------------------------------------------------------
@@ -88,7 +100,7 @@ class StageState:
         n, ctx = len(rows), self.context
         mask = np.zeros((n, ctx + n), dtype=bool)
         mask[:, : self.n_prefix] = True
-        col = {i: self.n_prefix + j for j, i in enumerate(self.spec)}
+        col = {i: self.n_prefix + j for j, i in enumerate(self.parent)}
         anc: dict[int, np.ndarray] = {}       # id -> its ancestor columns (memo)
         for k, r in enumerate(rows):
             p = r.parent

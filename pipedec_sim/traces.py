@@ -20,7 +20,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from pipedec_sim.errors import InputError
 
@@ -150,7 +150,7 @@ class _Checker:
     def __init__(self, file: Path | None, line: int | None):
         self.file, self.line = file, line
 
-    def fail(self, field_name: str | None, message: str) -> None:
+    def fail(self, field_name: str | None, message: str) -> NoReturn:
         raise InputError(message, file=self.file, line=self.line, field=field_name)
 
     def get(self, obj: dict, key: str) -> Any:
@@ -258,7 +258,8 @@ def _check_topk_ids(rows: Any, n: int, top_k: int, ck: _Checker) -> list[list[in
     if not isinstance(rows, list):
         ck.fail("draft_topk", f"expected an array of rows, got {json_type(rows)}")
     if len(rows) != n:
-        ck.fail("draft_topk", f"has {len(rows)} rows but output has {n} tokens (need one per position)")
+        ck.fail("draft_topk", f"has {len(rows)} rows but output has {n} tokens "
+                "(need one per position)")
     for i, row in enumerate(rows):
         name = f"draft_topk[{i}]"
         ck.token_list(row, name, min_len=1)
@@ -279,7 +280,8 @@ def _check_topk_probs(rows: Any, ids: list[list[int]], ck: _Checker) -> list[lis
         name = f"draft_probs[{i}]"
         if not isinstance(row, list) or len(row) != len(id_row):
             got = f"{len(row)} values" if isinstance(row, list) else json_type(row)
-            ck.fail(name, f"expected {len(id_row)} probabilities (as in draft_topk[{i}]), got {got}")
+            ck.fail(name, f"expected {len(id_row)} probabilities (as in draft_topk[{i}]), "
+                    f"got {got}")
         for j, p in enumerate(row):
             if not _is_num(p) or not 0.0 <= p <= 1.0:
                 ck.fail(f"{name}[{j}]", f"expected a probability in [0, 1], got {p!r}")
@@ -328,7 +330,8 @@ def _decode_line(text: str, path: Path, lineno: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
+        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=path,
+                         line=lineno) from None
 
 
 def header_to_dict(h: TraceHeader) -> dict:

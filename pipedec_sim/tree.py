@@ -102,6 +102,8 @@ class PredictionTree:
         levels: dict[int, list[Node]] = {}
         for node in self.nodes.values():
             levels.setdefault(node.pos, []).append(node)
+        for level in levels.values():          # creation order: ties break the same way
+            level.sort(key=lambda n: n.id)
         self._levels = levels
 
 

@@ -137,7 +137,8 @@ def test_validation_names_line_and_field(tmp_path, line_no, mutate, field, match
 
 def test_bad_json_names_line(tmp_path):
     lines = _lines(_trace(), tmp_path)
-    path = _write_lines(tmp_path / "bad.jsonl", [lines[0], lines[1], '{"id": "c", "prompt_len": 3,'])
+    cut = '{"id": "c", "prompt_len": 3,'
+    path = _write_lines(tmp_path / "bad.jsonl", [lines[0], lines[1], cut])
     _expect(path, 3, None, "invalid JSON")
 
 

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"true token are drawn from acceptance model {model.name!r} "
                    f"(Beta({model.alpha:g}, {model.beta:g}) confidence, geometric top-k, "
                    f"calibrated rank; {model.source}) with seed {args.seed}; token ids are "
-                   f"random; probabilities rounded to 4 decimals. Made by traces/make_synthetic.py."))
+                   f"random; probabilities rounded to 4 decimals. Made by "
+                   f"traces/make_synthetic.py."))
         write_trace(trace, args.out)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

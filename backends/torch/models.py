@@ -1,0 +1,127 @@
+"""Model specs for `--target/--draft`: `tiny`, `tiny-draft`, `smollm2`, or an HF folder.
+
+A spec resolves to a `Loaded` (model in eval mode, float32, plus how to turn text into ids
+and which id ends a reply). Every process of a pipeline loads the *whole* model and keeps
+only its stage's layers (`keep_layers`): simple and identical in every rank, at the cost of
+holding the full weights for a moment while loading (fine up to a few GB; a 70B target
+would need per-layer safetensors loading instead, see README.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from pipedec_sim.errors import InputError
+
+# Seeded random Llama models for tests: the same shape and seed give the same weights in
+# every process, so stages built separately agree with the full model bit for bit.
+TINY = {
+    "tiny": dict(seed=0, num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "tiny-draft": dict(seed=1, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2),
+}
+TINY_VOCAB = 512
+
+
+@dataclass
+class Loaded:
+    spec: str
+    model: LlamaForCausalLM
+    encode: Callable[[str], list[int]]     # prompt text -> ids (chat template if any)
+    eos: int | None                        # stop token, or None (tiny: length only)
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def tiny_model(name: str) -> LlamaForCausalLM:
+    kw = dict(TINY[name])
+    seed = kw.pop("seed")
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None, attn_implementation="sdpa", **kw)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    # Random init has tiny logits (near-ties make greedy fragile under float reordering):
+    # scale the LM head so argmax margins are large, as in a trained model.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight.add_(0.02 * torch.randn(model.lm_head.weight.shape, generator=gen))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def tiny_encode(text: str) -> list[int]:
+    """A deterministic byte-level tokenizer into the tiny vocab (bytes 1..256 shifted by 1)."""
+    return [b + 1 for b in text.encode("utf-8")] or [1]
+
+
+def _hf_encode(tok) -> Callable[[str], list[int]]:
+    def encode(text: str) -> list[int]:
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": text}],
+                                          add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return tok(text)["input_ids"]
+    return encode
+
+
+def resolve_path(spec: str) -> Path:
+    if spec.lower().startswith("smollm2"):
+        from .smollm2 import ensure_smollm2
+        return ensure_smollm2()
+    p = Path(spec).expanduser()
+    if not (p / "config.json").is_file():
+        raise InputError("not a model: expected tiny, tiny-draft, smollm2 or an HF folder "
+                         "with config.json", field=spec)
+    return p
+
+
+def load(spec: str) -> Loaded:
+    """Load a model spec on CPU in float32 (callers move stage slices to a device)."""
+    if spec in TINY:
+        return Loaded(spec, tiny_model(spec), tiny_encode, None)
+    path = resolve_path(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    if getattr(model.config, "model_type", "") not in ("llama", "qwen2", "mistral"):
+        raise InputError(f"unsupported model type {model.config.model_type!r} "
+                         "(Llama-family only)", field=spec)
+    tok = AutoTokenizer.from_pretrained(path)
+    eos = model.generation_config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        eos = tok.eos_token_id
+    return Loaded(spec, model, _hf_encode(tok), eos)
+
+
+def keep_layers(model, lo: int, hi: int, *, embed: bool, head: bool) -> None:
+    """Free everything a stage holding decoder layers [lo, hi) does not need."""
+    inner = model.model
+    for i in range(len(inner.layers)):
+        if not lo <= i < hi:
+            inner.layers[i] = torch.nn.Identity()
+    if not embed:
+        inner.embed_tokens = None
+    if not head:
+        model.lm_head = None
+        inner.norm = None
+
+
+def check_pair(target: Loaded, draft: Loaded) -> None:
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise InputError(f"draft vocab {dv} differs from target vocab {tv}: they must share "
+                         "a tokenizer", field="--draft")

@@ -1,0 +1,158 @@
+"""One KV holder's compute: a contiguous slice of a Llama model with tree attention.
+
+`Shard` runs rows through embeddings (stage 1), its decoder layers, and the final norm
++ LM head (where verification happens). Its KV cache is keyed by node id through the
+shared `StageState`: prune notices become `index_select` on the cache, and the state's
+boolean ancestry mask becomes a float additive mask (bool masks are silently wrong on
+the eager path, see ENV.md). `Draft` is a whole small model as one shard that proposes
+top-k children with log-probabilities.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from pipedec_sim.messages import Row, Update
+from pipedec_sim.stage_state import StageState
+
+
+def rows_tensor(rows) -> torch.Tensor:
+    """Rows as int64 [n, 4] (id, parent, token, pos): the wire format of a batch."""
+    return torch.tensor([(r.id, r.parent, r.token, r.pos) for r in rows],
+                        dtype=torch.int64).reshape(-1, 4)
+
+
+def tensor_rows(t: torch.Tensor) -> tuple[Row, ...]:
+    return tuple(Row(*map(int, r)) for r in t.tolist())
+
+
+class Shard:
+    def __init__(self, model, lo: int, hi: int, *, embed: bool, head: bool, device="cpu"):
+        self.model, self.lo, self.hi = model, lo, hi
+        self.has_embed, self.has_head = embed, head
+        self.device = torch.device(device)
+        self.layers = [model.model.layers[i] for i in range(lo, hi)]
+        self.state = StageState()
+        self.cache = DynamicCache(config=model.config)
+        self.dtype = next(model.parameters()).dtype
+
+    def reset(self) -> None:
+        """A new request: empty KV."""
+        self.state.reset()
+        self.cache = DynamicCache(config=self.model.config)
+
+    # ---- prune notices ---------------------------------------------------------------
+    def apply(self, update: Update) -> bool:
+        """Apply a prune notice; compact the KV if rows died. True if it compacted."""
+        keep = self.state.apply(update)
+        if keep is None:
+            return False
+        idx = torch.from_numpy(keep).to(self.device)
+        for i in range(self.lo, self.hi):
+            layer = self.cache.layers[i]
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(-2, idx)
+                layer.values = layer.values.index_select(-2, idx)
+        return True
+
+    def kv_len(self) -> int:
+        layer = self.cache.layers[self.lo]
+        keys = getattr(layer, "keys", None)
+        return 0 if keys is None or not keys.numel() else keys.shape[-2]
+
+    # ---- compute ---------------------------------------------------------------------
+    def admit(self, rows, hidden: torch.Tensor | None):
+        """Drop dead rows (and their hidden states)."""
+        live = self.state.admit(rows)
+        if hidden is not None and len(live) != len(rows):
+            ids = {r.id for r in live}
+            sel = [k for k, r in enumerate(rows) if r.id in ids]
+            hidden = hidden[:, sel] if sel else hidden[:, :0]
+        return live, hidden
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row], committed: int, hidden: torch.Tensor | None = None):
+        """Compute live `rows` (hidden [1, n, H] unless this shard embeds); returns the
+        output hidden states [1, n, H] and records the rows' KV."""
+        assert self.kv_len() == self.state.context, "KV cache and bookkeeping disagree"
+        n = len(rows)
+        if self.has_embed:
+            ids = torch.tensor([[r.token for r in rows]], device=self.device)
+            hidden = self.model.model.embed_tokens(ids)
+        hidden = hidden.to(self.device, self.dtype)
+        mask = torch.from_numpy(self.state.mask(rows)).to(self.device)
+        fmask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+        fmask.masked_fill_(~mask, torch.finfo(self.dtype).min)
+        fmask = fmask.view(1, 1, n, -1)
+        pos = torch.tensor([[r.pos for r in rows]], device=self.device)
+        pe = self.model.model.rotary_emb(hidden, pos)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=fmask, position_ids=pos, cache=self.cache,
+                           use_cache=True, position_embeddings=pe)
+        self.state.append(rows, committed)
+        return hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: [1, n, H] -> [n, vocab] (float32)."""
+        return self.model.lm_head(self.model.model.norm(hidden))[0].float()
+
+
+class Verifier:
+    """The LM head where verification happens (topology A: the head; B: the last stage).
+    It holds no KV but must drop rows killed since they left the last stage."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self.state = StageState()
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def apply(self, update: Update) -> None:
+        self.state.apply(update)
+
+    def verify(self, rows, verify_from: int, hidden: torch.Tensor) -> dict[int, int]:
+        """Target argmax after each live row of rows[verify_from:]."""
+        rows = list(rows[verify_from:])
+        hidden = hidden[:, verify_from:]
+        live = self.state.admit(rows)
+        if not live:
+            return {}
+        if len(live) != len(rows):
+            ids = {r.id for r in live}
+            hidden = hidden[:, [k for k, r in enumerate(rows) if r.id in ids]]
+        tokens = self.shard.logits(hidden).argmax(-1).tolist()
+        return {r.id: t for r, t in zip(live, tokens)}
+
+
+class Draft:
+    """The draft model: one shard over all its layers, with its own tree KV cache."""
+
+    def __init__(self, model, device="cpu"):
+        self.shard = Shard(model, 0, model.config.num_hidden_layers, embed=True, head=True,
+                           device=device)
+
+    def reset(self) -> None:
+        self.shard.reset()
+
+    def apply(self, update: Update) -> bool:
+        return self.shard.apply(update)
+
+    @torch.inference_mode()
+    def propose(self, rows, want, k: int, committed: int) -> dict[int, tuple]:
+        """Run new rows; top-k (token, log-prob) children of each live wanted row."""
+        live, _ = self.shard.admit(rows, None)
+        if not live:
+            return {}
+        hidden = self.shard.forward(live, committed)
+        at = {r.id: j for j, r in enumerate(live)}
+        wanted = [i for i in want if i in at]
+        if not wanted:
+            return {}
+        h = hidden[:, [at[i] for i in wanted]]
+        logp = torch.log_softmax(self.shard.logits(h), -1)
+        top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+        toks, lps = top.indices.tolist(), top.values.tolist()
+        return {i: tuple(zip(toks[j], lps[j])) for j, i in enumerate(wanted)}
+

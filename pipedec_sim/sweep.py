@@ -1,0 +1,614 @@
+"""`pipedec-sim sweep`: run a grid of configurations in worker processes, resumably.
+
+A grid comes from a TOML file (top-level keys, each a value or a list of values) and/or
+flags (comma-separated lists); a flag replaces the file's key. Example::
+
+    stages     = [4, 8, 14]
+    strategies = ["ar", "tree-sd", "pipedec"]
+    width      = [4, 16, 64]
+    trace      = "../traces/synthetic-llama70b.jsonl"   # relative to this file
+    max_requests = 8
+
+The grid expands into *configurations*: one strategy with the knobs that matter to it
+(plain PP ignores the tree knobs, tree-SD ignores PipeDec's, PipeDec ignores tree-SD's),
+so `ar` runs once per pipeline setting however many widths are swept. Plain PP is always
+added to every (stages, profile, link, trace, ...) group, because every speedup is
+measured against it.
+
+Results in DIR:
+  parts/<config_id>.csv  one file per finished configuration, written by atomic rename:
+                         a re-run skips them, an interrupted run loses none, and no row
+                         can be written twice.
+  requests.csv           one row per configuration and request (`config_id`, `cfg_*`).
+  summary.csv            one row per configuration, with speedup vs plain PP and vs the
+                         best tree-SD configuration of the same group.
+  grid.json              the expanded grid (what each config_id means).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import InputError
+
+STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
+DEFAULT_PROFILE = "analytic-llama70b-1b"
+
+# knob -> strategies it matters to
+PIPEDEC_KNOBS = ("width", "topk", "floor", "coverage")
+TREE_SD_KNOBS = ("depth", "tree_topk", "total")
+KNOBS_OF = {"ar": (), "tree-sd": TREE_SD_KNOBS, "pipedec": PIPEDEC_KNOBS}
+DEFAULTS: dict[str, Any] = dict(width=16, topk=16, floor=0.0, coverage=None, depth=6,
+                                tree_topk=10, total=60)
+# settings that define a comparison group: every speedup is taken within one group
+GROUP_KEYS = ("stages", "topology", "prune", "cancel", "profile", "link_gbps",
+              "link_latency_ms", "trace", "seed", "max_requests", "max_new_tokens", "acceptance")
+AXES = ("strategies",) + PIPEDEC_KNOBS + TREE_SD_KNOBS + GROUP_KEYS
+ALIASES = {"strategy": "strategies", "tree-topk": "tree_topk", "link-gbps": "link_gbps",
+           "link-latency-ms": "link_latency_ms", "max-requests": "max_requests",
+           "max-new-tokens": "max_new_tokens", "profiles": "profile", "traces": "trace"}
+PATH_KEYS = ("trace", "acceptance")
+CFG_COLUMNS = [f"cfg_{k}" for k in PIPEDEC_KNOBS + TREE_SD_KNOBS + GROUP_KEYS
+               if k != "stages"]
+
+
+# --------------------------------------------------------------------------- values
+
+def _key_line(text: str | None, key: str) -> int | None:
+    if not text:
+        return None
+    m = re.search(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=", text, re.M)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+class _Where:
+    """Where a grid value came from, for error messages."""
+
+    def __init__(self, file: Path | None = None, text: str | None = None):
+        self.file, self.text = file, text
+        self.from_flag: set[str] = set()
+
+    def fail(self, key: str, message: str) -> InputError:
+        if key in self.from_flag:
+            return InputError(message, field="--" + key.replace("_", "-"))
+        return InputError(message, file=self.file, line=_key_line(self.text, key), field=key)
+
+
+def _check(key: str, v: Any, where: _Where) -> Any:
+    def bad(msg):
+        return where.fail(key, f"{msg}, got {v!r}")
+
+    def intval(minimum=1):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad("expected an integer")
+        if v < minimum:
+            raise bad(f"must be >= {minimum}")
+        return v
+
+    def num(lo=None, hi=None, lo_open=False, hi_open=False):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise bad("expected a number")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise bad(f"must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise bad(f"must be {'<' if hi_open else '<='} {hi}")
+        return float(v)
+
+    def choice(options):
+        if v not in options:
+            raise bad(f"choose from {', '.join(map(str, options))}")
+        return v
+
+    if key == "strategies":
+        return choice(STRATEGY_NAMES)
+    if key in ("stages", "width", "topk", "depth", "tree_topk", "total", "max_new_tokens"):
+        return intval()
+    if key == "max_requests":
+        return None if v in (0, None) else intval()   # 0 = all requests
+    if key == "seed":
+        return intval(minimum=0)
+    if key == "floor":
+        return num(0.0, 1.0, hi_open=True)
+    if key == "coverage":
+        return None if v in (0, None) else num(0.0, 1.0, lo_open=True)   # 0 = off
+    if key == "link_gbps":
+        return None if v in (0, None) else num(0.0, lo_open=True)         # 0 = the profile's
+    if key == "link_latency_ms":
+        return None if v is None else num(0.0)
+    if key == "topology":
+        return choice(("A", "B"))
+    if key == "prune":
+        return choice(("broadcast", "piggyback"))
+    if key == "cancel":
+        if not isinstance(v, bool):
+            raise bad("expected true or false")
+        return v
+    if key in ("profile", "trace", "acceptance"):
+        if not isinstance(v, str) or not v:
+            raise bad("expected a file name")
+        return v
+    raise where.fail(key, "unknown key")      # pragma: no cover (filtered earlier)
+
+
+@dataclass
+class Grid:
+    axes: dict[str, list]
+    where: _Where
+    base_dir: Path
+
+    def configs(self) -> list[dict]:
+        """Every configuration, de-duplicated, with plain PP in every group."""
+        import itertools
+        group_axes = [(k, self.axes[k]) for k in GROUP_KEYS]
+        out: dict[str, dict] = {}
+        for gvals in itertools.product(*(v for _, v in group_axes)):
+            group = dict(zip(GROUP_KEYS, gvals))
+            strategies = list(dict.fromkeys(["ar"] + list(self.axes["strategies"])))
+            for s in strategies:
+                knobs = KNOBS_OF[s]
+                for kvals in itertools.product(*(self.axes[k] for k in knobs)):
+                    cfg = {"strategy": s, **{k: None for k in PIPEDEC_KNOBS + TREE_SD_KNOBS},
+                           **dict(zip(knobs, kvals)), **group}
+                    cid = config_id(cfg)
+                    out.setdefault(cid, {"config_id": cid, **cfg})
+        return list(out.values())
+
+
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def _fingerprint(path: str | None) -> str | None:
+    """Content hash of an input file, so edited inputs are never mistaken for finished."""
+    if path is None:
+        return None
+    if path not in _FINGERPRINTS:
+        p = Path(path)
+        if p.is_file():
+            _FINGERPRINTS[path] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+        else:                                      # a bundled profile name
+            from .calibration import bundled_profiles
+            b = bundled_profiles().get(path)
+            _FINGERPRINTS[path] = (hashlib.sha256(Path(b).read_bytes()).hexdigest()[:16]
+                                   if b else path)
+    return _FINGERPRINTS[path]
+
+
+def config_id(cfg: dict) -> str:
+    """A stable hash of a configuration and the contents of the files it reads."""
+    key = {k: cfg[k] for k in sorted(cfg) if k != "config_id"}
+    for k in ("trace", "profile", "acceptance"):
+        key[f"{k}#"] = _fingerprint(cfg.get(k))
+        key[k] = None if cfg.get(k) is None else os.path.basename(cfg[k])
+    blob = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, list) else [v]
+
+
+def parse_grid_text(text: str, file: Path | None = None) -> dict[str, list]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        raise InputError(f"not valid TOML: {str(e).split(' (at line')[0]}", file=file,
+                         line=int(m.group(1)) if m else None) from None
+    where = _Where(file, text)
+    out: dict[str, list] = {}
+    for raw_key, value in data.items():
+        key = ALIASES.get(raw_key, raw_key)
+        if key not in AXES:
+            raise InputError(f"unknown key; known keys: {', '.join(AXES)}", file=file,
+                             line=_key_line(text, raw_key), field=raw_key)
+        if isinstance(value, dict):
+            raise where.fail(raw_key, "expected a value or a list of values, got a table")
+        values = _as_list(value)
+        if not values:
+            raise where.fail(raw_key, "empty list")
+        out[key] = values
+    return out
+
+
+def build_grid(grid_file: Path | None = None, overrides: dict[str, list] | None = None,
+               check_files: bool = True) -> Grid:
+    """Read, merge and validate a grid; every error names the file (or flag) and key."""
+    text = None
+    axes: dict[str, list] = {}
+    if grid_file is not None:
+        grid_file = Path(grid_file)
+        try:
+            text = grid_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError("no such file", file=grid_file) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read: {e}", file=grid_file) from None
+        axes = parse_grid_text(text, grid_file)
+    where = _Where(grid_file, text)
+    base_dir = grid_file.parent if grid_file is not None else Path.cwd()
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            axes[k] = list(v)
+            where.from_flag.add(k)
+    if "trace" not in axes:
+        raise InputError("no trace given: set `trace` in the grid file or pass --trace",
+                         file=grid_file, field="trace")
+    defaults = {**{k: [v] for k, v in DEFAULTS.items()}, "strategies": list(STRATEGY_NAMES),
+                "stages": [14], "topology": ["A"], "prune": ["broadcast"], "cancel": [True],
+                "profile": [DEFAULT_PROFILE], "link_gbps": [None], "link_latency_ms": [None],
+                "seed": [0], "max_requests": [None], "max_new_tokens": [256],
+                "acceptance": [None]}
+    for k, v in defaults.items():
+        axes.setdefault(k, v)
+    checked: dict[str, list] = {}
+    for k in AXES:
+        vals = [None if v is None else _check(k, v, where) for v in axes[k]]
+        checked[k] = list(dict.fromkeys(vals))        # drop repeats, keep order
+    grid = Grid(checked, where, base_dir)
+    _resolve_files(grid, where, check_files)
+    return grid
+
+
+def _resolve_files(grid: Grid, where: _Where, check_files: bool) -> None:
+    from .calibration import bundled_profiles, load_profile
+
+    def resolve(key: str, v: str) -> str:
+        p = Path(v)
+        base = Path.cwd() if key in where.from_flag else grid.base_dir
+        full = p if p.is_absolute() else base / p
+        if full.is_file():
+            return str(full.resolve())
+        if key == "profile" and v in bundled_profiles():
+            return v
+        if key == "profile":
+            raise where.fail(key, f"no such file or bundled profile: {v} (bundled: "
+                                  f"{', '.join(sorted(bundled_profiles()))})")
+        raise where.fail(key, f"no such file: {full}")
+
+    for key in PATH_KEYS + ("profile",):
+        grid.axes[key] = [None if v is None else resolve(key, v) for v in grid.axes[key]]
+    if not check_files:
+        return
+    for prof in grid.axes["profile"]:
+        profile = load_profile(prof)               # names the profile file on error
+        for s in grid.axes["stages"]:
+            try:
+                profile.stage_layers(s)
+            except InputError as e:
+                raise where.fail("stages", f"{e.message} (profile {prof})") from None
+            if s > profile.target.layers:
+                raise where.fail("stages", f"{s} stages but the target in profile {prof} "
+                                           f"has only {profile.target.layers} layers")
+        for lat in grid.axes["link_latency_ms"]:
+            for bw in grid.axes["link_gbps"]:
+                profile.with_link(bandwidth_gbps=bw, latency_ms=lat)
+    from .acceptance import load_acceptance
+    for acc in grid.axes["acceptance"]:
+        if acc is not None:
+            load_acceptance(Path(acc))
+    from .prompts import load_workload
+    for tr in grid.axes["trace"]:
+        for mr in grid.axes["max_requests"]:
+            load_workload(Path(tr), max_requests=mr, max_new_tokens=grid.axes["max_new_tokens"][0])
+
+
+# --------------------------------------------------------------------------- running
+
+_CACHE: dict[Any, Any] = {}
+
+
+def _profile(cfg: dict):
+    from .calibration import load_profile
+    key = ("profile", cfg["profile"], cfg["link_gbps"], cfg["link_latency_ms"])
+    if key not in _CACHE:
+        p = load_profile(cfg["profile"])
+        if cfg["link_gbps"] is not None or cfg["link_latency_ms"] is not None:
+            p = p.with_link(bandwidth_gbps=cfg["link_gbps"], latency_ms=cfg["link_latency_ms"])
+        _CACHE[key] = p
+    return _CACHE[key]
+
+
+def _trace(cfg: dict):
+    from .acceptance import load_acceptance
+    from .prompts import load_workload
+    first = cfg.get("first_request", 0)       # the tuner's held-out requests start later
+    key = ("trace", cfg["trace"], cfg["max_requests"], cfg["max_new_tokens"], cfg["seed"],
+           cfg["acceptance"], first)
+    if key not in _CACHE:
+        acc = load_acceptance(Path(cfg["acceptance"])) if cfg["acceptance"] else None
+        n = None if cfg["max_requests"] is None else first + cfg["max_requests"]
+        trace = load_workload(Path(cfg["trace"]), max_requests=n,
+                              max_new_tokens=cfg["max_new_tokens"], seed=cfg["seed"],
+                              acceptance=acc)[0]
+        if first:
+            trace = dataclasses.replace(trace, requests=trace.requests[first:])
+        _CACHE[key] = trace
+    return _CACHE[key]
+
+
+def sim_config(cfg: dict):
+    from .simulate import SimConfig
+    knobs = {k: (DEFAULTS[k] if cfg.get(k) is None else cfg[k])
+             for k in PIPEDEC_KNOBS + TREE_SD_KNOBS}
+    return SimConfig(stages=cfg["stages"], strategies=(cfg["strategy"],), topology=cfg["topology"],
+                     prune=cfg["prune"], cancel=cfg["cancel"], seed=cfg["seed"], **knobs)
+
+
+def run_config(cfg: dict):
+    """Simulate one configuration; its per-request frame with `config_id` and `cfg_*`."""
+    from .simulate import simulate
+    profile = _profile(cfg)
+    result = simulate(_trace(cfg), profile, sim_config(cfg))
+    df = result.requests
+    df.insert(0, "config_id", cfg["config_id"])
+    for col in CFG_COLUMNS:
+        k = col[4:]
+        v = cfg[k]
+        if k == "link_gbps":
+            v = profile.link.bandwidth_gbps
+        elif k == "link_latency_ms":
+            v = profile.link.latency_ms
+        elif k in ("trace", "acceptance", "profile") and v is not None:
+            v = Path(v).name if k != "profile" else (profile.name if os.sep in v else v)
+        df[col] = v
+    return df
+
+
+def _part_path(out: Path, cid: str) -> Path:
+    return out / "parts" / f"{cid}.csv"
+
+
+def _run_and_commit(cfg: dict, out: str) -> tuple[str, float, str | None]:
+    """Worker entry point (module level, picklable: safe under spawn)."""
+    from .atomic import atomic_path
+    t0 = time.perf_counter()
+    try:
+        df = run_config(cfg)
+    except Exception as e:                       # reported by the parent, others go on
+        return cfg["config_id"], time.perf_counter() - t0, f"{type(e).__name__}: {e}"
+    with atomic_path(_part_path(Path(out), cfg["config_id"])) as tmp:
+        df.to_csv(tmp, index=False)
+    return cfg["config_id"], time.perf_counter() - t0, None
+
+
+def finished_ids(out: Path) -> set[str]:
+    d = out / "parts"
+    return {p.stem for p in d.glob("*.csv")} if d.is_dir() else set()
+
+
+def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
+              progress: Callable[[int, int], None] | None = None,
+              on_error: Callable[[dict, str], None] | None = None) -> dict:
+    """Run every configuration not yet in `out/parts`; merge; return counts."""
+    out = Path(out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    from .atomic import write_text
+    write_text(out / "grid.json", json.dumps(configs, indent=1, default=str))
+    done = finished_ids(out)
+    todo = [c for c in configs if c["config_id"] not in done]
+    skipped = len(configs) - len(todo)
+    by_id = {c["config_id"]: c for c in configs}
+    failed: list[str] = []
+    n_done = skipped
+    if progress:
+        progress(n_done, len(configs))
+
+    def finish(cid, err):
+        nonlocal n_done
+        n_done += 1
+        if err:
+            failed.append(cid)
+            if on_error:
+                on_error(by_id[cid], err)
+        if progress:
+            progress(n_done, len(configs))
+
+    # slowest first (PipeDec, many stages, wide) so the tail of the run stays busy
+    todo.sort(key=lambda c: -(c["stages"] * (c["width"] or 4 if c["strategy"] == "pipedec"
+                                             else 2)))
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for c in todo:
+                finish(*_run_and_commit(c, str(out))[::2])
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                     mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_run_and_commit, c, str(out)) for c in todo]
+                try:
+                    for f in as_completed(futures):
+                        cid, _, err = f.result()
+                        finish(cid, err)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    finally:
+        merged = merge(out, configs)
+    return {"configs": len(configs), "skipped": skipped, "ran": len(todo) - len(failed),
+            "failed": failed, "merged": merged}
+
+
+def merge(out: Path, configs: list[dict]) -> int:
+    """Write requests.csv and summary.csv from the finished parts of this grid."""
+    import pandas as pd
+    from .atomic import atomic_path
+    out = Path(out)
+    ids = [c["config_id"] for c in configs]
+    have = finished_ids(out)
+    frames = [pd.read_csv(_part_path(out, cid), keep_default_na=False,
+                          na_values=[""]) for cid in ids if cid in have]
+    if not frames:
+        return 0
+    req = pd.concat(frames, ignore_index=True)
+    req["request"] = req["request"].astype(str)
+    summary = summarize_sweep(req)
+    for name, frame in (("requests.csv", req), ("summary.csv", summary)):
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    return len(frames)
+
+
+def summarize_sweep(req):
+    """One row per configuration; speedups within each comparison group."""
+    import pandas as pd
+    from .metrics import SUMMARY_COLUMNS, summarize
+    cfg_cols = [c for c in req.columns if c.startswith("cfg_")]
+    rows = []
+    for cid, g in req.groupby("config_id", sort=False):
+        s = summarize(g.drop(columns=cfg_cols + ["config_id"])).iloc[0].to_dict()
+        rows.append({"config_id": cid, **{c: g[c].iloc[0] for c in cfg_cols}, **s})
+    out = pd.DataFrame(rows)
+    group = ["stages"] + [f"cfg_{k}" for k in GROUP_KEYS if k != "stages"]
+    group = [c for c in group if c in out.columns]
+    out["speedup_vs_ar"] = float("nan")
+    out["speedup_vs_tree_sd"] = float("nan")
+    for _, g in out.groupby(group, dropna=False, sort=False):
+        ar = g[g.strategy == "ar"]
+        if len(ar):
+            out.loc[g.index, "speedup_vs_ar"] = ar.tbt_ms.min() / g.tbt_ms
+        sd = g[g.strategy == "tree-sd"]
+        if len(sd):
+            out.loc[g.index, "speedup_vs_tree_sd"] = sd.tbt_ms.min() / g.tbt_ms
+    front = ["config_id", "strategy", "stages"]
+    metric = [c for c in SUMMARY_COLUMNS if c in out.columns and c not in front]
+    metric.insert(metric.index("speedup_vs_ar") + 1, "speedup_vs_tree_sd")
+    return out[front + cfg_cols + metric]
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _list_of(kind: Callable[[str], Any]):
+    import argparse
+
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        out = []
+        for t in items:
+            try:
+                out.append(kind(t))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected {kind.__name__} values, got {t!r}") from None
+        return out
+    return parse
+
+
+def _bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_bool.__name__ = "true/false"
+
+FLAG_AXES = [  # (flag, key, type, help)
+    ("--stages", "stages", int, "pipeline stages S, e.g. 4,8,14"),
+    ("--strategies", "strategies", str, "subset of ar,tree-sd,pipedec (ar is always added)"),
+    ("--width", "width", int, "PipeDec layer widths W, e.g. 4,16,64"),
+    ("--topk", "topk", int, "PipeDec children per frontier node k"),
+    ("--floor", "floor", float, "PipeDec probability floors"),
+    ("--coverage", "coverage", float, "PipeDec adaptive-width coverage (0 = off)"),
+    ("--depth", "depth", int, "tree-SD draft passes per tree"),
+    ("--tree-topk", "tree_topk", int, "tree-SD top_k"),
+    ("--total", "total", int, "tree-SD nodes kept per tree"),
+    ("--topology", "topology", str, "A and/or B"),
+    ("--prune", "prune", str, "broadcast and/or piggyback"),
+    ("--cancel", "cancel", _bool, "true and/or false"),
+    ("--profile", "profile", str, "calibration profiles (files or bundled names)"),
+    ("--link-gbps", "link_gbps", float, "link bandwidths in Gbit/s (0 = the profile's)"),
+    ("--link-latency-ms", "link_latency_ms", float, "per-hop link latencies in ms"),
+    ("--trace", "trace", str, "traces or prompt files"),
+    ("--seed", "seed", int, "seeds"),
+    ("--max-requests", "max_requests", int, "first N requests of each trace (0 = all)"),
+    ("--max-new-tokens", "max_new_tokens", int, "output length for prompt files"),
+    ("--acceptance", "acceptance", str, "acceptance model JSON for prompt files"),
+]
+
+
+def add_parser(sub) -> None:
+    from .cli import _positive
+    p = sub.add_parser("sweep", help="run a grid of configurations in parallel, resumably",
+                       description=__doc__.split("\n\n")[0] + " A TOML grid file has one "
+                       "top-level key per axis (a value or a list); flags take "
+                       "comma-separated lists and replace the file's key.")
+    p.add_argument("--grid", type=Path, default=None, help="TOML grid file")
+    g = p.add_argument_group("axes (comma-separated; each replaces the grid file's key)")
+    for flag, key, kind, help_ in FLAG_AXES:
+        g.add_argument(flag, dest=f"axis_{key}", type=_list_of(kind), default=None, help=help_)
+    p.add_argument("--out", type=Path, default=Path("sweep-results"),
+                   help="results folder (default sweep-results); re-running resumes")
+    p.add_argument("--workers", type=_positive(), default=os.cpu_count() or 1,
+                   help="worker processes (default: one per CPU)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the grid and list its configurations; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _overrides(args) -> dict[str, list]:
+    return {key: getattr(args, f"axis_{key}") for _, key, _, _ in FLAG_AXES}
+
+
+def cmd_sweep(args) -> int:
+    from .cli import progress_printer
+    grid = build_grid(args.grid, _overrides(args))
+    configs = grid.configs()
+    done = finished_ids(args.out) & {c["config_id"] for c in configs}
+    if not args.quiet or args.dry_run:
+        n = {s: sum(c["strategy"] == s for c in configs) for s in STRATEGY_NAMES}
+        print(f"grid: {len(configs)} configurations ({', '.join(f'{v} {k}' for k, v in n.items() if v)})"
+              f"; {len(done)} already finished in {args.out}", file=sys.stderr)
+    if args.dry_run:
+        for c in configs:
+            knobs = ", ".join(f"{k}={c[k]}" for k in KNOBS_OF[c["strategy"]])
+            print(f"{c['config_id']}  {c['strategy']:8s} S={c['stages']:<3d} {knobs}  "
+                  f"{'done' if c['config_id'] in done else ''}")
+        return 0
+    t0 = time.perf_counter()
+
+    def on_error(cfg, err):
+        print(f"pipedec-sim: configuration {cfg['config_id']} ({cfg['strategy']}, "
+              f"S={cfg['stages']}) failed: {err}", file=sys.stderr)
+
+    try:
+        res = run_sweep(configs, args.out, workers=args.workers,
+                        progress=progress_printer("configurations:", args.quiet),
+                        on_error=on_error)
+    except KeyboardInterrupt:
+        n = len(finished_ids(args.out) & {c["config_id"] for c in configs})
+        print(f"pipedec-sim: interrupted with {n}/{len(configs)} configurations finished "
+              f"(kept in {args.out / 'parts'}); run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(f"ran {res['ran']}, skipped {res['skipped']} finished, {len(res['failed'])} failed "
+              f"in {time.perf_counter() - t0:.1f}s; wrote {args.out / 'summary.csv'} and "
+              f"{args.out / 'requests.csv'}", file=sys.stderr)
+    if res["merged"]:
+        import pandas as pd
+        from .metrics import format_table
+        s = pd.read_csv(args.out / "summary.csv")
+        cols = ["strategy", "stages"] + [c for c in ("cfg_width", "cfg_topk", "cfg_floor")
+                                         if s[c].nunique(dropna=True) > 1] \
+            + ["tbt_ms", "speedup_vs_ar", "speedup_vs_tree_sd", "hit_rate", "utilization"]
+        group = [f"cfg_{k}" for k in GROUP_KEYS if k != "stages" and s[f"cfg_{k}"].nunique() > 1]
+        show = s[group + cols].rename(columns=lambda c: c.removeprefix("cfg_"))
+        show["speedup_vs_tree_sd"] = ["-" if pd.isna(v) else f"{v:.2f}x"
+                                      for v in show["speedup_vs_tree_sd"]]
+        print(format_table(show))
+    return 1 if res["failed"] else 0

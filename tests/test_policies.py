@@ -1,0 +1,65 @@
+import math
+
+import pytest
+
+from pipedec_sim.policies import Eagle2Policy, LayerPolicy, candidates, chain_policy
+from pipedec_sim.tree import Node, PredictionTree
+
+
+def frontier():
+    root = Node(0, None, 0, 0)
+    t = PredictionTree(root)
+    a = t.add(root, 1, math.log(0.6), 1)
+    b = t.add(root, 2, math.log(0.25), 2)
+    a.proposals = ((10, math.log(0.5)), (11, math.log(0.3)), (12, math.log(0.1)))
+    b.proposals = ((20, math.log(0.9)), (21, math.log(0.05)))
+    return t, a, b
+
+
+def test_layer_takes_the_best_w_over_the_whole_frontier():
+    t, a, b = frontier()
+    got = LayerPolicy(width=3, topk=3).select([a, b])
+    # path probs: a10 .30, a11 .18, a12 .06, b20 .225, b21 .0125
+    assert [(c[1].id, c[2]) for c in got] == [(1, 10), (2, 20), (1, 11)]
+    assert abs(got[0][0] - math.log(0.3)) < 1e-12
+
+
+def test_topk_limits_children_per_parent():
+    t, a, b = frontier()
+    got = LayerPolicy(width=4, topk=1).select([a, b])
+    assert [(c[1].id, c[2]) for c in got] == [(1, 10), (2, 20)]
+
+
+def test_floor_drops_unlikely_paths():
+    t, a, b = frontier()
+    got = LayerPolicy(width=5, topk=3, floor=0.1).select([a, b])
+    assert [c[2] for c in got] == [10, 20, 11]
+
+
+def test_adaptive_width_stops_at_coverage():
+    t, a, b = frontier()
+    # frontier mass .85; goal .5 * .85 = .425: .30 + .225 reaches it with two nodes
+    got = LayerPolicy(width=5, topk=3, coverage=0.5).select([a, b])
+    assert [c[2] for c in got] == [10, 20]
+
+
+def test_existing_children_are_not_proposed_twice():
+    t, a, b = frontier()
+    t.add(a, 10, math.log(0.5), 9)
+    assert (10 not in [c[2] for c in candidates([a], 3)])
+
+
+def test_eagle2_expand_and_final():
+    p = Eagle2Policy(depth=2, topk=2, total=3)
+    t, a, b = frontier()
+    level = candidates([a, b], 2)
+    assert [c[2] for c in p.expand(level)] == [10, 20]
+    nodes = [t.add(par, tok, lp, 100 + i) for i, (_, par, tok, lp) in enumerate(level)]
+    assert [n.token for n in p.final([a, b] + nodes)] == [1, 10, 2]
+    assert chain_policy(5) == Eagle2Policy(depth=5, topk=1, total=5)
+
+
+@pytest.mark.parametrize("kw", [dict(width=0), dict(topk=0), dict(floor=1.0), dict(coverage=0.0)])
+def test_bad_knobs_are_rejected(kw):
+    with pytest.raises(ValueError):
+        LayerPolicy(**kw)
