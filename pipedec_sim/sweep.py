@@ -452,11 +452,23 @@ def merge(out: Path, configs: list[dict]) -> int:
         return 0
     req = pd.concat(frames, ignore_index=True)
     req["request"] = req["request"].astype(str)
+    req = _int_columns(req)
     summary = summarize_sweep(req)
     for name, frame in (("requests.csv", req), ("summary.csv", summary)):
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     return len(frames)
+
+
+INT_CFG = ("cfg_width", "cfg_topk", "cfg_depth", "cfg_tree_topk", "cfg_total", "cfg_seed",
+           "cfg_max_requests", "cfg_max_new_tokens")
+
+
+def _int_columns(df):
+    for c in INT_CFG:
+        if c in df.columns:
+            df[c] = df[c].astype("Int64")
+    return df
 
 
 def summarize_sweep(req):
@@ -468,7 +480,7 @@ def summarize_sweep(req):
     for cid, g in req.groupby("config_id", sort=False):
         s = summarize(g.drop(columns=cfg_cols + ["config_id"])).iloc[0].to_dict()
         rows.append({"config_id": cid, **{c: g[c].iloc[0] for c in cfg_cols}, **s})
-    out = pd.DataFrame(rows)
+    out = _int_columns(pd.DataFrame(rows))
     group = ["stages"] + [f"cfg_{k}" for k in GROUP_KEYS if k != "stages"]
     group = [c for c in group if c in out.columns]
     out["speedup_vs_ar"] = float("nan")
@@ -602,7 +614,7 @@ def cmd_sweep(args) -> int:
     if res["merged"]:
         import pandas as pd
         from .metrics import format_table
-        s = pd.read_csv(args.out / "summary.csv")
+        s = _int_columns(pd.read_csv(args.out / "summary.csv"))
         cols = ["strategy", "stages"] + [c for c in ("cfg_width", "cfg_topk", "cfg_floor")
                                          if s[c].nunique(dropna=True) > 1] \
             + ["tbt_ms", "speedup_vs_ar", "speedup_vs_tree_sd", "hit_rate", "utilization"]

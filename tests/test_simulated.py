@@ -43,7 +43,9 @@ def test_pipedec_with_an_always_wrong_draft_degrades_to_about_pp():
     pp = tbt(trace, prof, 4, "ar").tbt_ms
     pd_ = tbt(trace, prof, 4, "pipedec", width=4, topk=4)
     assert pd_.hit_rate == 0.0
-    assert pp <= pd_.tbt_ms <= 1.1 * pp
+    # Each miss may wait for one draft step on the head's device (topology A) and then
+    # for the layer a stage is in when the flush arrives (cancellation granularity).
+    assert pp <= pd_.tbt_ms <= pp + 0.1 + 1.0
 
 
 @pytest.mark.parametrize("stages", [4, 14])
@@ -88,9 +90,26 @@ def test_every_strategy_commits_exactly_the_target_tokens(seed, stages, k, width
                              depth=rng.randint(1, 4), tree_topk=rng.randint(1, 3),
                              total=rng.randint(1, 8))
     pipe = Pipeline(prof, stages, topology=topology, prune=prune, cancel=cancel)
-    run = pipe.run(strategy, TraceOracle(req, seed=seed))
+    oracle = CheckedOracle(req, seed=seed)
+    run = pipe.run(strategy, oracle)
     assert strategy.output == req.output
     assert sum(c[1] for c in run.commits) == len(req.output)
+
+
+class CheckedOracle(TraceOracle):
+    """Also checks that every row sent anywhere names a parent sent before it, one
+    position earlier: the tree-attention masks of the real backend depend on it."""
+
+    def __init__(self, req, seed):
+        super().__init__(req, seed=seed)
+        self.pos = {-1: -1}
+
+    def observe(self, rows):
+        for r in rows:
+            assert r.parent in self.pos, r
+            assert self.pos[r.parent] == r.pos - 1, r
+            self.pos[r.id] = r.pos
+        super().observe(rows)
 
 
 def test_eos_stops_early():

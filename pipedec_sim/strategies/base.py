@@ -63,8 +63,14 @@ class Strategy:
         return tuple(Row(i, i - 1, t, i) for i, t in enumerate(self.prompt))
 
     def prompt_root(self) -> Node:
+        """The last prompt token as a tree root, linked to the prompt row before it so
+        that its row carries the right parent (the prompt is processed everywhere)."""
         p = len(self.prompt) - 1
-        return Node(p, None, self.prompt[p], p)
+        parent = None
+        if p > 0:
+            parent = Node(p - 1, None, self.prompt[p - 1], p - 1)
+            parent.drafted = True
+        return Node(p, parent, self.prompt[p], p)
 
     def inject(self, rows, kind: str, *, verify_from: int = 0, committed: int = 0) -> Inject:
         self._batches += 1

@@ -1,0 +1,218 @@
+"""`pipedec-sim tune`: search PipeDec's width / top-k / floor for the lowest TBT.
+
+A coarse grid over width and top-k (powers of two around the defaults) first, then a
+local search: from the best point so far, try the neighbours along each knob (width and
+top-k by a factor, floor one rung up or down a ladder), move while TBT drops, and halve
+the step when nothing around is better. The default (W=16, k=16, floor=0) is always
+evaluated, so the answer is never worse than the default on the tuning requests.
+
+Tuning on a few requests can over-fit them; `--holdout N` re-measures the best and the
+default configurations on the next N requests of the trace.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+
+DEFAULT = (16, 16, 0.0)
+FLOORS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+COARSE_WIDTHS = (4, 8, 16, 32, 64)
+COARSE_TOPKS = (4, 16)
+MAX_WIDTH, MAX_TOPK = 256, 64
+
+
+@dataclass
+class Trial:
+    width: int
+    topk: int
+    floor: float
+    tbt_ms: float
+    hit_rate: float
+    wasted_per_token: float
+
+    @property
+    def key(self):
+        return (self.width, self.topk, self.floor)
+
+
+def _evaluate(point: tuple[int, int, float], common: dict) -> dict:
+    """Worker entry point: PipeDec at one point; module level so it pickles under spawn."""
+    from .metrics import summarize
+    from .sweep import run_config
+    w, k, f = point
+    cfg = {**common, "strategy": common.get("strategy", "pipedec"), "width": w, "topk": k,
+           "floor": f, "coverage": None, "depth": None, "tree_topk": None, "total": None,
+           "config_id": f"tune-{w}-{k}-{f}"}
+    df = run_config(cfg)
+    s = summarize(df[[c for c in df.columns if not c.startswith("cfg_") and c != "config_id"]])
+    r = s.iloc[0]
+    return {"point": point, "tbt_ms": float(r.tbt_ms), "hit_rate": float(r.hit_rate),
+            "wasted_per_token": float(r.wasted_per_token)}
+
+
+class Evaluator:
+    """Evaluates batches of points (in parallel if workers > 1) with a cache and a budget."""
+
+    def __init__(self, common: dict, budget: int, workers: int = 1,
+                 progress: Callable[[int, int], None] | None = None):
+        self.common, self.budget, self.workers, self.progress = common, budget, workers, progress
+        self.trials: dict[tuple, Trial] = {}
+        self._pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool:
+            self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+
+    @property
+    def left(self) -> int:
+        return self.budget - len(self.trials)
+
+    def run(self, points) -> list[Trial]:
+        new = list(dict.fromkeys(p for p in points if p not in self.trials))[:max(self.left, 0)]
+        if self._pool and len(new) > 1:
+            results = list(self._pool.map(_evaluate, new, [self.common] * len(new)))
+        else:
+            results = [_evaluate(p, self.common) for p in new]
+        for r in results:
+            t = Trial(*r["point"], r["tbt_ms"], r["hit_rate"], r["wasted_per_token"])
+            self.trials[t.key] = t
+        if self.progress and new:
+            self.progress(min(len(self.trials), self.budget), self.budget)
+        return [self.trials[p] for p in points if p in self.trials]
+
+    def best(self) -> Trial:
+        # ties: the cheaper tree (narrower, then fewer children, then a higher floor)
+        return min(self.trials.values(), key=lambda t: (round(t.tbt_ms, 9), t.width, t.topk,
+                                                         -t.floor))
+
+
+def _neighbours(p: tuple[int, int, float], step: float) -> list[tuple[int, int, float]]:
+    w, k, f = p
+    out = []
+    for nw in (round(w * step), round(w / step)):
+        nw = min(max(nw, 1), MAX_WIDTH)
+        if nw != w:
+            out.append((nw, k, f))
+    for nk in (round(k * step), round(k / step)):
+        nk = min(max(nk, 1), MAX_TOPK)
+        if nk != k:
+            out.append((w, nk, f))
+    i = FLOORS.index(f) if f in FLOORS else 0
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(FLOORS):
+            out.append((w, k, FLOORS[j]))
+    return out
+
+
+def tune(common: dict, *, budget: int = 30, workers: int = 1,
+         progress: Callable[[int, int], None] | None = None) -> tuple[Trial, Trial, list[Trial]]:
+    """Returns (best, default, all trials sorted by TBT)."""
+    if budget < 1:
+        raise ValueError("budget must be >= 1")
+    with Evaluator(common, budget, workers, progress) as ev:
+        coarse = [DEFAULT] + [(w, k, 0.0) for k in COARSE_TOPKS for w in COARSE_WIDTHS]
+        ev.run(coarse)
+        step = 2.0
+        while ev.left > 0 and step > 1.05:
+            best = ev.best()
+            cand = [p for p in _neighbours(best.key, step) if p not in ev.trials]
+            if not cand:
+                step = math.sqrt(step)
+                continue
+            ev.run(cand)
+            if ev.best().key == best.key:
+                step = math.sqrt(step)
+        trials = sorted(ev.trials.values(), key=lambda t: t.tbt_ms)
+        return ev.best(), ev.trials[DEFAULT], trials
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_parser(sub) -> None:
+    from .cli import DEFAULT_PROFILE, _positive
+    p = sub.add_parser("tune", help="search PipeDec width/top-k/floor for the lowest TBT",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", required=True, type=Path, help="speculation trace or prompt file")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"calibration profile file or bundled name (default {DEFAULT_PROFILE})")
+    p.add_argument("--stages", type=_positive(), default=14, help="pipeline stages S (default 14)")
+    p.add_argument("--budget", type=_positive(), default=24,
+                   help="most configurations to simulate (default 24)")
+    p.add_argument("--max-requests", type=_positive(), default=8,
+                   help="tune on the first N requests (default 8)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="re-measure best and default on the next N requests (default 0: off)")
+    p.add_argument("--topology", choices=("A", "B"), default="A")
+    p.add_argument("--prune", choices=("broadcast", "piggyback"), default="broadcast")
+    p.add_argument("--link-gbps", type=_positive(float), default=None,
+                   help="override the profile's link bandwidth (Gbit/s)")
+    p.add_argument("--max-new-tokens", type=_positive(), default=256)
+    p.add_argument("--acceptance", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive(), default=1,
+                   help="worker processes (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="write every trial to this CSV")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def cmd_tune(args) -> int:
+    from .cli import progress_printer
+    from .sweep import build_grid
+    if args.holdout < 0:
+        raise InputError("must be >= 0", field="--holdout")
+    overrides = {"trace": [str(args.trace)], "profile": [args.profile], "stages": [args.stages],
+                 "topology": [args.topology], "prune": [args.prune],
+                 "link_gbps": [args.link_gbps], "max_requests": [args.max_requests],
+                 "max_new_tokens": [args.max_new_tokens], "seed": [args.seed],
+                 "acceptance": [None if args.acceptance is None else str(args.acceptance)],
+                 "strategies": ["pipedec"]}
+    grid = build_grid(None, overrides)               # validates files and flags
+    common = {k: v[0] for k, v in grid.axes.items() if k != "strategies"}
+    for k in ("width", "topk", "floor", "coverage", "depth", "tree_topk", "total"):
+        common.pop(k, None)
+    t0 = time.perf_counter()
+    best, default, trials = tune(common, budget=args.budget, workers=args.workers,
+                                 progress=progress_printer("tuner trials:", args.quiet))
+    ar = _evaluate(DEFAULT, {**common, "strategy": "ar"})["tbt_ms"]
+    took = time.perf_counter() - t0
+    print(f"tuned PipeDec on {args.trace.name}, {args.max_requests} requests, S={args.stages}, "
+          f"profile {args.profile}: {len(trials)} configurations in {took:.0f}s")
+    print(f"{'width':>5} {'topk':>4} {'floor':>7} {'tbt_ms':>8} {'vs PP':>6} {'hit':>6} "
+          f"{'waste/tok':>9}")
+    shown = trials[:8] + ([default] if default not in trials[:8] else [])
+    for t in shown:
+        tag = "  <- best" if t is best else ("  <- default" if t is default else "")
+        print(f"{t.width:5d} {t.topk:4d} {t.floor:7.4g} {t.tbt_ms:8.2f} {ar / t.tbt_ms:5.2f}x "
+              f"{t.hit_rate:6.3f} {t.wasted_per_token:9.2f}{tag}")
+    margin = (default.tbt_ms - best.tbt_ms) / default.tbt_ms
+    print(f"best: --width {best.width} --topk {best.topk} --floor {best.floor:g}: "
+          f"TBT {best.tbt_ms:.2f} ms vs {default.tbt_ms:.2f} ms for the default "
+          f"(W=16, k=16, floor=0): {margin:.1%} lower, {default.tbt_ms / best.tbt_ms:.3f}x")
+    if args.holdout:
+        held = {**common, "max_requests": args.holdout, "first_request": args.max_requests}
+        hb = _evaluate(best.key, held)["tbt_ms"]
+        hd = _evaluate(DEFAULT, held)["tbt_ms"]
+        print(f"held-out requests {args.max_requests}..{args.max_requests + args.holdout - 1}: "
+              f"best {hb:.2f} ms vs default {hd:.2f} ms ({(hd - hb) / hd:.1%} lower)")
+    if args.out:
+        import pandas as pd
+        from .atomic import atomic_path
+        frame = pd.DataFrame([vars(t) for t in trials])
+        frame["speedup_vs_ar"] = ar / frame.tbt_ms
+        with atomic_path(args.out) as tmp:
+            frame.to_csv(tmp, index=False)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
