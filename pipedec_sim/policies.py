@@ -35,6 +35,39 @@ def best(cands: list[Candidate], n: int) -> list[Candidate]:
     return heapq.nlargest(n, cands, key=_SCORE)
 
 
+def merge_best(parents: list[Node], topk: int, n: int) -> list[Candidate]:
+    """`best(candidates(parents, topk), n)` without building every candidate: each
+    parent's proposals are sorted, so a heap over the parents' next proposals yields the
+    winners in order (ties: parent order, then rank, exactly as `best`)."""
+    heap = []
+    for i, p in enumerate(parents):
+        j = _next_free(p, 0, topk)
+        if j is not None:
+            heap.append((-(p.score + p.proposals[j][1]), i, j))
+    heapq.heapify(heap)
+    out = []
+    while heap and len(out) < n:
+        neg, i, j = heapq.heappop(heap)
+        p = parents[i]
+        token, logp = p.proposals[j]
+        out.append((-neg, p, token, logp))
+        j = _next_free(p, j + 1, topk)
+        if j is not None:
+            heapq.heappush(heap, (-(p.score + p.proposals[j][1]), i, j))
+    return out
+
+
+def _next_free(p: Node, j: int, topk: int) -> int | None:
+    """Index of p's next proposal (from j, within top-k) that is not already a child."""
+    props = p.proposals or ()
+    end = min(topk, len(props))
+    while j < end:
+        if props[j][0] not in p.children:
+            return j
+        j += 1
+    return None
+
+
 @dataclass(frozen=True)
 class LayerPolicy:
     """PipeDec: the next layer is the `width` best children over the whole frontier.
@@ -57,8 +90,7 @@ class LayerPolicy:
             raise ValueError("coverage must be in (0, 1]")
 
     def select(self, frontier: list[Node]) -> list[Candidate]:
-        # A parent's proposals are sorted, so more than `width` of them never win.
-        chosen = best(candidates(frontier, min(self.topk, self.width)), self.width)
+        chosen = merge_best(frontier, self.topk, self.width)
         if self.floor > 0.0:
             log_floor = math.log(self.floor)
             chosen = [c for c in chosen if c[0] >= log_floor]

@@ -63,3 +63,24 @@ def test_eagle2_expand_and_final():
 def test_bad_knobs_are_rejected(kw):
     with pytest.raises(ValueError):
         LayerPolicy(**kw)
+
+
+def test_merge_equals_sorting_every_candidate():
+    import random
+    from pipedec_sim.policies import best, merge_best
+    rng = random.Random(5)
+    for _ in range(200):
+        root = Node(0, None, 0, 0)
+        t = PredictionTree(root)
+        parents = []
+        for i in range(rng.randint(1, 6)):
+            p = t.add(root, i, math.log(rng.choice([0.1, 0.2, 0.2, 0.5])), i + 1)
+            probs = sorted((rng.choice([0.05, 0.1, 0.1, 0.3]) for _ in range(rng.randint(0, 5))),
+                           reverse=True)
+            p.proposals = tuple((100 + k, math.log(q)) for k, q in enumerate(probs))
+            if p.proposals and rng.random() < 0.3:
+                t.add(p, 100, -1.0, 50 + i)      # an existing child is skipped
+            parents.append(p)
+        k, n = rng.randint(1, 5), rng.randint(1, 8)
+        want = [(c[1].id, c[2]) for c in best(candidates(parents, k), n)]
+        assert [(c[1].id, c[2]) for c in merge_best(parents, k, n)] == want
