@@ -64,7 +64,8 @@ class Commit:
     accepted tokens); the rest came from the target alone (misses, bonus tokens)."""
     tokens: tuple[int, ...]
     drafted: int
-    outcome: str            # "hit" | "miss" | "accept" | "token"
+    outcome: str            # "hit" | "stall" (a hit with nothing in flight below it)
+                            # | "miss" | "accept" (tree-SD) | "token" (plain PP)
 
 
 @dataclass(frozen=True, slots=True)

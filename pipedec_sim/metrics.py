@@ -4,7 +4,9 @@ TBT (time between tokens) is the decode time from the first commit to the last, 
 by the tokens committed after the first commit: prefill is excluded, as in the paper.
 hit_rate is the fraction of committed tokens the draft had in its tree (PipeDec hits,
 tree-SD accepted tokens); mean_accepted is tokens per target-only token (tokens per
-flush for PipeDec, per verification pass for tree-SD, 1 for plain PP).
+flush for PipeDec, per verification pass for tree-SD, 1 for plain PP); stall_rate is the
+fraction of tokens that were PipeDec hits with nothing in flight below the new root (the
+pipeline drains as after a miss, although the token counts as a hit).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 SUMMARY_COLUMNS = ["strategy", "stages", "requests", "tokens", "tbt_ms", "tokens_per_s",
-                   "speedup_vs_ar", "hit_rate", "mean_accepted", "utilization",
+                   "speedup_vs_ar", "hit_rate", "mean_accepted", "stall_rate", "utilization",
                    "wasted_per_token", "ttft_ms"]
 
 
@@ -24,6 +26,7 @@ class RequestMetrics:
     stages: int
     tokens: int
     drafted: int            # committed tokens the draft predicted
+    stalls: int             # PipeDec hits with nothing in flight below the new root
     ttft_ms: float
     decode_ms: float
     decode_tokens: int      # tokens committed after the first commit
@@ -41,6 +44,7 @@ def request_metrics(strategy: str, request: str, stages: int, commits, end_ms: f
     return RequestMetrics(
         strategy=strategy, request=str(request), stages=stages,
         tokens=sum(c[1] for c in commits), drafted=sum(c[2] for c in commits),
+        stalls=sum(1 for c in commits if c[3] == "stall"),
         ttft_ms=t0, decode_ms=commits[-1][0] - t0,
         decode_tokens=sum(c[1] for c in commits) - n0, end_ms=end_ms,
         stage_busy_ms=sum(busy_ms[k] for k in stage_keys),
@@ -69,6 +73,7 @@ def summarize(df: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
                      "tbt_ms": tbt, "tokens_per_s": 1e3 / tbt if tbt > 0 else float("inf"),
                      "hit_rate": g.drafted.sum() / tokens,
                      "mean_accepted": tokens / max(target_only, 1),
+                     "stall_rate": g.stalls.sum() / tokens,
                      "utilization": g.stage_busy_ms.sum() / (g.stages * g.end_ms).sum(),
                      "wasted_per_token": (g.stage_rows.sum() / g.stages.iloc[0] - tokens) / tokens,
                      "ttft_ms": g.ttft_ms.mean()})
@@ -87,7 +92,7 @@ def format_table(summary: pd.DataFrame) -> str:
     """The one table people read."""
     show = summary.copy()
     fmt = {"tbt_ms": "{:.2f}", "tokens_per_s": "{:.1f}", "speedup_vs_ar": "{:.2f}x",
-           "hit_rate": "{:.3f}", "mean_accepted": "{:.2f}", "utilization": "{:.1%}",
+           "hit_rate": "{:.3f}", "mean_accepted": "{:.2f}", "stall_rate": "{:.3f}", "utilization": "{:.1%}",
            "wasted_per_token": "{:.2f}", "ttft_ms": "{:.1f}"}
     for col, f in fmt.items():
         if col in show:

@@ -330,6 +330,9 @@ def _trace(cfg: dict):
                               max_new_tokens=cfg["max_new_tokens"], seed=cfg["seed"],
                               acceptance=acc)[0]
         if first:
+            if len(trace.requests) <= first:
+                raise InputError(f"the trace has only {len(trace.requests)} requests, none "
+                                 f"left after the first {first}", file=cfg["trace"])
             trace = dataclasses.replace(trace, requests=trace.requests[first:])
         _CACHE[key] = trace
     return _CACHE[key]

@@ -155,6 +155,9 @@ def add_parser(sub) -> None:
                    help="tune on the first N requests (default 8)")
     p.add_argument("--holdout", type=int, default=0,
                    help="re-measure best and default on the next N requests (default 0: off)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="also show the cheapest tree (fewest wasted rows) within this fraction "
+                        "of the best TBT (default 0.02)")
     p.add_argument("--topology", choices=("A", "B"), default="A")
     p.add_argument("--prune", choices=("broadcast", "piggyback"), default="broadcast")
     p.add_argument("--link-gbps", type=_positive(float), default=None,
@@ -173,6 +176,8 @@ def cmd_tune(args) -> int:
     from .sweep import build_grid
     if args.holdout < 0:
         raise InputError("must be >= 0", field="--holdout")
+    if not 0 <= args.tolerance < 1:
+        raise InputError("must be in [0, 1)", field="--tolerance")
     overrides = {"trace": [str(args.trace)], "profile": [args.profile], "stages": [args.stages],
                  "topology": [args.topology], "prune": [args.prune],
                  "link_gbps": [args.link_gbps], "max_requests": [args.max_requests],
@@ -201,6 +206,12 @@ def cmd_tune(args) -> int:
     print(f"best: --width {best.width} --topk {best.topk} --floor {best.floor:g}: "
           f"TBT {best.tbt_ms:.2f} ms vs {default.tbt_ms:.2f} ms for the default "
           f"(W=16, k=16, floor=0): {margin:.1%} lower, {default.tbt_ms / best.tbt_ms:.3f}x")
+    near = [t for t in trials if t.tbt_ms <= best.tbt_ms * (1 + args.tolerance)]
+    cheap = min(near, key=lambda t: (t.wasted_per_token, t.tbt_ms))
+    if cheap is not best:
+        print(f"cheapest within {args.tolerance:.1%} of the best: --width {cheap.width} "
+              f"--topk {cheap.topk} --floor {cheap.floor:g}: TBT {cheap.tbt_ms:.2f} ms, "
+              f"{cheap.wasted_per_token:.1f} wasted rows/token vs {best.wasted_per_token:.1f}")
     if args.holdout:
         held = {**common, "max_requests": args.holdout, "first_request": args.max_requests}
         hb = _evaluate(best.key, held)["tbt_ms"]

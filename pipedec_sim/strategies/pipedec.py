@@ -63,8 +63,11 @@ class PipeDec(Strategy):
             return []
         verdict = self.tree.advance(x)
         if isinstance(verdict, Hit):
+            # A hit on a child whose own subtree was crowded out of the in-flight layers
+            # by likelier siblings stalls: the next token waits a full pipeline trip.
+            outcome = "hit" if verdict.root.children else "stall"
             actions: list[Action] = [Update(commit=(verdict.root.id,), kill=verdict.killed)]
-            actions += self.commit([x], 1, "hit")
+            actions += self.commit([x], 1, outcome)
             return actions if self.done else actions + self._grow()
         actions = [Update(kill=verdict.killed)] + self.commit([x], 0, "miss")
         if self.done:

@@ -1,0 +1,205 @@
+"""Regenerate docs/REPRODUCTION.md: the paper's setup in the simulator, every bundled trace.
+
+    python benchmarks/reproduction.py [--max-requests 20] [--out docs/REPRODUCTION.md]
+
+For each bundled trace, each stage count (14 as in v1, 8 as in v2) and each link
+(10 GbE, 100 GbE; plus any measured GPU profile in pipedec_sim/profiles/ whose target
+is 70B-shaped), simulate plain PP, tree-SD (EAGLE-2 defaults) and PipeDec (W=16, k=16)
+and set the speedups beside the paper's ranges. Every figure in the file comes from this
+run; the prose only states comparisons that the figures decide.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipedec_sim.atomic import write_text  # noqa: E402
+from pipedec_sim.calibration import bundled_profiles, load_profile  # noqa: E402
+from pipedec_sim.simulate import SimConfig, simulate  # noqa: E402
+from pipedec_sim.traces import read_trace  # noqa: E402
+
+PAPER = {  # (vs PP low, high, vs tree-SD low, high), stages
+    "v1 PipeDec": (4.46, 7.79, 2.2, 2.69, 14),
+    "v2 SpecPipe": (4.19, 5.53, 2.08, 2.38, 8),
+}
+
+
+def profiles() -> list:
+    out = [load_profile("analytic-llama70b-1b"), load_profile("analytic-llama70b-1b-100gbe")]
+    for name, path in sorted(bundled_profiles().items()):
+        p = load_profile(path)
+        if (p.provenance.get("kind") == "measured" and p.device_kind == "gpu"
+                and p.target.layers == 80 and p.target.hidden == 8192):
+            out.append(p)
+    return out
+
+
+def traces() -> list[Path]:
+    return sorted(p for p in (ROOT / "traces").iterdir()
+                  if p.name.endswith((".jsonl", ".jsonl.gz")))
+
+
+def run(max_requests: int) -> pd.DataFrame:
+    rows = []
+    for path in traces():
+        trace = read_trace(path, max_requests=max_requests)
+        for prof in profiles():
+            for stages in (14, 8):
+                t0 = time.perf_counter()
+                res = simulate(trace, prof, SimConfig(stages=stages))
+                s = res.summary.set_index("strategy")
+                rows.append({
+                    "trace": path.name, "source": trace.header.source,
+                    "dataset": trace.header.dataset, "profile": prof.name,
+                    "link_gbps": prof.link.bandwidth_gbps, "stages": stages,
+                    "requests": int(s.loc["ar", "requests"]),
+                    "pp_tbt_ms": s.loc["ar", "tbt_ms"],
+                    "treesd_tbt_ms": s.loc["tree-sd", "tbt_ms"],
+                    "pipedec_tbt_ms": s.loc["pipedec", "tbt_ms"],
+                    "pipedec_vs_pp": s.loc["pipedec", "speedup_vs_ar"],
+                    "treesd_vs_pp": s.loc["tree-sd", "speedup_vs_ar"],
+                    "pipedec_vs_treesd": s.loc["tree-sd", "tbt_ms"] / s.loc["pipedec", "tbt_ms"],
+                    "pipedec_hit_rate": s.loc["pipedec", "hit_rate"],
+                    "pipedec_stall_rate": s.loc["pipedec", "stall_rate"],
+                    "treesd_accept_len": s.loc["tree-sd", "mean_accepted"],
+                    "pipedec_util": s.loc["pipedec", "utilization"],
+                })
+                print(f"{path.name} {prof.name} S={stages}: "
+                      f"PipeDec/PP {rows[-1]['pipedec_vs_pp']:.2f}x, "
+                      f"PipeDec/tree-SD {rows[-1]['pipedec_vs_treesd']:.2f}x "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return pd.DataFrame(rows)
+
+
+def bernoulli_control(p: float, stages: int, profile) -> float:
+    """PipeDec/PP on a trace where the draft's top-1 is right with probability p and the
+    truth is otherwise absent: no 'late hits', so the gap to S/(p+(1-p)S) is step cost."""
+    import random
+
+    from pipedec_sim.traces import Trace, TraceHeader, TraceRequest
+    rng = random.Random(0)
+    reqs = []
+    for r in range(4):
+        out = [rng.randrange(1000) for _ in range(256)]
+        ids = [[t] + rng.sample(range(1000, 9999), 15) if rng.random() < p
+               else rng.sample(range(1000, 9999), 16) for t in out]
+        probs = [[0.5 ** (i + 1) for i in range(16)] for _ in out]
+        reqs.append(TraceRequest(str(r), 300, out, ids, probs))
+    head = TraceHeader("synthetic", "-", "-", "-", "bernoulli", 16, "control", "2026-01-01")
+    res = simulate(Trace(head, reqs), profile, SimConfig(stages=stages, strategies=("ar", "pipedec")))
+    s = res.summary.set_index("strategy").loc["pipedec"]
+    h = s.hit_rate
+    return s.speedup_vs_ar / (stages / (h + (1 - h) * stages))
+
+
+def verdict(x: float, lo: float, hi: float) -> str:
+    return "within" if lo <= x <= hi else ("below" if x < lo else "above")
+
+
+def render(df: pd.DataFrame, command: str) -> str:
+    out = ["# Reproducing the paper's setup in the simulator", "",
+           f"Generated by `{command}` on {dt.date.today().isoformat()}; do not edit by hand.",
+           "", "Setup: Llama-3.1-70B target (80 layers, bf16) split over S stages like vLLM, "
+           "Llama-3.2-1B draft on the head node (topology A), greedy decoding, PipeDec "
+           "W=16, k=16; tree-SD with EAGLE-2 defaults (depth 6, top_k 10, 60 nodes). "
+           "Stage and draft times come from the profile named in each row (the analytic "
+           "profiles model a 24 GB consumer GPU by a roofline; see their provenance). "
+           "Acceptance comes from each trace: a synthetic trace uses a hand-set acceptance "
+           "model, a recorded trace the agreement of the model pair that recorded it "
+           "(SmolLM2-135M and its trained draft, not Llama-3.1-70B and Llama-3.2-1B).", ""]
+    out += ["## Paper", "", "| version | stages | PipeDec vs PP | PipeDec vs tree-SD |",
+            "|---|---|---|---|"]
+    for name, (a, b, c, d, s) in PAPER.items():
+        out.append(f"| {name} | {s} | {a}x - {b}x | {c}x - {d}x |")
+    out += ["", "## Simulated", "",
+            "| trace | profile | S | PP TBT ms | tree-SD TBT ms | PipeDec TBT ms | "
+            "PipeDec vs PP | tree-SD vs PP | PipeDec vs tree-SD | PipeDec hit rate | "
+            "PipeDec stall rate | tree-SD tokens/pass |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        out.append(f"| {r.trace} | {r.profile} | {r.stages} | {r.pp_tbt_ms:.1f} | "
+                   f"{r.treesd_tbt_ms:.1f} | {r.pipedec_tbt_ms:.1f} | {r.pipedec_vs_pp:.2f}x | "
+                   f"{r.treesd_vs_pp:.2f}x | {r.pipedec_vs_treesd:.2f}x | "
+                   f"{r.pipedec_hit_rate:.3f} | {r.pipedec_stall_rate:.3f} | "
+                   f"{r.treesd_accept_len:.2f} |")
+    out += ["", "## Against the paper's ranges", ""]
+    for name, (a, b, c, d, s) in PAPER.items():
+        sub = df[df.stages == s]
+        if sub.empty:
+            continue
+        n_pp = sub.pipedec_vs_pp.apply(lambda x: verdict(x, a, b)).value_counts().to_dict()
+        n_sd = sub.pipedec_vs_treesd.apply(lambda x: verdict(x, c, d)).value_counts().to_dict()
+        out.append(f"* {name} (S={s}): PipeDec vs PP spans "
+                   f"{sub.pipedec_vs_pp.min():.2f}x - {sub.pipedec_vs_pp.max():.2f}x over "
+                   f"{len(sub)} runs ({_counts(n_pp)} the paper's {a}x - {b}x); "
+                   f"PipeDec vs tree-SD spans {sub.pipedec_vs_treesd.min():.2f}x - "
+                   f"{sub.pipedec_vs_treesd.max():.2f}x ({_counts(n_sd)} {c}x - {d}x).")
+    # The analytic closed form S / (p + (1 - p) S) with the realised hit rate: how much
+    # of the gap to the ideal is step cost (W tokens, draft, links) rather than misses.
+    df = df.assign(ideal=_bound(df.pipedec_hit_rate, df.stages),
+                   ideal_stalls=_bound(df.pipedec_hit_rate - df.pipedec_stall_rate, df.stages))
+    worst = df.loc[(df.pipedec_vs_pp / df.ideal).idxmin()]
+    control = bernoulli_control(worst.pipedec_hit_rate, int(worst.stages),
+                                load_profile(worst.profile))
+    frac, frac_s = df.pipedec_vs_pp / df.ideal, df.pipedec_vs_pp / df.ideal_stalls
+    out += ["", "## Where and why the numbers differ", "",
+            f"* Misses, stalls and step cost: with the realised hit rate p, an ideal PipeDec "
+            f"(one stage time per step, a full pipeline trip per miss) would reach "
+            f"S/(p+(1-p)S). The simulated speedups reach {100 * frac.min():.0f}% - "
+            f"{100 * frac.max():.0f}% of that bound (lowest: {worst.trace} on "
+            f"{worst.profile}, S={worst.stages}: {worst.pipedec_vs_pp:.2f}x of "
+            f"{worst.ideal:.2f}x). Part of the gap is *stalls* (stall rate "
+            f"{df.pipedec_stall_rate.min():.3f} - {df.pipedec_stall_rate.max():.3f} of "
+            "tokens): hits on a child whose own subtree had been crowded out of the in-flight "
+            "layers by likelier siblings, after which the pipeline drains as after a miss. "
+            f"Counting stalls as misses, the speedups reach {100 * frac_s.min():.0f}% - "
+            f"{100 * frac_s.max():.0f}% of the bound. A control run on the same profile with "
+            f"a Bernoulli draft (top-1 right with probability {worst.pipedec_hit_rate:.3f}, "
+            f"else the truth absent, so no stalls) reaches {100 * control:.0f}% of its bound: "
+            "that much is the cost of a step beyond one PP stage (W tokens per layer, the "
+            "draft and LM head sharing the head's GPU, link hops). This script does not "
+            "attribute the remainder; our reading of timelines (`--timeline`) is partial "
+            "stalls: the new root's subtree thins out a few layers down.",
+            f"* Tree-SD baseline strength: the simulated EAGLE-2 baseline commits "
+            f"{df.treesd_accept_len.min():.2f} - {df.treesd_accept_len.max():.2f} tokens per "
+            "verification pass. On a memory-bound GPU a 61-token tree costs little more than "
+            "one token per stage, so a strong draft makes tree-SD close to PipeDec; the "
+            "paper's 2.2x - 2.69x over tree-SD implies a weaker tree-SD baseline, a costlier "
+            "tree verification on its hardware, or both (its baseline settings are not public).",
+            "* Link: rows with the 100 GbE profile isolate the link's share; the difference "
+            "to 10 GbE rows is the communication phase of a step.",
+            "* Unknowns in the paper (draft placement, W/k, prefill, hardware) are parameters "
+            "here; the table uses the defaults stated at the top."]
+    return "\n".join(out) + "\n"
+
+
+def _bound(p, stages):
+    return stages / (p + (1 - p) * stages)
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(d.items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-requests", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "REPRODUCTION.md")
+    args = ap.parse_args()
+    df = run(args.max_requests)
+    command = "python benchmarks/reproduction.py" + (
+        f" --max-requests {args.max_requests}" if args.max_requests != 20 else "")
+    write_text(args.out, render(df, command))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
