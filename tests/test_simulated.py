@@ -73,7 +73,7 @@ def test_same_seed_same_results_and_another_seed_can_differ():
     assert list(c.requests.tokens) == list(a.requests.tokens)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), stages=st.integers(1, 6), k=st.integers(1, 5),
        width=st.integers(1, 6), length=st.integers(1, 30),
        topology=st.sampled_from("AB"), prune=st.sampled_from(["broadcast", "piggyback"]),

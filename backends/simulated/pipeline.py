@@ -139,7 +139,14 @@ class Pipeline:
         if A:
             env.process(self._verifier())
         self._dispatch(strategy.start())
-        env.run(until=self.done)
+        try:
+            env.run(until=self.done)
+        except RuntimeError as e:
+            if self.done.triggered:
+                raise
+            # Nothing left to happen but the request is unfinished: a scheduler bug.
+            raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
+                               f"after {len(strategy.output)} tokens ({e})") from None
         self.out.end_ms = env.now
         return self.out
 
@@ -168,6 +175,7 @@ class Pipeline:
                     yield env.timeout(rest)
         finally:
             for res, req in held:
+                req.cancel()                          # still queued: leave the queue
                 res.release(req)
         if start is not None:
             ms = env.now - start
