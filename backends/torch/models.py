@@ -18,13 +18,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from pipedec_sim.errors import InputError
 
 # Seeded random Llama models for tests: the same shape and seed give the same weights in
-# every process, so stages built separately agree with the full model bit for bit.
+# every process, so stages built separately agree with the full model bit for bit. An init
+# std of 0.1 (not HF's 0.02) keeps greedy output varied instead of a 1-2 token loop, with
+# top-2 logit margins ~1e-3, far above float reordering noise (~1e-6).
 TINY = {
     "tiny": dict(seed=0, num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                  num_attention_heads=4, num_key_value_heads=2),
     "tiny-draft": dict(seed=1, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
                        num_attention_heads=4, num_key_value_heads=2),
 }
+# A draft that agrees with `tiny` part of the time: tiny's weights plus seeded noise.
+NOISY = {"tiny-noisy": 0.2}
 TINY_VOCAB = 512
 
 
@@ -41,20 +45,21 @@ class Loaded:
 
 
 def tiny_model(name: str) -> LlamaForCausalLM:
+    if name in NOISY:
+        model = tiny_model("tiny")
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(NOISY[name] * p.std() * torch.randn(p.shape, generator=gen))
+        return model
     kw = dict(TINY[name])
     seed = kw.pop("seed")
     cfg = LlamaConfig(vocab_size=TINY_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None, attn_implementation="sdpa", **kw)
-    gen = torch.Generator().manual_seed(seed)
+                      initializer_range=0.1, tie_word_embeddings=False, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None, attn_implementation="sdpa", **kw)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    # Random init has tiny logits (near-ties make greedy fragile under float reordering):
-    # scale the LM head so argmax margins are large, as in a trained model.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-        model.lm_head.weight.add_(0.02 * torch.randn(model.lm_head.weight.shape, generator=gen))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -83,21 +88,21 @@ def resolve_path(spec: str) -> Path:
         return ensure_smollm2()
     p = Path(spec).expanduser()
     if not (p / "config.json").is_file():
-        raise InputError("not a model: expected tiny, tiny-draft, smollm2 or an HF folder "
-                         "with config.json", field=spec)
+        raise InputError(f"{spec!r} is not a model: expected tiny, tiny-draft, tiny-noisy, "
+                         "smollm2 or an HF folder with config.json")
     return p
 
 
 def load(spec: str) -> Loaded:
     """Load a model spec on CPU in float32 (callers move stage slices to a device)."""
-    if spec in TINY:
+    if spec in TINY or spec in NOISY:
         return Loaded(spec, tiny_model(spec), tiny_encode, None)
     path = resolve_path(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
     if getattr(model.config, "model_type", "") not in ("llama", "qwen2", "mistral"):
-        raise InputError(f"unsupported model type {model.config.model_type!r} "
-                         "(Llama-family only)", field=spec)
+        raise InputError(f"{spec}: unsupported model type {model.config.model_type!r} "
+                         "(Llama-family only)")
     tok = AutoTokenizer.from_pretrained(path)
     eos = model.generation_config.eos_token_id
     if isinstance(eos, (list, tuple)):

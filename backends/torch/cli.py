@@ -1,0 +1,216 @@
+"""`pipedec-real`: run PipeDec, tree-based SD and plain PP on real models, one process per stage.
+
+Bad input (files, flags) prints one line naming the file, line and field and exits 2; a
+stage failure prints one line naming the stage and exits 1 (finished requests are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipedec_sim.cli import Parser, _positive, _strategies
+from pipedec_sim.errors import InputError
+
+STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="pipedec-real", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = sub.add_parser("run", help="run strategies on real models over a prompt file")
+    run.add_argument("--target", required=True,
+                     help="tiny | smollm2 | an HF Llama-family folder")
+    run.add_argument("--draft", default=None,
+                     help="tiny-draft | tiny-noisy | tiny | smollm2 | a folder (needed unless "
+                          "--strategies ar)")
+    run.add_argument("--stages", type=_positive(), default=2, help="pipeline stages S")
+    run.add_argument("--prompts", required=True, type=Path,
+                     help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K")
+    run.add_argument("--strategies", type=_strategies, default=STRATEGY_NAMES)
+    run.add_argument("--width", type=_positive(), default=16, help="PipeDec layer width W")
+    run.add_argument("--topk", type=_positive(), default=16, help="PipeDec children per node k")
+    run.add_argument("--depth", type=_positive(), default=6, help="tree-SD draft passes")
+    run.add_argument("--tree-topk", type=_positive(), default=10, help="tree-SD top_k")
+    run.add_argument("--total", type=_positive(), default=60, help="tree-SD total_token")
+    run.add_argument("--max-new-tokens", type=_positive(), default=64)
+    run.add_argument("--max-requests", type=_positive(), default=None)
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--topology", choices=("A", "B"), default="A",
+                     help="A: LM head on the head (ring); B: LM head on the last stage")
+    run.add_argument("--inline", action="store_true",
+                     help="all stages in this process (deterministic order; no timing value)")
+    run.add_argument("--timeout", type=_positive(float), default=60.0,
+                     help="seconds without progress before a run is declared failed")
+    run.add_argument("--out", type=Path, default=None,
+                     help="write summary.csv, requests.csv and outputs.jsonl here")
+    run.add_argument("--timeline", type=Path, default=None,
+                     help="Chrome/Perfetto JSON of head-side commits and draft work")
+    run.add_argument("--record-events", type=Path, default=None,
+                     help="JSONL of every event fed to the strategy and the actions returned")
+    run.add_argument("--quiet", action="store_true")
+    prof = sub.add_parser("profile", help="measure a calibration profile for pipedec-sim")
+    prof.add_argument("--target", required=True)
+    prof.add_argument("--draft", required=True)
+    prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    prof.add_argument("--out", required=True, type=Path)
+    prof.add_argument("--quick", action="store_true", help="smaller grids, fewer repeats")
+    return parser
+
+
+# ---- run ---------------------------------------------------------------------------------
+
+def _requests(args, encode):
+    from pipedec_sim.prompts import read_prompts
+
+    from .head import Request
+    prompts = read_prompts(args.prompts, max_requests=args.max_requests)
+    return [Request(p.id, encode(p.text), args.max_new_tokens) for p in prompts]
+
+
+def _check(args, target):
+    from pipedec_sim.calibration import split_layers
+
+    from .models import check_pair, load
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise InputError("CUDA is not available on this machine", field="--device")
+    try:
+        split_layers(target.config.num_hidden_layers, args.stages)
+    except InputError as e:
+        raise InputError(e.message, field="--stages") from None
+    needs_draft = any(s != "ar" for s in args.strategies)
+    if needs_draft and not args.draft:
+        raise InputError("tree-sd and pipedec need a draft model", field="--draft")
+    if needs_draft:
+        check_pair(target, load(args.draft))
+
+
+def _knobs(args) -> dict:
+    return dict(width=args.width, topk=args.topk, depth=args.depth, tree_topk=args.tree_topk,
+                total=args.total)
+
+
+def _pipeline(args, recorder):
+    from .inline import InlinePipeline
+    from .models import load
+    from .runtime import DistributedPipeline
+    from .worker import StageConfig
+    draft = args.draft if any(s != "ar" for s in args.strategies) else None
+    if args.inline:
+        return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
+                              topology=args.topology, recorder=recorder, knobs=_knobs(args))
+    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout)
+    return DistributedPipeline(cfg, draft, knobs=_knobs(args), recorder=recorder,
+                               torchrun="RANK" in os.environ).start()
+
+
+def _run_all(args, pipe, requests, runs: list) -> None:
+    total = len(args.strategies) * len(requests)
+    for name in args.strategies:
+        for req in requests:
+            runs.append(pipe.run(name, req))
+            if not args.quiet:
+                print(f"real request runs: {len(runs)}/{total}", file=sys.stderr, flush=True)
+
+
+def _write(args, runs) -> None:
+    from pipedec_sim.atomic import atomic_path
+    from pipedec_sim.metrics import format_table, request_metrics, requests_frame, summarize
+    if not runs:
+        return
+    items = [request_metrics(r.strategy, r.request.id, args.stages, r.commits, r.end_ms,
+                             r.busy_ms, r.rows, r.batches) for r in runs]
+    df = requests_frame(items)
+    summary = summarize(df)
+    print(format_table(summary))
+    if args.out:
+        for name, frame in (("summary.csv", summary), ("requests.csv", df)):
+            with atomic_path(args.out / name) as tmp:
+                frame.to_csv(tmp, index=False)
+        with atomic_path(args.out / "outputs.jsonl") as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for r in runs:
+                    fh.write(json.dumps({"id": r.request.id, "strategy": r.strategy,
+                                         "prompt_ids": r.request.prompt_ids,
+                                         "output_ids": r.output}) + "\n")
+        print(f"wrote {args.out}/summary.csv, requests.csv, outputs.jsonl", file=sys.stderr)
+    if args.timeline:
+        from pipedec_sim.timeline import write_chrome_trace
+        write_chrome_trace(args.timeline, {f"{r.strategy} / request {r.request.id}": [
+            {"name": outcome, "ph": "i", "s": "g", "ts": t * 1e3, "pid": 0, "tid": "head",
+             "args": {"tokens": n}} for t, n, _, outcome in r.commits] for r in runs})
+
+
+def cmd_run(args) -> int:
+    if "RANK" in os.environ and int(os.environ["RANK"]) > 0:
+        return _torchrun_stage(args)
+    import torch
+
+    from .eventlog import Recorder
+    from .models import load
+    from .runtime import StageFailed
+    torch.set_num_threads(1)
+    target = load(args.target)
+    _check(args, target)
+    requests = _requests(args, target.encode)
+    rec_fh = open(args.record_events, "w", encoding="utf-8") if args.record_events else None
+    runs: list = []
+    pipe = None
+    try:
+        pipe = _pipeline(args, Recorder(rec_fh))
+        _run_all(args, pipe, requests, runs)
+    except StageFailed as e:
+        if pipe is not None and hasattr(pipe, "close"):
+            pipe.close(clean=False)
+        pipe = None
+        _write(args, runs)
+        print(f"pipedec-real: error: {e} (kept {len(runs)} finished request runs)",
+              file=sys.stderr)
+        return 1
+    finally:
+        if pipe is not None and hasattr(pipe, "close"):
+            pipe.close()
+        if rec_fh:
+            rec_fh.close()
+    _write(args, runs)
+    return 0
+
+
+def _torchrun_stage(args) -> int:
+    """A torchrun rank > 0: serve as that pipeline stage until the head says stop."""
+    from .worker import StageConfig, stage_main
+    world = int(os.environ["WORLD_SIZE"])
+    if world != args.stages + 1:
+        raise InputError(f"torchrun started {world} ranks; --stages {args.stages} needs "
+                         f"{args.stages + 1} (the head + one per stage)", field="--stages")
+    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout)
+    stage_main(cfg, int(os.environ["RANK"]), world, "env://", "")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .profiler import profile_main
+    return profile_main(args)
+
+
+COMMANDS = {"run": cmd_run, "profile": cmd_profile}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as e:
+        print(f"pipedec-real: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pipedec-real: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

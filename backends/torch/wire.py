@@ -1,0 +1,58 @@
+"""What crosses a link between pipeline processes: fixed-shape int64 headers, then tensors.
+
+Every message starts with an int64 header of HEADER_LEN slots (pickled objects cost ~4x a
+tensor send over gloo, see ENV.md); the header says which tensors follow and their sizes:
+
+  BATCH   rows int64 [n, 4] (id, parent, token, pos), then hidden float32 [n, H] unless
+          it comes from the head; slots: batch id, n, verify_from, committed
+  TOKENS  (topology B, last stage -> head) rows int64 [n, 4] + argmax tokens int64 [n]
+  UPDATE  ids int64 [n_commit + n_kill] (a prune notice, in-band: see runtime.py)
+  RESET   a new request: empty every KV cache (slot REQ is the request's sequence number)
+  REPORT  per-stage busy microseconds and rows computed, int64 [S, 2], filled on the way
+  STOP    shut down cleanly
+Tags keep the head's two inbound streams apart: DATA (results from the last stage) and
+ACK (stage 1 took a batch: the head's EntryFree).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+HEADER_LEN = 8
+BATCH, TOKENS, UPDATE, RESET, REPORT, STOP = 1, 2, 3, 4, 5, 6
+KIND, REQ, ID, N, VFROM, COMMITTED, N2 = 0, 1, 2, 3, 4, 5, 6   # header slots
+TAG_DATA, TAG_ACK = 1, 2
+
+
+def header(kind: int, req: int, *, id: int = 0, n: int = 0, vfrom: int = 0,
+           committed: int = 0, n2: int = 0) -> torch.Tensor:
+    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    h[KIND], h[REQ], h[ID], h[N], h[VFROM], h[COMMITTED], h[N2] = (
+        kind, req, id, n, vfrom, committed, n2)
+    return h
+
+
+class Outbox:
+    """Non-blocking sends: keep each tensor alive until its send completes. Never waiting
+    on a send avoids ring deadlocks (head -> stage 1 ... last stage -> head)."""
+
+    def __init__(self):
+        self.pending: list[tuple] = []
+
+    def send(self, tensors, dst: int, tag: int = TAG_DATA) -> None:
+        for t in tensors:
+            t = t.contiguous()
+            self.pending.append((dist.isend(t, dst, tag=tag), t))
+        self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        from datetime import timedelta
+        for w, _ in self.pending:
+            w.wait(timedelta(seconds=timeout_s))
+        self.pending.clear()
+
+
+def recv(shape, dtype, src: int, tag: int = TAG_DATA) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype)
+    dist.recv(t, src, tag=tag)
+    return t

@@ -1,0 +1,58 @@
+"""A stage that raises or dies ends the run with one line naming it, quickly, with no
+orphan processes, and the requests finished before it are written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.real
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries our tag (the CLI and every stage it spawned)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if tag.encode() in fh.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def _run(tmp_path, fault: str):
+    (tmp_path / "p.txt").write_text("one\ntwo\nthree\n")
+    tag = f"PIPEDEC_TEST_TAG={uuid.uuid4().hex}"
+    env = dict(os.environ, PIPEDEC_FAULT=fault, PIPEDEC_TEST_TAG=tag.split("=")[1])
+    cmd = [sys.executable, "-m", "backends.torch.cli", "run", "--target", "tiny",
+           "--stages", "3", "--strategies", "ar", "--prompts", str(tmp_path / "p.txt"),
+           "--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--quiet",
+           "--timeout", "20"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    return proc, time.monotonic() - t0, tag
+
+
+@pytest.mark.parametrize("mode", ["raise", "exit"])
+def test_stage_failure_is_reported_and_cleaned_up(tmp_path, mode):
+    proc, seconds, tag = _run(tmp_path, f"stage=2,request=2,mode={mode}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipedec-real: error: stage 2 (rank 2) failed"), last
+    assert seconds < 60          # includes ~10 s of process start-up; the fault is at ~1 s
+    time.sleep(0.5)
+    assert _tagged_pids(tag) == [], "orphan stage processes"
+    out = [json.loads(x) for x in (tmp_path / "out" / "outputs.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in out] == ["1"]          # request 1 finished and is kept
