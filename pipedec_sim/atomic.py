@@ -1,4 +1,8 @@
-"""Write results all-or-nothing: to a temp file beside the target, then rename."""
+"""Write results all-or-nothing: to a temp file beside the target, then rename.
+
+Readers never see half a file, and a failed or interrupted write leaves the old file
+(or nothing) in place. The result keeps the old file's mode (0644 for a new file).
+"""
 from __future__ import annotations
 
 import os
@@ -17,7 +21,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as f:             # durable before it becomes visible
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -25,6 +31,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))

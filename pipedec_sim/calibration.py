@@ -15,13 +15,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .atomic import write_text
 from .errors import InputError
 
 SCHEMA = "pipedec-profile/1"
@@ -521,32 +521,10 @@ def save_profile(profile_or_dict: Profile | Mapping, path: str | os.PathLike) ->
     except (TypeError, ValueError) as e:  # e.g. NaN or a set hidden in an extra key
         raise InputError(f"cannot be written as JSON: {e}", file=path) from None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_text(path, text)
     except OSError as e:
         raise InputError(f"cannot write: {e.strerror or e}", file=path) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # mkstemp makes 0600 files; keep the old file's mode, else the usual 0644
-            os.fchmod(f.fileno(), path.stat().st_mode & 0o777 if path.exists() else 0o644)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        _unlink_quietly(tmp)
-        if isinstance(e, OSError):
-            raise InputError(f"cannot write: {e.strerror or e}", file=path) from None
-        raise
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-# --------------------------------------------------------------------------- analytic model
 
 ANALYTIC_FORMULA = (
     "Roofline per op: t_ms = max(bytes/(mem_bw*mem_eff), flops/(peak*flop_eff)) + "

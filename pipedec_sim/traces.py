@@ -16,12 +16,12 @@ import json
 import math
 import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Iterator, NoReturn
 
+from pipedec_sim.atomic import write_bytes
 from pipedec_sim.errors import InputError
 
 FORMAT = "pipedec-trace/1"
@@ -92,22 +92,8 @@ def read_text(path: Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file next to `path`, then rename: readers never see half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; give the result the usual mode (or keep the old file's).
-        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `data` atomically (see pipedec_sim.atomic)."""
+    write_bytes(path, data)
 
 
 def _os_reason(e: BaseException) -> str:
