@@ -64,7 +64,7 @@ class Commit:
     accepted tokens); the rest came from the target alone (misses, bonus tokens)."""
     tokens: tuple[int, ...]
     drafted: int
-    outcome: str            # "hit" | "stall" (a hit with nothing in flight below it)
+    outcome: str            # "hit" | "stall" (a hit whose node was not in the next batch)
                             # | "miss" | "accept" (tree-SD) | "token" (plain PP)
 
 

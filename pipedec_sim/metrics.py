@@ -5,8 +5,9 @@ by the tokens committed after the first commit: prefill is excluded, as in the p
 hit_rate is the fraction of committed tokens the draft had in its tree (PipeDec hits,
 tree-SD accepted tokens); mean_accepted is tokens per target-only token (tokens per
 flush for PipeDec, per verification pass for tree-SD, 1 for plain PP); stall_rate is the
-fraction of tokens that were PipeDec hits with nothing in flight below the new root (the
-pipeline drains as after a miss, although the token counts as a hit).
+fraction of tokens that were PipeDec hits on a node that was not in the batch right
+behind the old root's (its branch regrew after likelier siblings crowded it out), so the
+next token waits for the steps in between although this one counts as a hit.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class RequestMetrics:
     stages: int
     tokens: int
     drafted: int            # committed tokens the draft predicted
-    stalls: int             # PipeDec hits with nothing in flight below the new root
+    stalls: int             # PipeDec hits whose node was not in the next batch
     ttft_ms: float
     decode_ms: float
     decode_tokens: int      # tokens committed after the first commit

@@ -33,12 +33,16 @@ import os
 import re
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .errors import InputError
+
+try:
+    import tomllib                      # Python 3.11+
+except ModuleNotFoundError:             # pragma: no cover (3.10: pip install tomli)
+    import tomli as tomllib
 
 STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
 DEFAULT_PROFILE = "analytic-llama70b-1b"
@@ -366,6 +370,24 @@ def run_config(cfg: dict):
     return df
 
 
+PRELOAD = ["pipedec_sim.sweep", "pipedec_sim.simulate", "backends.simulated.pipeline"]
+
+
+def pool_context():
+    """Worker start method: a fork server that has imported the simulator once (workers
+    start in milliseconds), where the platform has one; spawn elsewhere. Both re-import
+    nothing from the parent's state, so workers behave the same either way."""
+    import multiprocessing as mp
+    forced = os.environ.get("PIPEDEC_START_METHOD")        # e.g. spawn, to test spawn-safety
+    if forced:
+        return mp.get_context(forced)
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
 def _part_path(out: Path, cid: str) -> Path:
     return out / "parts" / f"{cid}.csv"
 
@@ -394,6 +416,8 @@ def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
     """Run every configuration not yet in `out/parts`; merge; return counts."""
     out = Path(out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "parts").glob(".*.tmp"):      # torn writes of a killed run
+        stale.unlink(missing_ok=True)
     from .atomic import write_text
     write_text(out / "grid.json", json.dumps(configs, indent=1, default=str))
     done = finished_ids(out)
@@ -423,10 +447,9 @@ def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
             for c in todo:
                 finish(*_run_and_commit(c, str(out))[::2])
         else:
-            import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
-                                     mp_context=mp.get_context("spawn")) as pool:
+                                     mp_context=pool_context()) as pool:
                 futures = [pool.submit(_run_and_commit, c, str(out)) for c in todo]
                 try:
                     for f in as_completed(futures):
@@ -625,5 +648,8 @@ def cmd_sweep(args) -> int:
         show = s[group + cols].rename(columns=lambda c: c.removeprefix("cfg_"))
         show["speedup_vs_tree_sd"] = ["-" if pd.isna(v) else f"{v:.2f}x"
                                       for v in show["speedup_vs_tree_sd"]]
+        for c in ("width", "topk", "floor"):
+            if c in show:
+                show[c] = ["-" if pd.isna(v) else f"{v:g}" for v in show[c]]
         print(format_table(show))
     return 1 if res["failed"] else 0

@@ -12,7 +12,7 @@ from typing import Iterator
 
 class Node:
     __slots__ = ("id", "parent", "token", "pos", "logp", "score", "children",
-                 "proposals", "drafted", "__weakref__")
+                 "proposals", "drafted", "batch", "__weakref__")
 
     def __init__(self, id: int, parent: "Node | None", token: int, pos: int,
                  logp: float = 0.0, score: float = 0.0):
@@ -25,6 +25,7 @@ class Node:
         self.children: dict[int, Node] = {}   # token -> child
         self.proposals: tuple[tuple[int, float], ...] | None = None  # draft's top-k
         self.drafted = False        # the draft model holds this node's KV
+        self.batch = -1             # the batch that carried it into the pipeline
 
     def __repr__(self) -> str:
         return f"Node(id={self.id}, token={self.token}, pos={self.pos}, score={self.score:.3f})"

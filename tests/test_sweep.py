@@ -83,12 +83,14 @@ def test_config_id_is_stable_and_knob_sensitive():
     assert all(config_id(c) == c["config_id"] for c in grid.configs())
 
 
-def test_parallel_workers(tmp_path):
+@pytest.mark.parametrize("start", ["spawn", ""])
+def test_parallel_workers(tmp_path, start):
     out = tmp_path / "res"
+    env = {**os.environ, "PIPEDEC_START_METHOD": start}
     r = subprocess.run([sys.executable, "-m", "pipedec_sim.cli", "sweep", "--trace", str(TRACE),
                         "--stages", "2", "--strategies", "pipedec", "--width", "2,4",
                         "--max-requests", "1", "--workers", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "configurations: 3/3" in r.stderr
     assert len(pd.read_csv(out / "summary.csv")) == 3
@@ -233,3 +235,25 @@ def test_build_grid_raises_input_error():
     with pytest.raises(InputError) as e:
         build_grid(None, {"trace": [str(TRACE)], "link_gbps": [-1.0]})
     assert e.value.field == "--link-gbps"
+
+
+def test_ctrl_c_keeps_finished_configurations(tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "pipedec_sim.cli", "sweep", "--trace", str(TRACE),
+           "--stages", "2,3", "--strategies", "pipedec", "--width", "2,4,8", "--topk", "4",
+           "--max-requests", "2", "--workers", "1", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parts = out / "parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if parts.is_dir() and any(p.suffix == ".csv" for p in parts.iterdir()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    n = len(list(parts.glob("*.csv")))
+    assert len(pd.read_csv(out / "summary.csv")) == n

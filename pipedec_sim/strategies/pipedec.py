@@ -24,7 +24,9 @@ class PipeDec(Strategy):
         self.tree = PredictionTree(root)
         self.entry_free = False
         n = len(rows)
-        return [self.inject(rows, "prefill", verify_from=n - 1, committed=n),
+        prefill = self.inject(rows, "prefill", verify_from=n - 1, committed=n)
+        root.batch = prefill.batch.id
+        return [prefill,
                 self.draft(rows, [root.id], self.policy.topk, committed=n)]
 
     def on_entry_free(self) -> list[Action]:
@@ -53,8 +55,10 @@ class PipeDec(Strategy):
             n.drafted = True
         rows = [row(n) for n in layer]
         self.entry_free = False
-        return [self.inject(rows, "layer"),
-                self.draft(rows, [n.id for n in layer], self.policy.topk)]
+        inject = self.inject(rows, "layer")
+        for n in layer:
+            n.batch = inject.batch.id
+        return [inject, self.draft(rows, [n.id for n in layer], self.policy.topk)]
 
     def on_verified(self, event: Verified) -> list[Action]:
         root = self.tree.root
@@ -63,9 +67,11 @@ class PipeDec(Strategy):
             return []
         verdict = self.tree.advance(x)
         if isinstance(verdict, Hit):
-            # A hit on a child whose own subtree was crowded out of the in-flight layers
-            # by likelier siblings stalls: the next token waits a full pipeline trip.
-            outcome = "hit" if verdict.root.children else "stall"
+            # Ideally the new root rode in the batch right behind the old one and leaves
+            # the pipeline next. If it was injected later (its branch was crowded out of
+            # the layers in flight by likelier siblings and regrew), the hit stalls: the
+            # next token waits for the steps in between.
+            outcome = "hit" if verdict.root.batch <= root.batch + 1 else "stall"
             actions: list[Action] = [Update(commit=(verdict.root.id,), kill=verdict.killed)]
             actions += self.commit([x], 1, outcome)
             return actions if self.done else actions + self._grow()
@@ -77,5 +83,6 @@ class PipeDec(Strategy):
         self.tree.restart(new)
         self.entry_free = False            # the new root jumps the queue at stage 1
         r = row(new)
-        return actions + [self.inject([r], "token", committed=1),
-                          self.draft([r], [new.id], self.policy.topk, committed=1)]
+        inject = self.inject([r], "token", committed=1)
+        new.batch = inject.batch.id
+        return actions + [inject, self.draft([r], [new.id], self.policy.topk, committed=1)]

@@ -1,0 +1,407 @@
+"""Simulator fidelity: real pipeline vs simulator on the same models, prompts and profile.
+
+    python benchmarks/fidelity.py [--target smollm2] [--draft smollm2|DIR] [--stages 2,3,4]
+        [--prompts FILE] [--max-requests 3] [--max-new-tokens 48] [--profile FILE]
+
+For each stage count S and strategy (ar, tree-sd, pipedec):
+  1. profile:  `pipedec-real profile` once (or --profile FILE to reuse one);
+  2. real:     `pipedec-real run` on the prompts (one process group per S, every strategy),
+               with --record-events (every event the real head fed the strategy);
+  3. trace:    record a speculation trace from the same target and draft on the same prompt
+               ids (the recorder's teacher-forced draft top-k, unrounded);
+  4. simulate: `simulate()` on that trace and profile, pipeline options matching the real
+               runtime (topology A, in-band prune notices, no cancel);
+then print per-token latency (TBT) real vs simulated with the relative error per cell, the
+median and the worst, plus the decisions (hit rate, mean accepted) of both worlds.
+
+Decisions are compared twice: with the trace oracle (off-path proposals resampled, see
+pipedec_sim/oracle.py) and with an *event oracle* that answers every draft query with the
+real run's own proposals for the same token path, so what remains is timing alone.
+
+The machine's two cores are shared with whatever else runs: the benchmark prints the load
+average before and after, because foreign load inflates real times and nothing in a
+profile can know about it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipedec_sim.calibration import load_profile  # noqa: E402
+from pipedec_sim.oracle import TraceOracle  # noqa: E402
+from pipedec_sim.simulate import SimConfig  # noqa: E402
+
+STRATEGIES = ("ar", "tree-sd", "pipedec")
+DEFAULT_PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three uses of copper.",
+    "What is the capital of France, and why is it famous?",
+    "Give me a recipe for pancakes.",
+    "Summarise the plot of Romeo and Juliet.",
+]
+
+
+# ---- an oracle that replays the real run's own draft proposals -----------------------
+
+def _key(parent_key: int, token: int, pos: int) -> int:
+    return hash((parent_key, token, pos))
+
+
+class EventOracle(TraceOracle):
+    """The trace oracle, except that the draft's proposals for a node come from the real
+    run (`--record-events`) whenever the real draft was asked about the same token path.
+
+    Nodes are keyed by their token path (a hash chain over (token, pos) from the first
+    prompt token), not by id: ids depend on the order the strategy made nodes in. With it,
+    tree-SD must reproduce the real run exactly and PipeDec differs only where timing made
+    the real and simulated trees diverge (those queries fall back to the trace)."""
+
+    def __init__(self, request, record: dict, *, seed: int = 0):
+        super().__init__(request, seed=seed)
+        self.table = proposals_by_path(record)
+        self.keys: dict[int, int] = {}
+        self.exact = self.fallback = 0
+
+    def observe(self, rows) -> None:
+        super().observe(rows)
+        keys = self.keys
+        for r in rows:
+            if r.id not in keys:
+                keys[r.id] = _key(keys.get(r.parent, -1), r.token, r.pos)
+
+    def propose(self, row, k: int):
+        props = self.table.get(self.keys.get(row.id))
+        if props is None:
+            self.fallback += 1
+            return super().propose(row, k)
+        self.exact += 1
+        return props[:k]
+
+
+def proposals_by_path(record: dict) -> dict[int, tuple]:
+    """path key -> the draft's proposals, from one request's event record."""
+    from pipedec_sim.messages import Draft, Drafted, Inject
+    keys: dict[int, int] = {}
+    table: dict[int, tuple] = {}
+
+    def learn(actions):
+        for a in actions:
+            rows = a.rows if isinstance(a, Draft) else a.batch.rows if isinstance(a, Inject) else ()
+            for r in rows:
+                if r.id not in keys:
+                    keys[r.id] = _key(keys.get(r.parent, -1), r.token, r.pos)
+    learn(record["start"])
+    for event, actions in record["steps"]:
+        if isinstance(event, Drafted):
+            for i, props in event.proposals.items():
+                if i in keys and props:
+                    table.setdefault(keys[i], tuple(props))
+        learn(actions)
+    return table
+
+
+# ---- the steps ------------------------------------------------------------------------
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(cmd: list[str], what: str, timeout: float, log) -> float:
+    t = time.perf_counter()
+    log(f"[fidelity] {what}: {' '.join(cmd[2:]) if cmd[1] == '-m' else ' '.join(cmd)}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(),
+                          cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def measure_profile(target: str, draft: str, out: Path, *, quick: bool, log) -> float:
+    cmd = [sys.executable, "-m", "backends.torch.cli", "profile", "--target", target,
+           "--draft", draft, "--out", str(out)] + (["--quick"] if quick else [])
+    return _run(cmd, "profile", 1800, log)
+
+
+def real_run(args, stages: int, prompts: Path, out: Path, log) -> tuple[pd.DataFrame, Path, float]:
+    out.mkdir(parents=True, exist_ok=True)
+    events = out / "events.jsonl"
+    cmd = [sys.executable, "-m", "backends.torch.cli", "run", "--target", args.target,
+           "--draft", args.draft, "--stages", str(stages), "--prompts", str(prompts),
+           "--strategies", ",".join(args.strategies),
+           "--max-new-tokens", str(args.max_new_tokens), "--width", str(args.width),
+           "--topk", str(args.topk), "--depth", str(args.depth), "--tree-topk",
+           str(args.tree_topk), "--total", str(args.total), "--out", str(out),
+           "--record-events", str(events), "--quiet", "--timeout", "300"]
+    if args.max_requests:
+        cmd += ["--max-requests", str(args.max_requests)]
+    wall = _run(cmd, f"real S={stages}", 3600, log)
+    return pd.read_csv(out / "requests.csv", dtype={"request": str}), events, wall
+
+
+def record(args, prompts: Path, log):
+    """A trace from the target and draft on exactly the prompt ids `pipedec-real` uses."""
+    import torch
+
+    from backends.torch.models import load
+    from backends.torch.trace_recorder import record_trace
+    from pipedec_sim.prompts import read_prompts
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    target, draft = load(args.target), load(args.draft)
+    ps = read_prompts(prompts, max_requests=args.max_requests)
+    ids = [target.encode(p.text) for p in ps]
+    trace = record_trace(target.model, draft.model, None, ids, top_k=max(args.topk,
+                         args.tree_topk), max_new_tokens=args.max_new_tokens, progress=False,
+                         decimals=None, target_name=args.target, draft_name=args.draft,
+                         dataset=str(prompts), command="benchmarks/fidelity.py")
+    eos = target.eos
+    for p, req in zip(ps, trace.requests):
+        req.id = p.id
+        # pipedec-real stops at the target's one EOS id; the recorder at any EOS id.
+        if eos is not None and eos in req.output:
+            cut = req.output.index(eos) + 1
+            req.output, req.topk_ids, req.topk_probs = (req.output[:cut], req.topk_ids[:cut],
+                                                        req.topk_probs[:cut])
+    log(f"[fidelity] trace: {len(trace.requests)} requests, "
+        f"{sum(len(r.output) for r in trace.requests)} tokens, top-1 agreement "
+        f"{trace.header.extra.get('top1_agreement')} ({time.perf_counter() - t:.0f} s)")
+    return trace
+
+
+def sim_config(args, stages: int, strategies) -> SimConfig:
+    # The real runtime: topology A, prune notices in the batch stream, no cancellation.
+    return SimConfig(stages=stages, strategies=tuple(strategies), width=args.width,
+                     topk=args.topk, depth=args.depth, tree_topk=args.tree_topk,
+                     total=args.total, topology="A", prune=args.prune, cancel=False)
+
+
+def simulate_requests(trace, profile, cfg: SimConfig, records=None) -> tuple[pd.DataFrame, dict]:
+    """Like simulate(), with the event oracle when `records` ((strategy, id) -> record)."""
+    from backends.simulated.pipeline import Pipeline
+    from pipedec_sim.metrics import request_metrics, requests_frame
+    from pipedec_sim.simulate import prompt_tokens
+    from pipedec_sim.strategies import make_strategy
+    items, coverage = [], {}
+    for name in cfg.strategies:
+        for req in trace.requests:
+            pipe = Pipeline(profile, cfg.stages, topology=cfg.topology, prune=cfg.prune,
+                            cancel=cfg.cancel)
+            strategy = make_strategy(name, prompt_tokens(req), len(req.output), **cfg.knobs())
+            rec = records.get((name, req.id)) if records else None
+            oracle = EventOracle(req, rec, seed=cfg.seed) if rec else TraceOracle(req,
+                                                                                 seed=cfg.seed)
+            run = pipe.run(strategy, oracle)
+            if strategy.output != list(req.output):
+                raise RuntimeError(f"{name} committed a different output for request {req.id}")
+            if rec:
+                coverage[(name, req.id)] = (oracle.exact, oracle.fallback)
+            items.append(request_metrics(name, req.id, cfg.stages, run.commits, run.end_ms,
+                                         run.busy_ms, run.rows, run.batches))
+    return requests_frame(items), coverage
+
+
+def _decisions(df: pd.DataFrame) -> pd.DataFrame:
+    d = df[["strategy", "request", "tokens", "drafted", "decode_ms", "decode_tokens"]].copy()
+    d["hit_rate"] = d.drafted / d.tokens
+    d["mean_accepted"] = d.tokens / (d.tokens - d.drafted).clip(lower=1)
+    return d
+
+
+def _cell(df: pd.DataFrame) -> dict:
+    tokens = int(df.tokens.sum())
+    return {"tbt_ms": df.decode_ms.sum() / max(int(df.decode_tokens.sum()), 1),
+            "hit_rate": df.drafted.sum() / tokens,
+            "mean_accepted": tokens / max(tokens - int(df.drafted.sum()), 1)}
+
+
+def compare(real: pd.DataFrame, sim: pd.DataFrame, sim_exact: pd.DataFrame | None,
+            stages: int) -> tuple[list[dict], pd.DataFrame]:
+    """Per strategy: TBT and decisions real vs simulated; per request: decisions."""
+    rows = []
+    r, s = _decisions(real), _decisions(sim)
+    per_req = r.merge(s, on=["strategy", "request"], suffixes=("_real", "_sim"))
+    if sim_exact is not None:
+        e = _decisions(sim_exact)[["strategy", "request", "hit_rate", "mean_accepted",
+                                   "decode_ms", "decode_tokens"]]
+        per_req = per_req.merge(e.rename(columns={c: c + "_exact" for c in e.columns[2:]}),
+                                 on=["strategy", "request"])
+    per_req.insert(0, "stages", stages)
+    for name in real.strategy.unique():
+        cr, cs = _cell(r[r.strategy == name]), _cell(s[s.strategy == name])
+        row = {"stages": stages, "strategy": name, "real_tbt_ms": cr["tbt_ms"],
+               "sim_tbt_ms": cs["tbt_ms"], "err": cs["tbt_ms"] / cr["tbt_ms"] - 1,
+               "real_hit": cr["hit_rate"], "sim_hit": cs["hit_rate"],
+               "real_acc": cr["mean_accepted"], "sim_acc": cs["mean_accepted"]}
+        if sim_exact is not None:
+            ce = _cell(_decisions(sim_exact)[sim_exact.strategy == name])
+            row.update(exact_tbt_ms=ce["tbt_ms"], exact_err=ce["tbt_ms"] / cr["tbt_ms"] - 1,
+                       exact_hit=ce["hit_rate"], exact_acc=ce["mean_accepted"])
+        rows.append(row)
+    return rows, per_req
+
+
+def format_cells(cells: list[dict]) -> str:
+    df = pd.DataFrame(cells)
+    show = pd.DataFrame({
+        "S": df.stages, "strategy": df.strategy,
+        "real TBT ms": df.real_tbt_ms.map("{:.2f}".format),
+        "sim TBT ms": df.sim_tbt_ms.map("{:.2f}".format),
+        "error": df.err.map("{:+.1%}".format),
+        "hit real/sim": [f"{a:.3f}/{b:.3f}" for a, b in zip(df.real_hit, df.sim_hit)],
+        "acc real/sim": [f"{a:.2f}/{b:.2f}" for a, b in zip(df.real_acc, df.sim_acc)]})
+    if "exact_err" in df:
+        show["sim* TBT ms"] = df.exact_tbt_ms.map("{:.2f}".format)
+        show["error*"] = df.exact_err.map("{:+.1%}".format)
+        show["hit*"] = df.exact_hit.map("{:.3f}".format)
+    errs = df.err.abs()
+    lines = [show.to_string(index=False),
+             f"median |error| {errs.median():.1%}, worst {errs.max():.1%} "
+             f"({df.strategy[errs.idxmax()]}, S={df.stages[errs.idxmax()]})"]
+    if "exact_err" in df:
+        ex = df.exact_err.abs()
+        lines.append(f"with the event oracle (*): median |error| {ex.median():.1%}, "
+                     f"worst {ex.max():.1%}")
+    return "\n".join(lines)
+
+
+def format_decisions(per_req: pd.DataFrame) -> str:
+    cols = ["stages", "strategy", "request", "tokens_real", "hit_rate_real", "hit_rate_sim",
+            "mean_accepted_real", "mean_accepted_sim"]
+    if "hit_rate_exact" in per_req:
+        cols += ["hit_rate_exact", "mean_accepted_exact"]
+    d = per_req[[c for c in cols if c in per_req]].copy()
+    for c in d.columns:
+        if c.startswith(("hit_rate", "mean_acc")):
+            d[c] = d[c].map("{:.3f}".format)
+    return d.rename(columns={"tokens_real": "tokens"}).to_string(index=False)
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ---- the whole benchmark --------------------------------------------------------------
+
+def run_benchmark(args, log=print) -> dict:
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pipedec-fidelity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = Path(args.prompts) if args.prompts else work / "prompts.txt"
+    if not args.prompts:
+        prompts.write_text("\n".join(DEFAULT_PROMPTS) + "\n")
+    t0 = time.perf_counter()
+    log(f"[fidelity] target {args.target}, draft {args.draft}, stages {args.stages}, "
+        f"{args.max_requests or 'all'} prompts x {args.max_new_tokens} tokens; "
+        f"load average {load_avg()}")
+    if args.profile:
+        profile_path = Path(args.profile)
+    else:
+        profile_path = work / "profile.json"
+        secs = measure_profile(args.target, args.draft, profile_path, quick=args.quick_profile,
+                               log=log)
+        log(f"[fidelity] profile measured in {secs:.0f} s")
+    profile = load_profile(profile_path)
+    trace = record(args, prompts, log)
+    from backends.torch.eventlog import read_records
+    cells, per_reqs, walls = [], [], {}
+    for S in args.stages:
+        out = work / f"real-S{S}"
+        real, events, walls[S] = real_run(args, S, prompts, out, log)
+        outputs = [json.loads(x) for x in (out / "outputs.jsonl").read_text().splitlines()]
+        by_id = {r.id: r for r in trace.requests}
+        bad = [(o["strategy"], o["id"]) for o in outputs
+               if o["output_ids"] != list(by_id[o["id"]].output)]
+        if bad:
+            log(f"[fidelity] warning: real outputs differ from the trace for {bad}")
+        records = {(r["request"]["strategy"], str(r["request"]["id"])): r
+                   for r in read_records(events)}
+        cfg = sim_config(args, S, args.strategies)
+        t = time.perf_counter()
+        sim, _ = simulate_requests(trace, profile, cfg)
+        sim_exact, cov = simulate_requests(trace, profile, cfg, records)
+        sim_s = time.perf_counter() - t
+        c, p = compare(real, sim, sim_exact, S)
+        cells += c
+        per_reqs.append(p)
+        ex = sum(a for a, _ in cov.values())
+        fb = sum(b for _, b in cov.values())
+        log(f"[fidelity] S={S}: real {walls[S]:.0f} s (incl. start-up), simulated {sim_s:.1f} s; "
+            f"event oracle answered {ex}/{ex + fb} draft queries from the real run")
+    per_req = pd.concat(per_reqs, ignore_index=True)
+    table = format_cells(cells)
+    result = {"cells": cells, "per_request": per_req, "table": table, "work": str(work),
+              "profile": str(profile_path), "seconds": time.perf_counter() - t0}
+    log("")
+    log(f"Fidelity: {args.target} / draft {args.draft}, {len(trace.requests)} prompts x "
+        f"<= {args.max_new_tokens} tokens, profile {profile_path.name} "
+        f"(shared_cores={profile.shared_cores}, head_overhead_ms={profile.head_overhead_ms}); "
+        f"load average now {load_avg()}")
+    log("error = sim/real - 1 of the decode time per token (TBT); * = event oracle "
+        "(the real run's own draft proposals)")
+    log(table)
+    log("")
+    log("Decisions per request (real vs simulated; exact = event oracle):")
+    log(format_decisions(per_req))
+    if args.csv:
+        pd.DataFrame(cells).to_csv(args.csv, index=False)
+    if not args.work and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--draft", default=os.environ.get("PIPEDEC_DRAFT", "smollm2"),
+                    help="draft spec or folder (default $PIPEDEC_DRAFT, else smollm2: a "
+                         "self-draft, always right)")
+    ap.add_argument("--stages", default="2,3,4",
+                    type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    type=lambda s: tuple(s.split(",")))
+    ap.add_argument("--prompts", default=None, help="prompt file (default: 6 built-in prompts)")
+    ap.add_argument("--max-requests", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--width", type=int, default=4)
+    ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--tree-topk", type=int, default=4)
+    ap.add_argument("--total", type=int, default=16)
+    ap.add_argument("--prune", default="piggyback", choices=("piggyback", "inband", "broadcast"))
+    ap.add_argument("--profile", default=None, help="reuse a profile instead of measuring")
+    ap.add_argument("--quick-profile", action="store_true")
+    ap.add_argument("--work", default=None, help="keep intermediate files here")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--csv", default=None, help="write the cells as CSV")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
