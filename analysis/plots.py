@@ -366,7 +366,7 @@ def timeline_gantt(source, run: str | None = None, start_ms: float | None = None
             ax.scatter(ts, [head_y] * len(ts), marker=m, color=c, s=40, zorder=3,
                        label={"hit": "hit (commit, tree kept)",
                               "miss": "miss (commit, tree flushed)",
-                              "stall": "stall (hit, nothing in flight below: refill)",
+                              "stall": "stall (hit on a node that was not in the next batch)",
                               "accept": "accept (verified tree)",
                               "token": "token (commit)"}[name])
             if name in ("miss", "stall"):

@@ -18,19 +18,26 @@ Decisions are compared twice: with the trace oracle (off-path proposals resample
 pipedec_sim/oracle.py) and with an *event oracle* that answers every draft query with the
 real run's own proposals for the same token path, so what remains is timing alone.
 
-The machine's two cores are shared with whatever else runs: the benchmark prints the load
-average before and after, because foreign load inflates real times and nothing in a
-profile can know about it.
+The machine's two cores are shared with whatever else runs. The simulator's core pool runs
+n busy processes at the measured share of a core each gets (`devices.core_share`, from
+`pipedec-real profile`); since foreign load changes, the benchmark measures that table again
+right before and after each real run and simulates that S with the mean (`--share run`,
+default), relative to the share the profile was measured at. The load average is printed too.
+
+The extra columns say where the time goes: compute per output token of the draft, the LM
+head and all stages together, real (timed around the compute calls in the real run) vs
+simulated. A TBT gap with matching compute is waiting (hops, scheduling); a compute gap is
+the profile mispredicting the compute itself.
+
+`--resim WORK` re-runs only the simulator against a folder kept with `--work` (iterate on the
+model without new real runs); `--profile FILE` swaps the profile.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,6 +142,12 @@ def _run(cmd: list[str], what: str, timeout: float, log) -> float:
     return time.perf_counter() - t
 
 
+def core_share() -> list[float]:
+    """Share of a core each of n = 1..5 busy processes gets right now (see profiler)."""
+    from backends.torch.profiler import measure_core_share
+    return measure_core_share()
+
+
 def measure_profile(target: str, draft: str, out: Path, *, quick: bool, log) -> float:
     cmd = [sys.executable, "-m", "backends.torch.cli", "profile", "--target", target,
            "--draft", draft, "--out", str(out)] + (["--quick"] if quick else [])
@@ -194,17 +207,18 @@ def sim_config(args, stages: int, strategies) -> SimConfig:
                      total=args.total, topology="A", prune=args.prune, cancel=False)
 
 
-def simulate_requests(trace, profile, cfg: SimConfig, records=None) -> tuple[pd.DataFrame, dict]:
+def simulate_requests(trace, profile, cfg: SimConfig, records=None, *,
+                      core_share=None) -> tuple[pd.DataFrame, dict]:
     """Like simulate(), with the event oracle when `records` ((strategy, id) -> record)."""
     from backends.simulated.pipeline import Pipeline
     from pipedec_sim.metrics import request_metrics, requests_frame
     from pipedec_sim.simulate import prompt_tokens
     from pipedec_sim.strategies import make_strategy
-    items, coverage = [], {}
+    items, coverage, busy = [], {}, []
     for name in cfg.strategies:
         for req in trace.requests:
             pipe = Pipeline(profile, cfg.stages, topology=cfg.topology, prune=cfg.prune,
-                            cancel=cfg.cancel)
+                            cancel=cfg.cancel, core_share=core_share)
             strategy = make_strategy(name, prompt_tokens(req), len(req.output), **cfg.knobs())
             rec = records.get((name, req.id)) if records else None
             oracle = EventOracle(req, rec, seed=cfg.seed) if rec else TraceOracle(req,
@@ -216,7 +230,11 @@ def simulate_requests(trace, profile, cfg: SimConfig, records=None) -> tuple[pd.
                 coverage[(name, req.id)] = (oracle.exact, oracle.fallback)
             items.append(request_metrics(name, req.id, cfg.stages, run.commits, run.end_ms,
                                          run.busy_ms, run.rows, run.batches))
-    return requests_frame(items), coverage
+            busy.append({"strategy": name, "request": req.id, "end_ms": run.end_ms,
+                         **{f"busy_{k}": v for k, v in run.busy_ms.items()}})
+    df = requests_frame(items)
+    df.attrs["busy"] = pd.DataFrame(busy)
+    return df, coverage
 
 
 def _decisions(df: pd.DataFrame) -> pd.DataFrame:
@@ -272,6 +290,11 @@ def format_cells(cells: list[dict]) -> str:
         show["sim* TBT ms"] = df.exact_tbt_ms.map("{:.2f}".format)
         show["error*"] = df.exact_err.map("{:+.1%}".format)
         show["hit*"] = df.exact_hit.map("{:.3f}".format)
+    if "real_draft_ms" in df:
+        for actor in ("draft", "lm", "stages"):
+            show[f"{actor} ms/tok real/sim"] = [f"{a:.1f}/{b:.1f}" for a, b in
+                                                zip(df[f"real_{actor}_ms"],
+                                                    df[f"sim_{actor}_ms"])]
     errs = df.err.abs()
     lines = [show.to_string(index=False),
              f"median |error| {errs.median():.1%}, worst {errs.max():.1%} "
@@ -305,6 +328,8 @@ def load_avg() -> str:
 # ---- the whole benchmark --------------------------------------------------------------
 
 def run_benchmark(args, log=print) -> dict:
+    if args.resim:
+        args.work = args.resim
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pipedec-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
     prompts = Path(args.prompts) if args.prompts else work / "prompts.txt"
@@ -314,6 +339,8 @@ def run_benchmark(args, log=print) -> dict:
     log(f"[fidelity] target {args.target}, draft {args.draft}, stages {args.stages}, "
         f"{args.max_requests or 'all'} prompts x {args.max_new_tokens} tokens; "
         f"load average {load_avg()}")
+    if args.resim:
+        return resimulate(args, work, log)
     if args.profile:
         profile_path = Path(args.profile)
     else:
@@ -323,31 +350,109 @@ def run_benchmark(args, log=print) -> dict:
         log(f"[fidelity] profile measured in {secs:.0f} s")
     profile = load_profile(profile_path)
     trace = record(args, prompts, log)
-    from backends.torch.eventlog import read_records
-    cells, per_reqs, walls = [], [], {}
+    from pipedec_sim.traces import write_trace
+    write_trace(trace, work / "trace.jsonl")
+    if profile_path != work / "profile.json":
+        shutil.copy(profile_path, work / "profile.json")
+    cells, per_reqs = [], []
     for S in args.stages:
         out = work / f"real-S{S}"
-        real, events, walls[S] = real_run(args, S, prompts, out, log)
-        outputs = [json.loads(x) for x in (out / "outputs.jsonl").read_text().splitlines()]
-        by_id = {r.id: r for r in trace.requests}
-        bad = [(o["strategy"], o["id"]) for o in outputs
-               if o["output_ids"] != list(by_id[o["id"]].output)]
-        if bad:
-            log(f"[fidelity] warning: real outputs differ from the trace for {bad}")
-        records = {(r["request"]["strategy"], str(r["request"]["id"])): r
-                   for r in read_records(events)}
-        cfg = sim_config(args, S, args.strategies)
-        t = time.perf_counter()
-        sim, _ = simulate_requests(trace, profile, cfg)
-        sim_exact, cov = simulate_requests(trace, profile, cfg, records)
-        sim_s = time.perf_counter() - t
-        c, p = compare(real, sim, sim_exact, S)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.share == "run":
+            before = core_share()
+        real, events, wall = real_run(args, S, prompts, out, log)
+        if args.share == "run":
+            after = core_share()
+            share = [round((a + b) / 2, 3) for a, b in zip(before, after)]
+            (out / "core_share.json").write_text(json.dumps({"before": before, "after": after,
+                                                             "mean": share}))
+            log(f"[fidelity] S={S}: core share of n = 1..5 busy processes before {before}, "
+                f"after {after}")
+        log(f"[fidelity] S={S}: real run {wall:.0f} s (incl. start-up); load average "
+            f"{load_avg()}")
+        c, p = compare_stage(args, S, trace, profile, out, log)
         cells += c
         per_reqs.append(p)
-        ex = sum(a for a, _ in cov.values())
-        fb = sum(b for _, b in cov.values())
-        log(f"[fidelity] S={S}: real {walls[S]:.0f} s (incl. start-up), simulated {sim_s:.1f} s; "
-            f"event oracle answered {ex}/{ex + fb} draft queries from the real run")
+    (work / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items()
+                                                if k not in ("resim",)}, default=str))
+    return report(args, trace, profile, profile_path, cells, per_reqs, work, t0, log)
+
+
+def compare_stage(args, S: int, trace, profile, out: Path, log):
+    """Simulate stage count S (trace oracle and event oracle) against real run `out`."""
+    from backends.torch.eventlog import read_records
+    real = pd.read_csv(out / "requests.csv", dtype={"request": str})
+    real = real[real.strategy.isin(args.strategies)]
+    outputs = [json.loads(x) for x in (out / "outputs.jsonl").read_text().splitlines()]
+    by_id = {r.id: r for r in trace.requests}
+    bad = [(o["strategy"], o["id"]) for o in outputs
+           if o["output_ids"] != list(by_id[o["id"]].output)]
+    if bad:
+        log(f"[fidelity] warning: real outputs differ from the trace for {bad}")
+    records = {(r["request"]["strategy"], str(r["request"]["id"])): r
+               for r in read_records(out / "events.jsonl")}
+    cfg = sim_config(args, S, args.strategies)
+    share_file = out / "core_share.json"
+    share = None
+    if args.share == "run" and share_file.is_file() and profile.core_share is not None:
+        # The cores' share as measured around this very run (foreign load changes).
+        share = tuple(json.loads(share_file.read_text())["mean"])
+    t = time.perf_counter()
+    sim, _ = simulate_requests(trace, profile, cfg, core_share=share)
+    sim_exact, cov = simulate_requests(trace, profile, cfg, records, core_share=share)
+    ex = sum(a for a, _ in cov.values())
+    fb = sum(b for _, b in cov.values())
+    log(f"[fidelity] S={S}: simulated in {time.perf_counter() - t:.1f} s; event oracle "
+        f"answered {ex}/{ex + fb} draft queries from the real run")
+    cells, per_req = compare(real, sim, sim_exact, S)
+    if (out / "busy.csv").is_file():
+        add_busy(cells, pd.read_csv(out / "busy.csv", dtype={"request": str}),
+                 sim_exact.attrs["busy"], real)
+    return cells, per_req
+
+
+def add_busy(cells, real_busy: pd.DataFrame, sim_busy: pd.DataFrame, real) -> None:
+    """Where the time goes: compute per output token, per actor, real vs simulated.
+    Real busy times are measured around the compute calls themselves (head: draft and LM
+    head; stages: their own report), so a gap between them and the simulator's is the
+    profile mispredicting compute; a gap in TBT beyond it is waiting (hops, scheduling)."""
+    for c in cells:
+        rb = real_busy[real_busy.strategy == c["strategy"]]
+        sb = sim_busy[sim_busy.strategy == c["strategy"]]
+        tokens = real[real.strategy == c["strategy"]].tokens.sum()
+        for actor, cols in (("draft", ["busy_draft"]), ("lm", ["busy_lm_head"]),
+                            ("stages", [k for k in rb.columns if k.startswith("busy_stage")])):
+            r = sum(rb[k].sum() for k in cols if k in rb)
+            sv = sum(sb[k].sum() for k in cols if k in sb)
+            c[f"real_{actor}_ms"] = r / tokens
+            c[f"sim_{actor}_ms"] = sv / tokens
+
+
+def resimulate(args, work: Path, log) -> dict:
+    """Re-run only the simulator against a kept work folder (real runs, trace, profile)."""
+    from pipedec_sim.traces import read_trace
+    t0 = time.perf_counter()
+    if (work / "args.json").is_file():
+        saved = json.loads((work / "args.json").read_text())
+        for k in ("target", "draft", "width", "topk", "depth", "tree_topk", "total",
+                  "max_new_tokens", "max_requests"):
+            setattr(args, k, saved[k])
+    profile_path = Path(args.profile) if args.profile else work / "profile.json"
+    profile = load_profile(profile_path)
+    if not (work / "trace.jsonl").is_file():          # deterministic: record it again
+        from pipedec_sim.traces import write_trace
+        write_trace(record(args, work / "prompts.txt", log), work / "trace.jsonl")
+    trace = read_trace(work / "trace.jsonl")
+    cells, per_reqs = [], []
+    for S in args.stages:
+        if (work / f"real-S{S}").is_dir():
+            c, p = compare_stage(args, S, trace, profile, work / f"real-S{S}", log)
+            cells += c
+            per_reqs.append(p)
+    return report(args, trace, profile, profile_path, cells, per_reqs, work, t0, log)
+
+
+def report(args, trace, profile, profile_path, cells, per_reqs, work, t0, log) -> dict:
     per_req = pd.concat(per_reqs, ignore_index=True)
     table = format_cells(cells)
     result = {"cells": cells, "per_request": per_req, "table": table, "work": str(work),
@@ -365,7 +470,7 @@ def run_benchmark(args, log=print) -> dict:
     log(format_decisions(per_req))
     if args.csv:
         pd.DataFrame(cells).to_csv(args.csv, index=False)
-    if not args.work and not args.keep:
+    if not args.work and not args.keep and not args.resim:
         shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -394,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", default=None, help="keep intermediate files here")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--csv", default=None, help="write the cells as CSV")
+    ap.add_argument("--share", choices=("run", "profile"), default="run",
+                    help="core share table for the simulator: measured around each real run "
+                         "(default) or the profile's own")
+    ap.add_argument("--resim", default=None, metavar="WORK",
+                    help="only re-simulate against a folder kept by --work (profile, trace "
+                         "and real runs); --profile FILE swaps the profile")
     return ap
 
 

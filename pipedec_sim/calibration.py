@@ -203,6 +203,14 @@ class Profile:
     shared_cores: int | None
     split: tuple[int, ...] | None
     source: str | None = field(default=None, compare=False)
+    # How processes share `shared_cores`: "ps" (processor sharing: n runnable processes
+    # each progress at min(1, cores/n), as OS time-slicing does) or "fifo" (a process
+    # holds a whole core until its work is done; others queue).
+    core_sharing: str = "ps"
+    # Measured share of a core each of n busy processes got (n = 1, 2, ...) while the
+    # profile was measured: captures foreign load (other users' processes) too. None:
+    # min(1, shared_cores / n), an otherwise idle machine.
+    core_share: tuple[float, ...] | None = None
 
     __hash__ = None  # type: ignore[assignment]  # provenance is a dict
 
@@ -241,7 +249,11 @@ class Profile:
                 "head_overhead_ms": self.head_overhead_ms,
             },
             "link": self.link.to_dict(),
-            "devices": {"kind": self.device_kind, "shared_cores": self.shared_cores},
+            "devices": {"kind": self.device_kind, "shared_cores": self.shared_cores,
+                        **({"core_sharing": self.core_sharing}
+                           if self.core_sharing != "ps" else {}),
+                        **({"core_share": list(self.core_share)}
+                           if self.core_share else {})},
             "split": None if self.split is None else list(self.split),
         }
 
@@ -406,7 +418,10 @@ def _link(v: Any, src: str | None) -> Link:
     return Link(lat, bw)
 
 
-def _devices(v: Any, src: str | None) -> tuple[str, int | None]:
+CORE_SHARING = ("ps", "fifo")
+
+
+def _devices(v: Any, src: str | None) -> tuple[str, int | None, str, tuple | None]:
     d = _obj(v, "devices", src)
     kind = _get(d, "kind", "devices", src)
     if kind not in ("gpu", "cpu"):
@@ -414,7 +429,15 @@ def _devices(v: Any, src: str | None) -> tuple[str, int | None]:
     cores = d.get("shared_cores")
     if cores is not None:
         _int(cores, "devices.shared_cores", src)
-    return kind, cores
+    sharing = d.get("core_sharing", "ps")
+    if sharing not in CORE_SHARING:
+        raise _fail(src, "devices.core_sharing",
+                    f"expected one of {', '.join(map(repr, CORE_SHARING))}, got {sharing!r}")
+    share = d.get("core_share")
+    if share is not None:
+        share = tuple(_check_number(x, f"devices.core_share[{k}]", src, positive=True)
+                      for k, x in enumerate(_list(share, "devices.core_share", src)))
+    return kind, cores, sharing, share
 
 
 def _split(v: Any, layers: int, src: str | None) -> tuple[int, ...] | None:
@@ -436,7 +459,7 @@ def parse_profile(data: Any, *, source: str | os.PathLike | None = None) -> Prof
     _schema(_get(d, "schema", "", src), src)
     target = _shape(_get(d, "target", "", src), "target", src)
     lat = _obj(_get(d, "latency", "", src), "latency", src)
-    kind, cores = _devices(_get(d, "devices", "", src), src)
+    kind, cores, sharing, share = _devices(_get(d, "devices", "", src), src)
     return Profile(
         name=_str(_get(d, "name", "", src), "name", src),
         provenance=_provenance(_get(d, "provenance", "", src), src),
@@ -455,6 +478,8 @@ def parse_profile(data: Any, *, source: str | os.PathLike | None = None) -> Prof
         shared_cores=cores,
         split=_split(d.get("split"), target.layers, src),
         source=src,
+        core_sharing=sharing,
+        core_share=share,
     )
 
 
@@ -652,7 +677,7 @@ def constant_profile(*, layers: int = 8, layer_ms: float = 1.0, draft_ms: float 
                      lm_head_ms: float = 0.0, embed_ms: float = 0.0,
                      link_latency_ms: float = 0.0, bandwidth_gbps: float | None = None,
                      kv_compact_ms: float = 0.0, head_overhead_ms: float = 0.0,
-                     shared_cores: int | None = None) -> Profile:
+                     shared_cores: int | None = None, core_sharing: str = "ps") -> Profile:
     """A profile whose every grid is flat, so closed-form checks are exact.
 
     bandwidth_gbps=None means an ideal link (transfer_ms == 0).
@@ -677,5 +702,5 @@ def constant_profile(*, layers: int = 8, layer_ms: float = 1.0, draft_ms: float 
         link=Link(float(link_latency_ms),
                   math.inf if bandwidth_gbps is None else float(bandwidth_gbps)),
         device_kind="gpu" if shared_cores is None else "cpu",
-        shared_cores=shared_cores, split=None,
+        shared_cores=shared_cores, split=None, core_sharing=core_sharing,
     )

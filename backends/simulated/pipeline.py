@@ -77,6 +77,79 @@ class Inbox:
         return self.items.popleft()
 
 
+class CorePool:
+    """`cores` CPU cores shared by processor sharing: n runnable jobs each progress at
+    min(1, cores / n) ms of work per ms, as the OS time-slices runnable processes (a
+    2-core machine running a head and S stage processes). A job needs `work` ms of one
+    core. One pending wake-up per change in the job set (stale ones are ignored).
+
+    With a measured `share` table (share[n-1]: the share of a core each of n busy
+    processes got, foreign load included) the rate is share[n-1] / base, relative to the
+    share `base` of the one process that measured the profile's durations (default
+    share[0]: same conditions); past the table's end its last total is divided among n."""
+
+    def __init__(self, env: simpy.Environment, cores: float, share=None,
+                 base: float | None = None):
+        self.env, self.cores = env, float(cores)
+        if share:
+            m = len(share)
+            b = base or share[0]
+            self.rates = [1.0] + [share[n - 1] / b if n <= m else share[-1] * m / n / b
+                                  for n in range(1, 65)]
+        else:
+            self.rates = [1.0] + [min(1.0, self.cores / n) for n in range(1, 65)]
+        self.jobs: dict[int, list] = {}      # id -> [remaining work, done event]
+        self.t = 0.0                         # when `remaining` was last brought up to date
+        self.rate = 1.0
+        self.gen = 0
+        self.ids = 0
+
+    def _advance(self) -> None:
+        now = self.env.now
+        dt = now - self.t
+        if dt > 0.0 and self.jobs:
+            w = dt * self.rate
+            for job in self.jobs.values():
+                job[0] -= w
+        self.t = now
+
+    def _reschedule(self) -> None:
+        jobs = self.jobs
+        n = len(jobs)
+        rates = self.rates
+        self.rate = rates[n] if n < len(rates) else rates[-1] * (len(rates) - 1) / n
+        self.gen += 1
+        if not n:
+            return
+        first = min(job[0] for job in jobs.values())
+        gen = self.gen
+        delay = max(first, 0.0) / self.rate
+        self.env.timeout(delay).callbacks.append(lambda _e: self._due(gen))
+
+    def _due(self, gen: int) -> None:
+        if gen != self.gen:
+            return                           # the job set changed since: a newer wake-up
+        self._advance()
+        for i in [i for i, job in self.jobs.items() if job[0] <= 1e-9]:
+            self.jobs.pop(i)[1].succeed()
+        self._reschedule()
+
+    def start(self, work: float) -> tuple[int, simpy.Event]:
+        self._advance()
+        self.ids += 1
+        done = self.env.event()
+        self.jobs[self.ids] = [work, done]
+        self._reschedule()
+        return self.ids, done
+
+    def stop(self, job: int) -> float:
+        """Withdraw a job (its process was interrupted); returns the work it had left."""
+        self._advance()
+        left = self.jobs.pop(job)[0] if job in self.jobs else 0.0
+        self._reschedule()
+        return max(left, 0.0)
+
+
 class Holder:
     """A KV holder's inbox of prune notices, applied lazily when work starts."""
 
@@ -96,7 +169,8 @@ class Holder:
 
 class Pipeline:
     def __init__(self, profile, stages: int, *, topology: str = "A", prune: str = "broadcast",
-                 cancel: bool = True, timeline: bool = False):
+                 cancel: bool = True, timeline: bool = False, window: int | None = None,
+                 core_share=None):
         if topology not in ("A", "B"):
             raise ValueError("topology must be 'A' or 'B'")
         if prune not in ("broadcast", "piggyback"):
@@ -105,6 +179,13 @@ class Pipeline:
         self.layers = profile.stage_layers(stages)
         self.record = timeline
         self.cancel = cancel
+        # Flow control, as in the torch runtime: EntryFree only while fewer than `window`
+        # batches are in flight (injected, not yet back at the head). Without it a stage
+        # slower than stage 1 queues layers without bound (see _maybe_free).
+        self.window = window if window is not None else stages + 1
+        # The cores' share table now, if measured apart from the profile's (foreign load
+        # changes): durations then scale by core_share[n-1] / profile.core_share[0].
+        self.core_share = core_share
         self._layer_ms = profile.layer
 
     # ---- one request ------------------------------------------------------------------
@@ -119,7 +200,14 @@ class Pipeline:
         S, A = self.S, self.topology == "A"
         # Devices: an exclusive device needs no resource; a shared one (B: stage 1 +
         # draft + head) or a host's shared cores serialise work.
-        self.cores = simpy.Resource(env, p.shared_cores) if p.shared_cores else None
+        self.cores = self.pool = None
+        if p.shared_cores:
+            if p.core_sharing == "fifo":
+                self.cores = simpy.Resource(env, p.shared_cores)
+            else:
+                share = self.core_share or p.core_share
+                base = p.core_share[0] if (self.core_share and p.core_share) else None
+                self.pool = CorePool(env, p.shared_cores, share, base)
         self.head_dev = simpy.Resource(env, 1)
         self.dev = {j: (self.head_dev if (j == 1 and not A) else None) for j in range(1, S + 1)}
         hop = p.link.latency_ms
@@ -127,6 +215,8 @@ class Pipeline:
         self.holders["draft"] = Holder(0.0)
         self.holders["verify"] = Holder(0.0 if A else hop)
         self.piggy: list[Update] = []
+        self.acked = self.returned = 0
+        self.free_fed = False
         self.inbox = {j: Inbox(env) for j in range(1, S + 1)}
         self.links = {j: self._link() for j in range(1, S)}
         self.entry_link = self._link() if A else None
@@ -164,15 +254,26 @@ class Pipeline:
                     held.append((res, req))
                     yield req
             start = env.now
-            yield env.timeout(ms)
+            if self.pool is None:
+                yield env.timeout(ms)
+            else:                                     # processor sharing of the cores
+                job, done = self.pool.start(ms)
+                try:
+                    yield done
+                finally:
+                    left = self.pool.stop(job) if not done.triggered else 0.0
         except simpy.Interrupt:
             completed = False
             if start is not None:                     # finish the layer that is running
                 step = ms / layers
-                spent = env.now - start
+                spent = env.now - start if self.pool is None else ms - left
                 rest = (math.ceil(spent / step - 1e-9) * step - spent) if step > 0 else 0.0
                 if rest > 0:
-                    yield env.timeout(rest)
+                    if self.pool is None:
+                        yield env.timeout(rest)
+                    else:
+                        _, done = self.pool.start(rest)
+                        yield done
         finally:
             for res, req in held:
                 req.cancel()                          # still queued: leave the queue
@@ -198,8 +299,8 @@ class Pipeline:
         name = f"stage{j}"
         while True:
             batch, piggy = yield from box.get()
-            if j == 1 and not box.items:
-                self._event(EntryFree())
+            if j == 1:
+                self._entry_taken(box)
             for u in piggy:
                 holder.notices.append((env.now, u))
             compacted = holder.catch_up(env.now)
@@ -218,26 +319,68 @@ class Pipeline:
                     holder.state.append(rows, batch.committed)
                 else:
                     rows = []                     # abandoned: every row died meanwhile
-            if not rows and not piggy:
-                continue                          # nothing left to carry downstream
+            if not rows and not piggy and j < S:
+                # Nothing to compute or carry: an empty batch goes on (header only, no
+                # compute) so that the head learns the batch left the pipeline.
+                self.links[j].send(HEADER_BYTES, lambda m=(Batch(batch.id, (), batch.kind),
+                                   []), b=self.inbox[j + 1]: b.put(m))
+                continue
             # Only speculative rows die and they sit after verify_from: indices hold.
             out = Batch(batch.id, tuple(rows), batch.kind, batch.verify_from, batch.committed)
             if j < S:
                 nbytes = HEADER_BYTES + len(rows) * (p.hidden_bytes(1) + TOKEN_BYTES)
                 self.links[j].send(nbytes, lambda m=(out, piggy), b=self.inbox[j + 1]: b.put(m))
             elif self.topology == "A":
-                nv = len(out.rows) - out.verify_from
+                nv = max(len(out.rows) - out.verify_from, 0)
                 self.back_link.send(HEADER_BYTES + nv * p.hidden_bytes(1),
                                     lambda m=out: self.verify_box.put(m))
             else:
                 self.back_link.send(HEADER_BYTES + len(rows) * TOKEN_BYTES,
-                                    lambda m=out: self._verified(m))
+                                    lambda m=out: self._back_b(m))
+
+    def _entry_taken(self, box: Inbox) -> None:
+        """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop) and
+        the head feeds EntryFree once every injected batch is acked, as the torch runtime
+        does; B (the head shares stage 1's device): the same count, without the hop."""
+        if self.topology == "B":                      # no hop: the head is right here
+            self.acked += 1
+            self._maybe_free()
+            return
+
+        def ack(_e=None):
+            self.acked += 1
+            self._maybe_free()
+        hop = self.profile.link.latency_ms
+        if hop > 0.0:
+            self.env.timeout(hop).callbacks.append(ack)
+        else:
+            ack()
+
+    def _back_b(self, batch: Batch) -> None:
+        """Topology B: token ids (maybe none) are back at the head."""
+        self._returned()
+        if batch.rows[batch.verify_from:]:
+            self._verified(batch)
+
+    def _returned(self) -> None:
+        """A batch (maybe empty) is back at the head."""
+        self.returned += 1
+        self._maybe_free()
+
+    def _maybe_free(self) -> None:
+        """EntryFree once per injection: every batch acked by stage 1 and fewer than
+        `window` in flight."""
+        if (not self.free_fed and self.acked == self.out.batches
+                and self.out.batches - self.returned < self.window):
+            self.free_fed = True
+            self._event(EntryFree())
 
     def _verifier(self):
         """Topology A: the LM head on the head's device."""
         holder = self.holders["verify"]
         while True:
             batch = yield from self.verify_box.get()
+            self._returned()
             holder.catch_up(self.env.now)
             rows = holder.state.admit(batch.rows[batch.verify_from:])
             if rows:
@@ -282,6 +425,7 @@ class Pipeline:
             if isinstance(a, Inject):
                 self.oracle.observe(a.batch.rows)
                 out.batches += 1
+                self.free_fed = False
                 msg = (a.batch, self.piggy)
                 self.piggy = []
                 if self.entry_link is not None:

@@ -119,6 +119,8 @@ def _run_all(args, pipe, requests, runs: list) -> None:
 
 def _write(args, runs) -> None:
     from pipedec_sim.atomic import atomic_path
+    import pandas as pd
+
     from pipedec_sim.metrics import format_table, request_metrics, requests_frame, summarize
     if not runs:
         return
@@ -131,13 +133,21 @@ def _write(args, runs) -> None:
         for name, frame in (("summary.csv", summary), ("requests.csv", df)):
             with atomic_path(args.out / name) as tmp:
                 frame.to_csv(tmp, index=False)
+        busy = pd.DataFrame([{"strategy": r.strategy, "request": r.request.id,
+                              "end_ms": r.end_ms, **{f"busy_{k}": v for k, v in
+                                                     sorted(r.busy_ms.items())},
+                              **{f"rows_{k}": v for k, v in sorted(r.rows.items())}}
+                             for r in runs])
+        with atomic_path(args.out / "busy.csv") as tmp:
+            busy.to_csv(tmp, index=False)
         with atomic_path(args.out / "outputs.jsonl") as tmp:
             with open(tmp, "w", encoding="utf-8") as fh:
                 for r in runs:
                     fh.write(json.dumps({"id": r.request.id, "strategy": r.strategy,
                                          "prompt_ids": r.request.prompt_ids,
                                          "output_ids": r.output}) + "\n")
-        print(f"wrote {args.out}/summary.csv, requests.csv, outputs.jsonl", file=sys.stderr)
+        print(f"wrote {args.out}/summary.csv, requests.csv, busy.csv, outputs.jsonl",
+              file=sys.stderr)
     if args.timeline:
         from pipedec_sim.timeline import write_chrome_trace
         write_chrome_trace(args.timeline, {f"{r.strategy} / request {r.request.id}": [

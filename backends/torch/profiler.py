@@ -1,7 +1,8 @@
 """`pipedec-real profile`: measure a `pipedec-profile/1` calibration profile on this machine.
 
 Timings are medians after warm-up, one thread per process (as the stage workers run):
-  layer       one target decoder layer, n new tree rows over c cached rows (tokens x context)
+  layer       one target decoder layer, n new tree rows over c cached rows (tokens x context),
+              timed over all the target's layers in sequence and divided (cold weights)
   draft_step  one whole draft step (all layers + LM head + top-k) over the same grid
   lm_head     final norm + LM head + argmax for n rows;   embed: the embedding lookup
   kv_compact  one prune (index_select) of a half-model stage's KV at the largest context
@@ -76,8 +77,23 @@ def shape(name: str, cfg) -> dict:
             "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size, "dtype_bytes": 4}
 
 
-def measure_link(repeats: int = 200) -> tuple[float, float]:
-    """(one-way latency ms, bandwidth Gbit/s) between two local gloo ranks."""
+def _trimmed_mean(xs, trim: float = 0.02) -> float:
+    xs = sorted(xs)
+    k = int(len(xs) * trim)
+    xs = xs[:len(xs) - k] if k else xs
+    return statistics.fmean(xs)
+
+
+def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
+                 ) -> tuple[float, float, dict]:
+    """(one-way latency ms, bandwidth Gbit/s, details) between two local gloo ranks.
+
+    The latency is what a pipeline hop pays: a batch-shaped message (int64 header, rows
+    [1, 4], hidden [1, H], three tensors as `wire.Outbox` sends them) to a process that
+    sat idle in a receive (a `gap_s` pause before each ping), echoed back; one-way = half
+    the round trip, mean of the central 98 % (a sum of hops accumulates means, not
+    medians). Back-to-back ping-pong of one small tensor (the old measure) is kept in the
+    details: on a VM it is ~4x lower, because neither process ever goes idle."""
     import multiprocessing as mp
 
     import torch.distributed as dist
@@ -85,18 +101,31 @@ def measure_link(repeats: int = 200) -> tuple[float, float]:
     from .runtime import free_port
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     init = f"tcp://127.0.0.1:{free_port()}"
-    child = mp.get_context("spawn").Process(target=_echo, args=(init, repeats), daemon=True)
+    child = mp.get_context("spawn").Process(target=_echo, args=(init, repeats, hidden),
+                                            daemon=True)
     child.start()
     try:
         dist.init_process_group("gloo", init_method=init, rank=0, world_size=2,
                                 timeout=timedelta(seconds=60))
         small = torch.zeros(8, dtype=torch.int64)
-        rtts = []
+        hot = []
         for _ in range(repeats):
             t = time.perf_counter()
             dist.send(small, 1)
             dist.recv(small, 1)
-            rtts.append(time.perf_counter() - t)
+            hot.append(time.perf_counter() - t)
+        msg = (torch.zeros(8, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64),
+               torch.zeros(1, hidden))
+        idle = []
+        for _ in range(repeats):
+            time.sleep(gap_s)
+            t = time.perf_counter()
+            works = [dist.isend(x, 1) for x in msg]
+            for x in msg:
+                dist.recv(x, 1)
+            for w in works:
+                w.wait()
+            idle.append(time.perf_counter() - t)
         big = torch.zeros(4 * 2**20 // 4)               # 4 MiB of float32
         t = time.perf_counter()
         for _ in range(10):
@@ -108,10 +137,14 @@ def measure_link(repeats: int = 200) -> tuple[float, float]:
         child.join(10)
         if child.is_alive():
             child.kill()
-    return statistics.median(rtts) / 2 * 1e3, 10 * big.numel() * 4 * 8 / secs / 1e9
+    lat = _trimmed_mean(idle) / 2 * 1e3
+    details = {"hop_mean_ms": round(lat, 4),
+               "hop_median_ms": round(statistics.median(idle) / 2 * 1e3, 4),
+               "hot_pingpong_median_ms": round(statistics.median(hot) / 2 * 1e3, 4)}
+    return lat, 10 * big.numel() * 4 * 8 / secs / 1e9, details
 
 
-def _echo(init: str, repeats: int) -> None:
+def _echo(init: str, repeats: int, hidden: int) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=1, world_size=2,
@@ -120,11 +153,113 @@ def _echo(init: str, repeats: int) -> None:
     for _ in range(repeats):
         dist.recv(small, 0)
         dist.send(small, 0)
+    msg = (torch.zeros(8, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64),
+           torch.zeros(1, hidden))
+    for _ in range(repeats):
+        for x in msg:
+            dist.recv(x, 0)
+        works = [dist.isend(x, 0) for x in msg]
+        for w in works:
+            w.wait()
     big = torch.zeros(4 * 2**20 // 4)
     for _ in range(10):
         dist.recv(big, 0)
     dist.send(small, 0)
     dist.destroy_process_group()
+
+
+def _spin(seconds: float, out) -> None:
+    t0, c0 = time.perf_counter(), time.process_time()
+    x = 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(1000):
+            x += 1
+    out.put((time.process_time() - c0) / (time.perf_counter() - t0))
+
+
+def measure_core_share(max_n: int = 5, seconds: float = 1.0) -> list[float]:
+    """The share of a core each of n busy processes gets, n = 1..max_n: shares[n-1].
+    On an idle 2-core machine it is min(1, 2/n); foreign work (other users' processes)
+    lowers it. The simulator's core pool runs n of our processes at shares[n-1] /
+    shares[0] of the speed the profile measured (one process, shares[0])."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    out = []
+    for n in range(1, max_n + 1):
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_spin, args=(seconds, q), daemon=True) for _ in range(n)]
+        for p in procs:
+            p.start()
+        shares = [q.get(timeout=seconds + 30) for _ in procs]
+        for p in procs:
+            p.join(5)
+        out.append(round(min(1.0, statistics.fmean(shares)), 3))
+    return out
+
+
+def measure_head_overhead(events: int = 400) -> tuple[float, dict]:
+    """ms the head spends per event outside the draft and the LM head: the strategy's
+    `on()`, turning its actions into wire tensors (what `runtime.py` sends), and the
+    reader-thread -> main-thread queue hand-off every inbound message takes. Measured on
+    a PipeDec run with a synthetic always-right draft (width 4)."""
+    import queue
+    import threading
+
+    from pipedec_sim.messages import Drafted, EntryFree, Inject, Update, Verified
+    from pipedec_sim.messages import Draft as DraftAction
+    from pipedec_sim.strategies import make_strategy
+
+    from . import wire
+    from .shard import rows_tensor
+
+    def serialise(actions):
+        for a in actions:
+            if isinstance(a, Inject):
+                wire.header(wire.BATCH, 1, id=a.batch.id, n=len(a.batch.rows))
+                rows_tensor(a.batch.rows)
+            elif isinstance(a, Update):
+                wire.header(wire.UPDATE, 1, n=len(a.commit), n2=len(a.kill))
+                torch.tensor(list(a.commit) + list(a.kill), dtype=torch.int64)
+
+    n_tok = events // 3
+    s = make_strategy("pipedec", list(range(1, 33)), n_tok, width=4, topk=4)
+    todo = list(s.start())
+    spent, count = 0.0, 0
+    inflight = []
+    while not s.done and count < 10 * events:
+        drafts = [a for a in todo if isinstance(a, DraftAction)]
+        inflight += [a.batch for a in todo if isinstance(a, Inject)]
+        evs = [Drafted(d.ticket, {i: tuple((100 + k, -0.1 * (k + 1)) for k in range(d.k))
+                                  for i in d.want}) for d in drafts]
+        evs.append(EntryFree())
+        if inflight:
+            b = inflight.pop(0)
+            evs.append(Verified(b.id, {r.id: 100 for r in b.rows[b.verify_from:]}))
+        todo = []
+        for e in evs:
+            t = time.perf_counter()
+            acts = s.on(e)
+            serialise(acts)
+            spent += time.perf_counter() - t
+            count += 1
+            todo += acts
+    q: queue.Queue = queue.Queue()
+    lat = []
+
+    def producer():
+        for _ in range(200):
+            time.sleep(0.001)
+            q.put(time.perf_counter())
+    th = threading.Thread(target=producer, daemon=True)
+    th.start()
+    for _ in range(200):
+        sent = q.get()
+        lat.append(time.perf_counter() - sent)
+    th.join()
+    per_event = spent / max(count, 1) * 1e3
+    handoff = statistics.median(lat) * 1e3
+    return per_event + handoff, {"strategy_and_wire_ms": round(per_event, 4),
+                                 "thread_handoff_ms": round(handoff, 4), "events": count}
 
 
 def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
@@ -134,13 +269,18 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     reps = 5 if quick else 9
     target, draft = load(target_spec), load(draft_spec)
     tm, cfg = target.model.to(device), target.config
-    layer = Shard(tm, 0, 1, embed=False, head=True, device=device)
+    # Every layer in sequence, per layer: a stage streams its layers' weights from memory
+    # in turn, so re-running one layer (whose weights then stay in cache: 14 MB for
+    # SmolLM2, on a 32 MB L3) measures about half the real cost.
+    K = cfg.num_hidden_layers
+    layer = Shard(tm, 0, K, embed=False, head=True, device=device)
     H = cfg.hidden_size
 
     def layer_step(rows):
         layer.forward(rows, 0, torch.zeros(1, len(rows), H, device=device))
     d = Draft(draft.model.to(device), device)
-    layer_ms = time_grid(layer_step, layer, grid, reps)
+    layer_ms = [[round(v / K, 4) for v in row] for row in time_grid(layer_step, layer, grid,
+                                                                     reps)]
     draft_ms = time_grid(lambda rows: d.propose(rows, [r.id for r in rows], 16, 0),
                          d.shard, grid, reps)
     lm = [round(_median_ms(lambda n=n: layer.logits(torch.zeros(1, n, H, device=device))
@@ -149,7 +289,9 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
         torch.ones(1, n, dtype=torch.long, device=device)), reps), 4) for n in grid["tokens"]]
     compact = _compact_ms(tm, max(1, cfg.num_hidden_layers // 2), grid["context"][-1], device,
                           reps)
-    lat, bw = measure_link(50 if quick else 200)
+    lat, bw, link_details = measure_link(50 if quick else 200, hidden=H)
+    head_ms, head_details = measure_head_overhead(200 if quick else 600)
+    share = measure_core_share() if device == "cpu" else None
     versions = {"torch": torch.__version__}
     import transformers
     versions["transformers"] = transformers.__version__
@@ -160,9 +302,13 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
             "kind": "measured", "device": _device_name(device), "date": date.today().isoformat(),
             "command": command, "versions": versions,
             "notes": (f"medians of {reps} after 2 warm-up runs, 1 thread; layer = one decoder "
-                      "layer of the target; draft_step = one whole draft step incl. top-k; "
-                      "link = gloo between two local processes; head_overhead_ms not measured "
-                      "(0)."),
+                      f"layer of the target, the mean over its {K} layers run in sequence (cold "
+                      "weights, as in a stage); draft_step = one whole draft step incl. top-k; "
+                      "link = gloo between two local processes, a batch-shaped message to an "
+                      "idle receiver, mean one-way; head_overhead_ms = strategy step + wire "
+                      "tensors + reader-thread hand-off per event; core_share = share of a "
+                      "core each of n busy processes got while profiling (n = 1..5)."),
+            "details": {"link": link_details, "head_overhead": head_details},
         },
         "target": shape(target_spec, cfg),
         "draft": shape(draft_spec, draft.config),
@@ -171,11 +317,12 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
             "draft_step": {**_axes(grid), "ms": draft_ms},
             "lm_head": {"tokens": list(grid["tokens"]), "ms": lm},
             "embed": {"tokens": list(grid["tokens"]), "ms": emb},
-            "kv_compact_ms": compact, "head_overhead_ms": 0.0,
+            "kv_compact_ms": compact, "head_overhead_ms": round(head_ms, 4),
         },
         "link": {"latency_ms": round(lat, 4), "bandwidth_gbps": round(bw, 3)},
         "devices": {"kind": "cpu" if device == "cpu" else "gpu",
-                    "shared_cores": os.cpu_count() if device == "cpu" else None},
+                    "shared_cores": os.cpu_count() if device == "cpu" else None,
+                    "core_share": share},
         "split": None,
     }
 

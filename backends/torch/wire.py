@@ -6,6 +6,7 @@ tensor send over gloo, see ENV.md); the header says which tensors follow and the
   BATCH   rows int64 [n, 4] (id, parent, token, pos), then hidden float32 [n, H] unless
           it comes from the head; slots: batch id, n, verify_from, committed
   TOKENS  (topology B, last stage -> head) rows int64 [n, 4] + argmax tokens int64 [n]
+          n = 0: header only (every row died on the way; the head still counts it back)
   UPDATE  ids int64 [n_commit + n_kill] (a prune notice, in-band: see runtime.py)
   RESET   a new request: empty every KV cache (slot REQ is the request's sequence number)
   REPORT  per-stage busy microseconds and rows computed, int64 [S, 2], filled on the way

@@ -102,9 +102,9 @@ class Stage:
 
     def on_batch(self, h) -> None:
         n = int(h[wire.N])
-        rows = tensor_rows(wire.recv((n, 4), torch.int64, self.prev))
+        rows = tensor_rows(wire.recv((n, 4), torch.int64, self.prev)) if n else ()
         hidden = None
-        if self.j > 1:
+        if self.j > 1 and n:
             hidden = wire.recv((n, self.shard.model.config.hidden_size), torch.float32,
                                self.prev).unsqueeze(0)
         if self.j == 1:       # tell the head stage 1 took it (the strategy's EntryFree)
@@ -118,15 +118,25 @@ class Stage:
         if out is not None and self.next == 0 and self.cfg.topology == "B":
             tokens = self._lm_head(out, hidden)
         self.busy_us += int((time.perf_counter() - t) * 1e6)
-        if out is None:
-            return                                   # every row died: nothing to pass on
+        if out is None:            # every row died: an empty batch (header only) goes on,
+            self._send_empty(h)    # so that the head learns the batch left the pipeline
+            return
         self.rows += len(out.rows)
         self._send_on(h, out, hidden, tokens)
+
+    def _send_empty(self, h) -> None:
+        h = h.clone()
+        h[wire.N], h[wire.VFROM] = 0, 0
+        if self.next == 0 and self.cfg.topology == "B":
+            h[wire.KIND] = wire.TOKENS
+        self.out.send([h], self.next)
 
     def _send_on(self, h, out: Batch, hidden, tokens) -> None:
         h = h.clone()
         h[wire.N] = len(out.rows)
-        if tokens is not None:
+        if self.next == 0 and not out.rows[out.verify_from:]:
+            self._send_empty(h)                    # nothing to verify: header only
+        elif tokens is not None:
             vrows = out.rows[out.verify_from:]
             h[wire.KIND], h[wire.N] = wire.TOKENS, len(vrows)
             self.out.send([h, rows_tensor(vrows), tokens], 0)
