@@ -87,7 +87,8 @@ class Drafted:
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """The target's greedy next token after each surviving verified row of a batch."""
+    """Batch `batch` is back at the head: the target's greedy next token after each of
+    its surviving verified rows (none if every row died on the way)."""
     batch: int
     tokens: dict[int, int] = field(hash=False)
 

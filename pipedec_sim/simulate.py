@@ -25,11 +25,13 @@ class SimConfig:
     topology: str = "A"
     prune: str = "broadcast"
     cancel: bool = True         # stages abandon batches whose rows all died
+    window: int | None = None   # PipeDec batches in flight at most (None: stages + 1)
     seed: int = 0
 
     def knobs(self) -> dict:
         return dict(width=self.width, topk=self.topk, floor=self.floor, coverage=self.coverage,
-                    depth=self.depth, tree_topk=self.tree_topk, total=self.total)
+                    depth=self.depth, tree_topk=self.tree_topk, total=self.total,
+                    window=self.window or self.stages + 1)
 
 
 @dataclass

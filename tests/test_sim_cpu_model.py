@@ -1,6 +1,7 @@
 """Simulator modelling of what the real CPU runtime does: processor sharing of the
 machine's cores, stage 1's acks over a hop, and flow control (a window of batches in
-flight) that keeps a slow downstream stage from queueing PipeDec layers without bound."""
+flight, a PipeDec knob the harness sets to S + 1) that keeps a slow downstream stage from
+queueing PipeDec layers without bound."""
 from __future__ import annotations
 
 import dataclasses
@@ -69,10 +70,11 @@ def test_measured_share_table():
     assert env.now == 0
 
 
-def _run(profile, stages, name, trace, **kw):
+def _run(profile, stages, name, trace, window=None, **kw):
     req = trace.requests[0]
     pipe = Pipeline(profile, stages, **kw)
-    s = make_strategy(name, [1] * req.prompt_len, len(req.output), width=4, topk=4)
+    s = make_strategy(name, [1] * req.prompt_len, len(req.output), width=4, topk=4,
+                      window=window or stages + 1)
     run = pipe.run(s, TraceOracle(req))
     assert s.output == list(req.output)
     c = run.commits

@@ -88,7 +88,7 @@ def test_every_strategy_commits_exactly_the_target_tokens(seed, stages, k, width
     req = trace.requests[0]
     strategy = make_strategy(name, prompt_tokens(req), len(req.output), width=width, topk=k,
                              depth=rng.randint(1, 4), tree_topk=rng.randint(1, 3),
-                             total=rng.randint(1, 8))
+                             total=rng.randint(1, 8), window=rng.choice([None, 1, stages + 1]))
     pipe = Pipeline(prof, stages, topology=topology, prune=prune, cancel=cancel)
     oracle = CheckedOracle(req, seed=seed)
     run = pipe.run(strategy, oracle)

@@ -169,8 +169,7 @@ class Holder:
 
 class Pipeline:
     def __init__(self, profile, stages: int, *, topology: str = "A", prune: str = "broadcast",
-                 cancel: bool = True, timeline: bool = False, window: int | None = None,
-                 core_share=None):
+                 cancel: bool = True, timeline: bool = False, core_share=None):
         if topology not in ("A", "B"):
             raise ValueError("topology must be 'A' or 'B'")
         if prune not in ("broadcast", "piggyback"):
@@ -179,10 +178,6 @@ class Pipeline:
         self.layers = profile.stage_layers(stages)
         self.record = timeline
         self.cancel = cancel
-        # Flow control, as in the torch runtime: EntryFree only while fewer than `window`
-        # batches are in flight (injected, not yet back at the head). Without it a stage
-        # slower than stage 1 queues layers without bound (see _maybe_free).
-        self.window = window if window is not None else stages + 1
         # The cores' share table now, if measured apart from the profile's (foreign load
         # changes): durations then scale by core_share[n-1] / profile.core_share[0].
         self.core_share = core_share
@@ -215,7 +210,7 @@ class Pipeline:
         self.holders["draft"] = Holder(0.0)
         self.holders["verify"] = Holder(0.0 if A else hop)
         self.piggy: list[Update] = []
-        self.acked = self.returned = 0
+        self.acked = 0
         self.free_fed = False
         self.inbox = {j: Inbox(env) for j in range(1, S + 1)}
         self.links = {j: self._link() for j in range(1, S)}
@@ -336,42 +331,21 @@ class Pipeline:
                                     lambda m=out: self.verify_box.put(m))
             else:
                 self.back_link.send(HEADER_BYTES + len(rows) * TOKEN_BYTES,
-                                    lambda m=out: self._back_b(m))
+                                    lambda m=out: self._verified(m))
 
     def _entry_taken(self, box: Inbox) -> None:
-        """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop) and
-        the head feeds EntryFree once every injected batch is acked, as the torch runtime
-        does; B (the head shares stage 1's device): the same count, without the hop."""
-        if self.topology == "B":                      # no hop: the head is right here
-            self.acked += 1
-            self._maybe_free()
-            return
-
-        def ack(_e=None):
-            self.acked += 1
-            self._maybe_free()
-        hop = self.profile.link.latency_ms
+        """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop), as
+        the torch runtime does; B (the head shares stage 1's device): no hop. The head
+        feeds EntryFree once every injected batch is acked."""
+        hop = self.profile.link.latency_ms if self.topology == "A" else 0.0
         if hop > 0.0:
-            self.env.timeout(hop).callbacks.append(ack)
+            self.env.timeout(hop).callbacks.append(self._acked)
         else:
-            ack()
+            self._acked()
 
-    def _back_b(self, batch: Batch) -> None:
-        """Topology B: token ids (maybe none) are back at the head."""
-        self._returned()
-        if batch.rows[batch.verify_from:]:
-            self._verified(batch)
-
-    def _returned(self) -> None:
-        """A batch (maybe empty) is back at the head."""
-        self.returned += 1
-        self._maybe_free()
-
-    def _maybe_free(self) -> None:
-        """EntryFree once per injection: every batch acked by stage 1 and fewer than
-        `window` in flight."""
-        if (not self.free_fed and self.acked == self.out.batches
-                and self.out.batches - self.returned < self.window):
+    def _acked(self, _e=None) -> None:
+        self.acked += 1
+        if not self.free_fed and self.acked == self.out.batches:
             self.free_fed = True
             self._event(EntryFree())
 
@@ -380,13 +354,12 @@ class Pipeline:
         holder = self.holders["verify"]
         while True:
             batch = yield from self.verify_box.get()
-            self._returned()
             holder.catch_up(self.env.now)
             rows = holder.state.admit(batch.rows[batch.verify_from:])
             if rows:
                 yield from self._compute("lm_head", self.head_dev, self.profile.lm_head(len(rows)),
                                          batch.kind, len(rows))
-                self._verified(Batch(batch.id, tuple(rows), batch.kind))
+            self._verified(Batch(batch.id, tuple(rows), batch.kind))
 
     def _verified(self, batch: Batch) -> None:
         target = self.oracle.target

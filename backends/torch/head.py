@@ -118,14 +118,14 @@ class Head:
         return True
 
     def verify(self, batch_id: int, rows, verify_from: int, hidden) -> None:
-        """Topology A: the LM head on the head."""
-        t = time.perf_counter()
-        tokens = self.verifier.verify(rows, verify_from, hidden)
-        self.busy("lm_head", (time.perf_counter() - t) * 1e3, len(tokens))
-        if tokens:
-            self.feed(Verified(batch_id, tokens))
+        """Topology A: the LM head on the head (a batch may come back with no rows)."""
+        tokens = {}
+        if rows[verify_from:]:
+            t = time.perf_counter()
+            tokens = self.verifier.verify(rows, verify_from, hidden)
+            self.busy("lm_head", (time.perf_counter() - t) * 1e3, len(tokens))
+        self.feed(Verified(batch_id, tokens))
 
     def verified(self, batch_id: int, tokens: dict[int, int]) -> None:
-        """Topology B: tokens computed on the last stage."""
-        if tokens:
-            self.feed(Verified(batch_id, tokens))
+        """Topology B: tokens computed on the last stage (none if every row died)."""
+        self.feed(Verified(batch_id, tokens))

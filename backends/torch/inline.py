@@ -29,6 +29,8 @@ def stage_bounds(n_layers: int, stages: int) -> list[tuple[int, int]]:
 def run_stage(shard: Shard, batch: Batch, hidden):
     """A stage's work on one batch: drop dead rows, compute the rest. Returns the batch
     of surviving rows and their hidden states (None if every row died)."""
+    if not batch.rows:
+        return None, None
     rows, hidden = shard.admit(batch.rows, hidden)
     if not rows:
         return None, None
@@ -48,6 +50,7 @@ class InlinePipeline:
         self.topology = topology
         self.verifier = Verifier(self.shards[-1]) if topology == "A" else None
         self.draft = Draft(draft.model) if draft is not None else None
+        knobs = {"window": S + 1, **(knobs or {})}        # as the simulator's default
         self.head = Head(self.draft, self.verifier, inject=self._inject, notify=self._notify,
                          recorder=recorder, eos=target.eos, knobs=knobs)
         self.inbox: list[deque] = [deque() for _ in self.shards]
@@ -92,8 +95,9 @@ class InlinePipeline:
         if out is not None and j == S - 1 and self.topology == "B":
             tokens = self._lm_head(out, hidden)
         head.busy(f"stage{j + 1}", (time.perf_counter() - t) * 1e3, len(out.rows) if out else 0)
-        if out is None:
-            return True
+        if out is None:          # every row died: the batch goes on empty, so that the
+            out = Batch(batch.id, (), batch.kind)    # head learns it left the pipeline
+            tokens = {}
         if j < S - 1:
             self.inbox[j + 1].append((out, hidden))
         elif self.topology == "A":

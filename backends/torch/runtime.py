@@ -56,7 +56,6 @@ class DistributedPipeline:
     def __init__(self, cfg: StageConfig, draft_spec: str | None, *, knobs=None, recorder=None,
                  torchrun: bool = False):
         self.cfg, self.S = cfg, cfg.stages
-        self.window = cfg.stages + 1       # batches in flight (see _maybe_free)
         self.torchrun = torchrun
         target = load(cfg.target)       # the head keeps only the final norm + LM head
         self.eos = target.eos
@@ -68,7 +67,8 @@ class DistributedPipeline:
         draft = Draft(load(draft_spec).model.to(cfg.device), cfg.device) if draft_spec else None
         self.hidden_size = target.config.hidden_size
         self.head = Head(draft, self.verifier, inject=self._inject, notify=self._notify,
-                         recorder=recorder, eos=self.eos, knobs=knobs)
+                         recorder=recorder, eos=self.eos,
+                         knobs={"window": cfg.stages + 1, **(knobs or {})})
         self.procs: list = []
         self.seq = 0
         self.started = False
@@ -237,7 +237,7 @@ class DistributedPipeline:
     # ---- one request -------------------------------------------------------------------------
     def run(self, name: str, req: Request) -> RunRecord:
         self.seq += 1
-        self.injected = self.acked = self.returned = 0
+        self.injected = self.acked = 0
         self.free_fed = False
         self.out.send([wire.header(wire.RESET, self.seq)], 1)
         head = self.head
@@ -263,28 +263,15 @@ class DistributedPipeline:
             return                               # a finished request's leftovers
         if kind == "ack":
             self.acked += 1
-        elif kind == "tokens":
-            self.returned += 1
+            if not self.free_fed and self.acked == self.injected:
+                self.free_fed = True              # once per injection
+                self.head.feed(EntryFree())
+        elif kind == "tokens":                    # rows may be empty: they all died
             _, _, bid, rows, toks = item
-            if rows:
-                self.head.verified(bid, {r.id: t for r, t in zip(rows, toks)})
+            self.head.verified(bid, {r.id: t for r, t in zip(rows, toks)})
         elif kind == "hidden":
-            self.returned += 1
             _, _, bid, rows, hidden = item
-            if rows:
-                self.head.verify(bid, rows, 0, hidden.to(self.cfg.device))
-        self._maybe_free()
-
-    def _maybe_free(self) -> None:
-        """Flow control: EntryFree once per injection, when stage 1 has acked every batch
-        and fewer than `window` batches are in flight (not yet back at the head). Without
-        the window, a stage slower than stage 1 (uneven split, CPU time-slicing) queues
-        PipeDec layers without bound and every verdict waits behind the queue (measured on
-        tiny, S=2, under foreign load: 54-108 ms per token without it, 21-38 ms with it)."""
-        if (not self.free_fed and not self.head.done and self.acked == self.injected
-                and self.injected - self.returned < self.window):
-            self.free_fed = True
-            self.head.feed(EntryFree())
+            self.head.verify(bid, rows, 0, None if hidden is None else hidden.to(self.cfg.device))
 
     def _collect_report(self, run: RunRecord) -> None:
         """Ask every stage for its busy time; the answer also drains this request's

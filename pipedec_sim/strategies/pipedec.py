@@ -13,9 +13,17 @@ from .base import Strategy, row
 class PipeDec(Strategy):
     name = "pipedec"
 
-    def __init__(self, prompt, max_new_tokens, *, policy: LayerPolicy | None = None, eos=None):
+    def __init__(self, prompt, max_new_tokens, *, policy: LayerPolicy | None = None,
+                 window: int | None = None, eos=None):
+        """window: most batches in flight (injected, not yet back). The harness sets it
+        to S + 1 so that a stage slower than stage 1 cannot queue layers without bound
+        (prune notices travelling in-band would wait behind the queue)."""
         super().__init__(prompt, max_new_tokens, eos=eos)
         self.policy = policy or LayerPolicy()
+        if window is not None and window < 1:
+            raise ValueError("window must be >= 1")
+        self.window = window
+        self.in_flight: set[int] = set()
 
     def start(self) -> list[Action]:
         rows = self.prompt_rows()
@@ -26,6 +34,7 @@ class PipeDec(Strategy):
         n = len(rows)
         prefill = self.inject(rows, "prefill", verify_from=n - 1, committed=n)
         root.batch = prefill.batch.id
+        self.in_flight.add(prefill.batch.id)
         return [prefill,
                 self.draft(rows, [root.id], self.policy.topk, committed=n)]
 
@@ -44,6 +53,8 @@ class PipeDec(Strategy):
         """Inject the next layer once stage 1 can take it and the frontier is drafted."""
         if not self.entry_free:
             return []
+        if self.window is not None and len(self.in_flight) >= self.window:
+            return []
         frontier = self.tree.frontier()
         if frontier[0].pos >= self.last_pos or any(n.proposals is None for n in frontier):
             return []
@@ -56,15 +67,17 @@ class PipeDec(Strategy):
         rows = [row(n) for n in layer]
         self.entry_free = False
         inject = self.inject(rows, "layer")
+        self.in_flight.add(inject.batch.id)
         for n in layer:
             n.batch = inject.batch.id
         return [inject, self.draft(rows, [n.id for n in layer], self.policy.topk)]
 
     def on_verified(self, event: Verified) -> list[Action]:
+        self.in_flight.discard(event.batch)
         root = self.tree.root
         x = event.tokens.get(root.id)
-        if x is None:                      # the root was not in this batch
-            return []
+        if x is None:                      # the root was not in this batch (or it died)
+            return self._grow()            # a window slot may have opened
         verdict = self.tree.advance(x)
         if isinstance(verdict, Hit):
             # Ideally the new root rode in the batch right behind the old one and leaves
@@ -85,4 +98,5 @@ class PipeDec(Strategy):
         r = row(new)
         inject = self.inject([r], "token", committed=1)
         new.batch = inject.batch.id
+        self.in_flight.add(inject.batch.id)
         return actions + [inject, self.draft([r], [new.id], self.policy.topk, committed=1)]
