@@ -182,6 +182,34 @@ def draft_topk(draft, prompt: Sequence[int], output: Sequence[int], top_k: int,
 
 # ----------------------------------------------------------------------------- recording
 
+def target_outputs(target, prompt_ids: list[list[int]], *, max_new_tokens: int, eos: set[int],
+                   pad_id: int, batch_size: int = 1,
+                   say: Callable[[str], None] = lambda s: None) -> tuple[list[list[int]], int]:
+    """The target's greedy outputs (batched + repaired, see the module doc) and how many
+    needed a repair."""
+    outs_all: list[list[int]] = []
+    repaired = tokens = 0
+    t0 = time.perf_counter()
+    bs = max(1, batch_size)
+    for s in range(0, len(prompt_ids), bs):
+        chunk = prompt_ids[s:s + bs]
+        if len(chunk) == 1:
+            outs = [greedy_continue(target, chunk[0], max_new_tokens=max_new_tokens, eos=eos)]
+        else:
+            outs = greedy_batch(target, chunk, max_new_tokens=max_new_tokens, eos=eos,
+                                pad_id=pad_id)
+            fixed = []
+            for pids, out in zip(chunk, outs):
+                o, where = repair(target, pids, out, max_new_tokens=max_new_tokens, eos=eos)
+                repaired += where >= 0
+                fixed.append(o)
+            outs = fixed
+        outs_all.extend(outs)
+        tokens += sum(len(o) for o in outs)
+        say(_progress_line(len(outs_all), len(prompt_ids), tokens, t0))
+    return outs_all, repaired
+
+
 def _progress_line(done: int, total: int, tokens: int, t0: float) -> str:
     el = time.perf_counter() - t0
     rate = tokens / el if el > 0 else 0.0
@@ -196,9 +224,12 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
                  chat: bool | None = None, dataset: str = "", target_name: str = "",
                  draft_name: str = "", tokenizer_name: str = "", command: str = "",
                  notes: str = "", extra: dict | None = None, keep_prompt_ids: bool = True,
-                 decimals: int | None = PROB_DECIMALS) -> Trace:
+                 decimals: int | None = PROB_DECIMALS,
+                 outputs: list[list[int]] | None = None) -> Trace:
     """Record a trace. `prompts` are Prompt objects (encoded with `tokenizer`, chat template
-    by default) or lists of token ids (then `tokenizer` may be None)."""
+    by default) or lists of token ids (then `tokenizer` may be None). `outputs`, if given, are
+    the target's greedy outputs computed earlier (target_outputs), so that only the draft
+    pass runs."""
     if top_k < 1:
         raise InputError(f"must be >= 1, got {top_k}", field="top_k")
     if max_new_tokens < 1:
@@ -235,27 +266,21 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
 
     requests: list[TraceRequest] = []
     t0 = time.perf_counter()
-    tokens = repaired = 0
-    for s in range(0, len(encoded), max(1, batch_size)):
-        chunk = encoded[s:s + max(1, batch_size)]
-        if len(chunk) == 1:
-            outs = [greedy_continue(target, chunk[0][1], max_new_tokens=max_new_tokens, eos=eos)]
-        else:
-            outs = greedy_batch(target, [c[1] for c in chunk], max_new_tokens=max_new_tokens,
-                                eos=eos, pad_id=pad_id)
-            fixed = []
-            for (rid, pids), out in zip(chunk, outs):
-                o, where = repair(target, pids, out, max_new_tokens=max_new_tokens, eos=eos)
-                repaired += where >= 0
-                fixed.append(o)
-            outs = fixed
-        for (rid, pids), out in zip(chunk, outs):
-            ids, probs = draft_topk(draft, pids, out, top_k_eff, decimals)
-            requests.append(TraceRequest(id=rid, prompt_len=len(pids), output=out,
-                                         topk_ids=ids, topk_probs=probs,
-                                         prompt_ids=pids if keep_prompt_ids else None))
-            tokens += len(out)
-        say(_progress_line(len(requests), len(encoded), tokens, t0))
+    if outputs is None:
+        outputs, repaired = target_outputs(target, [e[1] for e in encoded],
+                                           max_new_tokens=max_new_tokens, eos=eos,
+                                           pad_id=pad_id, batch_size=batch_size, say=say)
+    else:
+        if len(outputs) != len(encoded):
+            raise InputError(f"{len(outputs)} cached outputs for {len(encoded)} prompts")
+        repaired = 0
+    tokens = 0
+    for (rid, pids), out in zip(encoded, outputs):
+        ids, probs = draft_topk(draft, pids, out, top_k_eff, decimals)
+        requests.append(TraceRequest(id=rid, prompt_len=len(pids), output=list(out),
+                                     topk_ids=ids, topk_probs=probs,
+                                     prompt_ids=pids if keep_prompt_ids else None))
+        tokens += len(out)
     elapsed = time.perf_counter() - t0
     hits = sum(r.topk_ids[i][0] == t for r in requests for i, t in enumerate(r.output))
     ex = {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
