@@ -139,12 +139,13 @@ DEFAULT_ACCEPTANCE = AcceptanceModel(
 # ----------------------------------------------------------------------------- fitting
 
 def fit_acceptance(traces: list[Trace], *, name: str = "") -> AcceptanceModel:
-    """Method-of-moments Beta fit to the recorded top-1 draft probabilities.
+    """Beta fit: mean = the recorded top-1 agreement, spread = the recorded confidences'.
 
-    Under the model the top-1 probability *is* c, so its sample mean and variance give alpha and
-    beta directly. The recorded top-1 agreement is reported in `source`: if it differs much
-    from the fitted mean, the real draft is miscalibrated and the model will be optimistic or
-    pessimistic accordingly.
+    Under the model the top-1 probability *is* c and P(top-1 right) = E[c]. Real drafts are
+    often miscalibrated (a distilled draft is overconfident), and acceptance is what the
+    simulator must get right, so the mean is the recorded agreement while the concentration
+    alpha + beta comes from the method of moments on the top-1 probabilities. `source`
+    records both means.
     """
     if not traces:
         raise InputError("need at least one trace to fit an acceptance model")
@@ -159,14 +160,15 @@ def fit_acceptance(traces: list[Trace], *, name: str = "") -> AcceptanceModel:
         raise InputError(f"top-1 probabilities (mean {mean:.4g}, variance {var:.4g}) admit no Beta "
                          "fit", file=where, field="draft_probs")
     common = mean * (1.0 - mean) / var - 1.0
+    agree = min(max(hits / len(top1), 1e-3), 1.0 - 1e-3)
     top_k = min(t.header.top_k for t in traces)
     max_id = max(max(max(r.output), max(max(row) for row in r.topk_ids))
                  for t in traces for r in t.requests)
     h = traces[0].header
     source = (f"method-of-moments Beta fit to {len(top1)} top-1 draft probabilities from {where} "
-              f"(target {h.target}, draft {h.draft}); recorded top-1 agreement "
-              f"{hits / len(top1):.3f}, model {mean:.3f}")
-    return AcceptanceModel(alpha=mean * common, beta=(1.0 - mean) * common, top_k=top_k,
+              f"(target {h.target}, draft {h.draft}); mean set to the recorded top-1 "
+              f"agreement {hits / len(top1):.3f} (mean top-1 probability {mean:.3f})")
+    return AcceptanceModel(alpha=agree * common, beta=(1.0 - agree) * common, top_k=top_k,
                            vocab=max(max_id + 1, top_k + 1),  # a lower bound on the real vocab
                            name=name or f"fitted:{os.path.basename(traces[0].path or 'trace')}",
                            source=source)
@@ -176,8 +178,36 @@ def save_acceptance(model: AcceptanceModel, path: Path) -> None:
     atomic_write(path, (json.dumps(model.to_dict(), indent=2) + "\n").encode("utf-8"))
 
 
+BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "acceptance_models")
+# Prompt formats with a model fitted on the same data set; other formats (Alpaca, plain
+# lines) get the ShareGPT one: general chat prompts.
+FITTED_FOR_FORMAT = {"mtbench": "mtbench", "humaneval": "humaneval", "gsm8k": "gsm8k",
+                     "sharegpt": "sharegpt"}
+
+
+def bundled_acceptance() -> dict[str, str]:
+    """Fitted models shipped with the package, by name (file stem)."""
+    if not os.path.isdir(BUNDLED_DIR):
+        return {}
+    return {f[:-5]: os.path.join(BUNDLED_DIR, f) for f in sorted(os.listdir(BUNDLED_DIR))
+            if f.endswith(".json")}
+
+
+def acceptance_for_format(fmt: str) -> AcceptanceModel:
+    """The default model for a prompt file: fitted on the same data set where we have one."""
+    bundled = bundled_acceptance()
+    name = FITTED_FOR_FORMAT.get(fmt, "sharegpt")
+    return load_acceptance(bundled[name]) if name in bundled else DEFAULT_ACCEPTANCE
+
+
 def load_acceptance(path: Path) -> AcceptanceModel:
-    """Read an acceptance-model JSON file; a trace file is accepted too and fitted on the fly."""
+    """Read an acceptance-model JSON file (or a bundled model's name: mtbench, humaneval,
+    gsm8k, sharegpt, synthetic-default); a trace file is accepted too and fitted on the fly."""
+    spec = os.fspath(path)
+    if spec == DEFAULT_ACCEPTANCE.name:
+        return DEFAULT_ACCEPTANCE
+    if not os.path.exists(spec) and spec in bundled_acceptance():
+        path = bundled_acceptance()[spec]
     if is_trace_file(path):
         return fit_acceptance([read_trace(path)])
     text = read_text(path)

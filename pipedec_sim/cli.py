@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, guarded
 
 DEFAULT_PROFILE = "analytic-llama70b-1b"
 STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
@@ -103,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-requests", type=_positive(), default=None, help="use the first N requests")
     w.add_argument("--max-new-tokens", type=_positive(), default=256,
                    help="output length for prompt files without recorded outputs (default 256)")
-    w.add_argument("--acceptance", type=Path, default=None,
-                   help="acceptance model JSON for prompt files (default: the built-in one)")
+    w.add_argument("--acceptance", default=None,
+                   help="acceptance model for prompt files: a JSON file, a trace to fit, or a "
+                        "bundled name (mtbench, humaneval, gsm8k, sharegpt: fitted on "
+                        "SmolLM2 traces; synthetic-default: hand-set). Default: the model "
+                        "fitted on the prompt file's data set, else sharegpt")
     w.add_argument("--seed", type=int, default=0, help="seed for off-path proposals and synthesis")
     w.add_argument("--out", type=Path, default=None,
                    help="write summary.csv and requests.csv into this folder")
@@ -200,14 +203,7 @@ COMMANDS = {"run": cmd_run,
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except InputError as e:
-        print(f"pipedec-sim: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pipedec-sim: interrupted", file=sys.stderr)
-        return 130
+    return guarded("pipedec-sim", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

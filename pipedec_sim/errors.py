@@ -5,7 +5,9 @@ catch it, print `str(err)` and exit with status 2, never a traceback.
 """
 from __future__ import annotations
 
+import sys
 from os import PathLike
+from typing import Callable
 
 
 class InputError(ValueError):
@@ -28,3 +30,15 @@ class InputError(ValueError):
             parts.append(f"field '{self.field}'")
         parts.append(self.message)
         return ": ".join(parts)
+
+
+def guarded(prog: str, command: Callable[[], int]) -> int:
+    """Run a CLI command: bad input is one line on stderr and status 2, never a traceback."""
+    try:
+        return command()
+    except InputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

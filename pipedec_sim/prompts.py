@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NoReturn
 
-from pipedec_sim.acceptance import DEFAULT_ACCEPTANCE, AcceptanceModel, trace_from_prompts
+from pipedec_sim.acceptance import (AcceptanceModel, acceptance_for_format,
+                                    trace_from_prompts)
 from pipedec_sim.errors import InputError
 from pipedec_sim.traces import FORMAT as TRACE_FORMAT
 from pipedec_sim.traces import Path, Trace, is_trace_file, read_text, read_trace
@@ -334,7 +335,7 @@ def load_workload(path: Path, *, max_requests: int | None = None, max_new_tokens
         trace = read_trace(path, max_requests=max_requests)
         return trace, _describe_trace(trace, name, acceptance)
     pf = _read(path, "auto", max_requests)
-    model = acceptance or DEFAULT_ACCEPTANCE
+    model = acceptance or acceptance_for_format(pf.format)
     trace = trace_from_prompts(pf.prompts, model=model, max_new_tokens=max_new_tokens, seed=seed,
                                dataset=f"{pf.format}: {name}")
     notes = [f"{pf.format}, {len(pf.prompts)} prompts"]

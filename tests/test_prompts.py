@@ -10,6 +10,7 @@ import pytest
 
 from pipedec_sim.acceptance import AcceptanceModel, trace_from_prompts
 from pipedec_sim.errors import InputError
+from pipedec_sim.acceptance import load_acceptance
 from pipedec_sim.prompts import Prompt, load_workload, read_prompts
 from pipedec_sim.traces import read_trace, write_trace
 
@@ -154,9 +155,13 @@ def test_load_workload_prompt_file():
         assert len(r.output) == min(20, math.ceil(len(p.reference) / 4))
     assert trace.header.dataset == "alpaca: alpaca.jsonl"
     assert desc.startswith("prompt file alpaca.jsonl (alpaca, 5 prompts)")
-    assert "synthetic-default" in desc and "hand-set" in desc
-    mt, _ = load_workload(SAMPLES / "mtbench.jsonl", max_new_tokens=64, max_requests=2)
+    # Alpaca has no fitted model of its own: the ShareGPT fit (general chat) stands in
+    assert "smollm2-sharegpt" in desc and "recorded top-1" in desc
+    mt, desc = load_workload(SAMPLES / "mtbench.jsonl", max_new_tokens=64, max_requests=2)
     assert [len(r.output) for r in mt.requests] == [64, 64]
+    assert "smollm2-mtbench" in desc
+    _, desc = load_workload(SAMPLES / "alpaca.jsonl", acceptance=load_acceptance("synthetic-default"))
+    assert "synthetic-default" in desc and "hand-set" in desc
 
 
 def test_load_workload_trace_and_custom_model():

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipedec_sim.cli import Parser, _positive, _strategies
-from pipedec_sim.errors import InputError
+from pipedec_sim.errors import InputError, guarded
 
 STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
 
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record-events", type=Path, default=None,
                      help="JSONL of every event fed to the strategy and the actions returned")
     run.add_argument("--quiet", action="store_true")
+    sub.add_parser("trace", add_help=False,
+                   help="record a speculation trace (pipedec-real trace --help)")
+    sub.add_parser("distill-draft", add_help=False,
+                   help="train a draft model for a target (pipedec-real distill-draft --help)")
     prof = sub.add_parser("profile", help="measure a calibration profile for pipedec-sim")
     prof.add_argument("--target", required=True)
     prof.add_argument("--draft", required=True)
@@ -210,16 +214,18 @@ def cmd_profile(args) -> int:
 COMMANDS = {"run": cmd_run, "profile": cmd_profile}
 
 
+# Subcommands with parsers of their own (their modules run standalone too).
+DELEGATED = {"trace": "trace_recorder", "distill-draft": "distill"}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        module = importlib.import_module(f"backends.torch.{DELEGATED[argv[0]]}")
+        return guarded("pipedec-real", lambda: module.main(argv[1:]))
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except InputError as e:
-        print(f"pipedec-real: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pipedec-real: interrupted", file=sys.stderr)
-        return 130
+    return guarded("pipedec-real", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

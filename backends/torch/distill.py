@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from pipedec_sim.cli import Parser
+
 from backends.torch.trace_recorder import encode_prompt
 
 
@@ -390,7 +392,7 @@ def evaluate(draft, data: list[dict], W) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pipedec-real distill-draft",
+    ap = Parser(prog="pipedec-real distill-draft",
                                  description="distil a small draft for SmolLM2 on CPU")
     ap.add_argument("--target", default="smollm2")
     ap.add_argument("--out", required=True)

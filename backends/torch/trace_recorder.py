@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from pipedec_sim.cli import Parser
 from pipedec_sim.errors import InputError
 from pipedec_sim.prompts import Prompt
 from pipedec_sim.traces import Trace, TraceHeader, TraceRequest, write_trace
@@ -354,7 +355,7 @@ def load_prompt_source(spec: str, max_requests: int | None = None) -> tuple[list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pipedec-real trace", description=__doc__.split("\n")[0])
+    ap = Parser(prog="pipedec-real trace", description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="smollm2", help="'smollm2' or an HF model folder")
     ap.add_argument("--draft", required=True, help="HF model folder of the draft")
     ap.add_argument("--prompts", required=True,
