@@ -87,8 +87,22 @@ def smollm2():
 @pytest.mark.parametrize("stages", [1, 2, 4])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_smollm2_lossless(smollm2, strategy, stages):
-    """SmolLM2-135M drafted by itself (the only model sharing its tokenizer offline)."""
+    """SmolLM2-135M drafted by itself: every guess right, so pruning and compaction run hot."""
     target, prompts, refs = smollm2
     pipe = InlinePipeline(target, target, stages, knobs=KNOBS)
     for i, (prompt, ref) in enumerate(zip(prompts, refs)):
         assert pipe.run(strategy, Request(str(i), prompt, len(ref))).output == ref
+
+
+@pytest.mark.parametrize("strategy", ["tree-sd", "pipedec"])
+def test_smollm2_with_its_distilled_draft_is_lossless(smollm2, strategy):
+    """The shipped distilled draft agrees with SmolLM2 only ~25% of the time: misses,
+    flushes and partial acceptance on real weights, and still the target's own output."""
+    target, prompts, refs = smollm2
+    draft = load("smollm2-draft")
+    pipe = InlinePipeline(target, draft, 2, knobs=KNOBS)
+    runs = [pipe.run(strategy, Request(str(i), p, len(r)))
+            for i, (p, r) in enumerate(zip(prompts, refs))]
+    assert [r.output for r in runs] == refs
+    drafted = sum(c[2] for r in runs for c in r.commits)
+    assert 0 < drafted < sum(len(r.output) for r in runs)      # some hits, some misses

@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", required=True,
                      help="tiny | smollm2 | an HF Llama-family folder")
     run.add_argument("--draft", default=None,
-                     help="tiny-draft | tiny-noisy | tiny | smollm2 | a folder (needed unless "
-                          "--strategies ar)")
+                     help="tiny-draft | tiny-noisy | tiny | smollm2 | smollm2-draft (the distilled "
+                          "draft in traces/) | a folder (needed unless --strategies ar)")
     run.add_argument("--stages", type=_positive(), default=2, help="pipeline stages S")
     run.add_argument("--prompts", required=True, type=Path,
                      help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K")

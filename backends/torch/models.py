@@ -1,4 +1,5 @@
-"""Model specs for `--target/--draft`: `tiny`, `tiny-draft`, `smollm2`, or an HF folder.
+"""Model specs for `--target/--draft`: `tiny`, `tiny-draft`, `tiny-noisy`, `smollm2`,
+`smollm2-draft` (the distilled draft shipped in traces/), or an HF folder.
 
 A spec resolves to a `Loaded` (model in eval mode, float32, plus how to turn text into ids
 and which id ends a reply). Every process of a pipeline loads the *whole* model and keeps
@@ -8,6 +9,7 @@ would need per-layer safetensors loading instead, see README.md).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,15 +84,42 @@ def _hf_encode(tok) -> Callable[[str], list[int]]:
     return encode
 
 
+# The draft distilled for SmolLM2, shipped as its trained layers only (see traces/README.md).
+SHIPPED_DRAFT = Path(__file__).resolve().parents[2] / "traces" / "smollm2-draft"
+LAYERS_FILE = "draft-layers.safetensors"
+
+
 def resolve_path(spec: str) -> Path:
+    if spec.lower() == "smollm2-draft":
+        return assembled_draft(SHIPPED_DRAFT)
     if spec.lower().startswith("smollm2"):
         from .smollm2 import ensure_smollm2
         return ensure_smollm2()
     p = Path(spec).expanduser()
+    if (p / LAYERS_FILE).is_file() and not (p / "config.json").is_file():
+        return assembled_draft(p)
     if not (p / "config.json").is_file():
         raise InputError(f"{spec!r} is not a model: expected tiny, tiny-draft, tiny-noisy, "
-                         "smollm2 or an HF folder with config.json")
+                         "smollm2, smollm2-draft or an HF folder with config.json")
     return p
+
+
+def assembled_draft(folder: Path) -> Path:
+    """A shipped-layers draft folder as a full HF folder (the target's embeddings and LM
+    head added), built once into the cache, keyed by the layers file's contents."""
+    import hashlib
+    import shutil
+
+    from .distill import assemble_draft, cache_root
+    layers = folder / LAYERS_FILE
+    key = hashlib.sha256(layers.read_bytes()).hexdigest()[:12]
+    out = cache_root() / f"draft-{key}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        assemble_draft(layers, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)                 # whole folder or nothing
+    return out
 
 
 def load(spec: str) -> Loaded:
