@@ -148,7 +148,8 @@ def speedup_bars(summary: pd.DataFrame, stages: int | None = None) -> plt.Figure
             ax2.annotate(f"{v:.2f}x", (b.get_x() + b.get_width() / 2, v), ha="center",
                          va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax2.axhline(1.0, color="black", lw=0.8, ls=":")
-    ax2.set_xticks(x, datasets, rotation=30, ha="right")
+    ax2.set_xticks(x, datasets, rotation=30 if len(datasets) > 3 else 0,
+                   ha="right" if len(datasets) > 3 else "center")
     ax2.set_ylabel("PipeDec speedup vs tree SD (x)")
     ax2.set_title("PipeDec vs tree SD")
     top = np.nanmax(vs + [1.0]) if not all(math.isnan(v) for v in vs) else 1.0
