@@ -229,7 +229,8 @@ def simulate_requests(trace, profile, cfg: SimConfig, records=None, *,
             if rec:
                 coverage[(name, req.id)] = (oracle.exact, oracle.fallback)
             items.append(request_metrics(name, req.id, cfg.stages, run.commits, run.end_ms,
-                                         run.busy_ms, run.rows, run.batches))
+                                         run.busy_ms, run.rows, run.batches,
+                                         prompt_len=req.prompt_len))
             busy.append({"strategy": name, "request": req.id, "end_ms": run.end_ms,
                          **{f"busy_{k}": v for k, v in run.busy_ms.items()}})
     df = requests_frame(items)

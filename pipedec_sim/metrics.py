@@ -35,10 +35,12 @@ class RequestMetrics:
     stage_busy_ms: float    # summed over stages
     stage_rows: int         # rows computed, summed over stages
     batches: int
+    prompt_len: int = 0     # prompt rows every stage computes once (not waste)
 
 
 def request_metrics(strategy: str, request: str, stages: int, commits, end_ms: float,
-                    busy_ms: dict, rows: dict, batches: int) -> RequestMetrics:
+                    busy_ms: dict, rows: dict, batches: int, *,
+                    prompt_len: int = 0) -> RequestMetrics:
     """`commits` is [(t_ms, n_tokens, n_drafted, outcome)] in commit order."""
     t0, n0 = commits[0][0], commits[0][1]
     stage_keys = [k for k in busy_ms if k.startswith("stage")]
@@ -49,7 +51,8 @@ def request_metrics(strategy: str, request: str, stages: int, commits, end_ms: f
         ttft_ms=t0, decode_ms=commits[-1][0] - t0,
         decode_tokens=sum(c[1] for c in commits) - n0, end_ms=end_ms,
         stage_busy_ms=sum(busy_ms[k] for k in stage_keys),
-        stage_rows=sum(rows.get(k, 0) for k in stage_keys), batches=batches)
+        stage_rows=sum(rows.get(k, 0) for k in stage_keys), batches=batches,
+        prompt_len=prompt_len)
 
 
 def requests_frame(items: list[RequestMetrics]) -> pd.DataFrame:
@@ -76,7 +79,10 @@ def summarize(df: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
                      "mean_accepted": tokens / max(target_only, 1),
                      "stall_rate": g.stalls.sum() / tokens,
                      "utilization": g.stage_busy_ms.sum() / (g.stages * g.end_ms).sum(),
-                     "wasted_per_token": (g.stage_rows.sum() / g.stages.iloc[0] - tokens) / tokens,
+                     # rows a stage computed that are neither prompt nor output (the
+                     # last output token is never computed: clip plain PP's -1/tokens)
+                     "wasted_per_token": max(0.0, (g.stage_rows.sum() / g.stages.iloc[0]
+                                                   - g.prompt_len.sum() - tokens) / tokens),
                      "ttft_ms": g.ttft_ms.mean()})
     out = pd.DataFrame(rows)
     out["speedup_vs_ar"] = float("nan")

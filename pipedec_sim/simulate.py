@@ -64,7 +64,8 @@ def simulate(trace, profile, cfg: SimConfig, *, timeline_requests: int = 0,
             if strategy.output != list(req.output):      # lossless, or a bug: never hide it
                 raise RuntimeError(f"{name} committed a different output for request {req.id}")
             items.append(request_metrics(name, req.id, cfg.stages, run.commits, run.end_ms,
-                                         run.busy_ms, run.rows, run.batches))
+                                         run.busy_ms, run.rows, run.batches,
+                                         prompt_len=req.prompt_len))
             if record:
                 timelines[(name, req.id)] = run.timeline
             done += 1

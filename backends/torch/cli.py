@@ -129,7 +129,8 @@ def _write(args, runs) -> None:
     if not runs:
         return
     items = [request_metrics(r.strategy, r.request.id, args.stages, r.commits, r.end_ms,
-                             r.busy_ms, r.rows, r.batches) for r in runs]
+                             r.busy_ms, r.rows, r.batches,
+                             prompt_len=len(r.request.prompt_ids)) for r in runs]
     df = requests_frame(items)
     summary = summarize(df)
     print(format_table(summary))
