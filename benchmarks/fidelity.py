@@ -494,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--tree-topk", type=int, default=4)
     ap.add_argument("--total", type=int, default=16)
-    ap.add_argument("--prune", default="piggyback", choices=("piggyback", "inband", "broadcast"))
+    ap.add_argument("--prune", default="piggyback", choices=("piggyback", "broadcast"),
+                    help="simulated prune delivery (the torch runtime sends notices in-band: "
+                         "piggyback is the closest)")
     ap.add_argument("--profile", default=None, help="reuse a profile instead of measuring")
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--work", default=None, help="keep intermediate files here")
