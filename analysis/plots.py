@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipedec_sim.metrics import ideal_speedup
+
 STRATEGY_ORDER = ["ar", "tree-sd", "pipedec"]
 LABELS = {"ar": "plain PP", "tree-sd": "tree SD (EAGLE-2)", "pipedec": "PipeDec"}
 COLORS = {"ar": "#7f7f7f", "tree-sd": "#1f77b4", "pipedec": "#d62728"}
@@ -160,8 +162,7 @@ def speedup_bars(summary: pd.DataFrame, stages: int | None = None) -> plt.Figure
 
 def reference_speedup(S, p):
     """PipeDec's ideal speedup over PP with hit rate p: a hit costs one stage, a miss S."""
-    S = np.asarray(S, dtype=float)
-    return S / (p + (1 - p) * S)
+    return ideal_speedup(p, np.asarray(S, dtype=float))
 
 
 def speedup_vs_stages(summary: pd.DataFrame) -> plt.Figure:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipedec_sim.atomic import write_text  # noqa: E402
 from pipedec_sim.calibration import bundled_profiles, load_profile  # noqa: E402
+from pipedec_sim.metrics import ideal_speedup  # noqa: E402
 from pipedec_sim.simulate import SimConfig, simulate  # noqa: E402
 from pipedec_sim.traces import read_trace  # noqa: E402
 
@@ -97,7 +98,7 @@ def bernoulli_control(p: float, stages: int, profile) -> float:
     res = simulate(Trace(head, reqs), profile, SimConfig(stages=stages, strategies=("ar", "pipedec")))
     s = res.summary.set_index("strategy").loc["pipedec"]
     h = s.hit_rate
-    return s.speedup_vs_ar / (stages / (h + (1 - h) * stages))
+    return s.speedup_vs_ar / ideal_speedup(h, stages)
 
 
 def verdict(x: float, lo: float, hi: float) -> str:
@@ -144,8 +145,8 @@ def render(df: pd.DataFrame, command: str) -> str:
                    f"{sub.pipedec_vs_treesd.max():.2f}x ({_counts(n_sd)} {c}x - {d}x).")
     # The analytic closed form S / (p + (1 - p) S) with the realised hit rate: how much
     # of the gap to the ideal is step cost (W tokens, draft, links) rather than misses.
-    df = df.assign(ideal=_bound(df.pipedec_hit_rate, df.stages),
-                   ideal_stalls=_bound(df.pipedec_hit_rate - df.pipedec_stall_rate, df.stages))
+    df = df.assign(ideal=ideal_speedup(df.pipedec_hit_rate, df.stages),
+                   ideal_stalls=ideal_speedup(df.pipedec_hit_rate - df.pipedec_stall_rate, df.stages))
     worst = df.loc[(df.pipedec_vs_pp / df.ideal).idxmin()]
     control = bernoulli_control(worst.pipedec_hit_rate, int(worst.stages),
                                 load_profile(worst.profile))
@@ -180,7 +181,7 @@ def render(df: pd.DataFrame, command: str) -> str:
             f"recorded traces reach p = {rec.pipedec_hit_rate.min():.2f} - "
             f"{rec.pipedec_hit_rate.max():.2f} with the draft distilled for SmolLM2 on a CPU "
             f"(top-1 agreement about 0.25), which caps PipeDec near "
-            f"{_bound(rec.pipedec_hit_rate.max(), 14):.1f}x at S=14 whatever the hardware; the "
+            f"{ideal_speedup(rec.pipedec_hit_rate.max(), 14):.1f}x at S=14 whatever the hardware; the "
             "paper's 4.46x - 7.79x imply p >= 0.84 (PAPER.md), like the synthetic trace "
             f"(p = {syn.pipedec_hit_rate.max():.2f}), which lands inside the paper's ranges "
             "against PP." if len(rec) and len(syn) else "* Draft quality: see the hit rates.",
@@ -201,10 +202,6 @@ def _pct(df: pd.DataFrame, col: str) -> str:
     if not len(both):
         return "n/a"
     return f"{100 * (fast[both] / slow[both] - 1).mean():+.1f}%"
-
-
-def _bound(p, stages):
-    return stages / (p + (1 - p) * stages)
 
 
 def _counts(d: dict) -> str:

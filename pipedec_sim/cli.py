@@ -41,6 +41,13 @@ def _fraction(text):
     return v
 
 
+def _coverage(text):
+    v = _positive(float)(text)
+    if v > 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return v
+
+
 def _strategies(text):
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [n for n in names if n not in STRATEGY_NAMES]
@@ -58,7 +65,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="PipeDec: children considered per frontier node, k (default 16)")
     g.add_argument("--floor", type=_fraction, default=0.0,
                    help="PipeDec: drop nodes whose path probability is below this (default 0)")
-    g.add_argument("--coverage", type=_positive(float), default=None,
+    g.add_argument("--coverage", type=_coverage, default=None,
                    help="PipeDec adaptive width: stop a layer once it holds this fraction of "
                         "the frontier's probability (default off)")
     g.add_argument("--depth", type=_positive(), default=6,
@@ -148,8 +155,6 @@ def cmd_run(args) -> int:
 
     if args.link_latency_ms is not None and args.link_latency_ms < 0:
         raise InputError("must be >= 0", field="--link-latency-ms")
-    if args.coverage is not None and args.coverage > 1:
-        raise InputError("must be in (0, 1]", field="--coverage")
     profile = load_profile(args.profile)
     if args.link_gbps is not None or args.link_latency_ms is not None:
         profile = profile.with_link(bandwidth_gbps=args.link_gbps, latency_ms=args.link_latency_ms)

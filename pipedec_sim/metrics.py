@@ -38,6 +38,12 @@ class RequestMetrics:
     prompt_len: int = 0     # prompt rows every stage computes once (not waste)
 
 
+def ideal_speedup(p, stages):
+    """PipeDec's ideal speedup over plain PP at hit rate p: a hit costs one stage time,
+    a miss a full trip through the S stages (works on scalars, numpy arrays, Series)."""
+    return stages / (p + (1 - p) * stages)
+
+
 def request_metrics(strategy: str, request: str, stages: int, commits, end_ms: float,
                     busy_ms: dict, rows: dict, batches: int, *,
                     prompt_len: int = 0) -> RequestMetrics:

@@ -11,11 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipedec_sim.cli import Parser, _positive, _strategies
+from pipedec_sim.cli import STRATEGY_NAMES, Parser, _positive, _strategies, add_policy_flags
 from pipedec_sim.errors import InputError, guarded
-
-STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pipedec-real", description=__doc__.splitlines()[0])
@@ -30,11 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompts", required=True, type=Path,
                      help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K")
     run.add_argument("--strategies", type=_strategies, default=STRATEGY_NAMES)
-    run.add_argument("--width", type=_positive(), default=16, help="PipeDec layer width W")
-    run.add_argument("--topk", type=_positive(), default=16, help="PipeDec children per node k")
-    run.add_argument("--depth", type=_positive(), default=6, help="tree-SD draft passes")
-    run.add_argument("--tree-topk", type=_positive(), default=10, help="tree-SD top_k")
-    run.add_argument("--total", type=_positive(), default=60, help="tree-SD total_token")
+    add_policy_flags(run)             # the same knobs, help and checks as pipedec-sim
     run.add_argument("--max-new-tokens", type=_positive(), default=64)
     run.add_argument("--max-requests", type=_positive(), default=None)
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -94,8 +87,8 @@ def _check(args, target):
 
 
 def _knobs(args) -> dict:
-    return dict(width=args.width, topk=args.topk, depth=args.depth, tree_topk=args.tree_topk,
-                total=args.total)
+    return dict(width=args.width, topk=args.topk, floor=args.floor, coverage=args.coverage,
+                depth=args.depth, tree_topk=args.tree_topk, total=args.total)
 
 
 def _pipeline(args, recorder):

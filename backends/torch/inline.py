@@ -110,5 +110,5 @@ class InlinePipeline:
         rows = batch.rows[batch.verify_from:]
         if not rows:
             return {}
-        toks = self.shards[-1].logits(hidden[:, batch.verify_from:]).argmax(-1).tolist()
+        toks = self.shards[-1].greedy(hidden[:, batch.verify_from:]).tolist()
         return {r.id: t for r, t in zip(rows, toks)}

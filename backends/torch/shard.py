@@ -97,6 +97,10 @@ class Shard:
         """Final norm + LM head: [1, n, H] -> [n, vocab] (float32)."""
         return self.model.lm_head(self.model.model.norm(hidden))[0].float()
 
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's greedy next token per row: [1, n, H] -> int64 [n] on the CPU."""
+        return self.logits(hidden).argmax(-1).cpu()
+
 
 class Verifier:
     """The LM head where verification happens (topology A: the head; B: the last stage).
@@ -122,7 +126,7 @@ class Verifier:
         if len(live) != len(rows):
             ids = {r.id for r in live}
             hidden = hidden[:, [k for k, r in enumerate(rows) if r.id in ids]]
-        tokens = self.shard.logits(hidden).argmax(-1).tolist()
+        tokens = self.shard.greedy(hidden).tolist()
         return {r.id: t for r, t in zip(live, tokens)}
 
 

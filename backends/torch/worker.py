@@ -149,7 +149,7 @@ class Stage:
             self.out.send([h, rows_tensor(out.rows), hidden[0].float().cpu()], self.next)
 
     def _lm_head(self, batch: Batch, hidden) -> torch.Tensor:
-        return self.shard.logits(hidden[:, batch.verify_from:]).argmax(-1).cpu()
+        return self.shard.greedy(hidden[:, batch.verify_from:])
 
     def _crash(self) -> None:
         if self.fault[1] == "exit":

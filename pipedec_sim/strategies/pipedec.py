@@ -4,7 +4,7 @@ known: a hit makes the matching child the root and prunes its siblings on every 
 a miss flushes the tree and restarts it from the target's token."""
 from __future__ import annotations
 
-from ..messages import Action, Drafted, Update, Verified
+from ..messages import Action, Drafted, Inject, Update, Verified
 from ..policies import LayerPolicy
 from ..tree import Hit, Node, PredictionTree
 from .base import Strategy, row
@@ -32,10 +32,7 @@ class PipeDec(Strategy):
         self.tree = PredictionTree(root)
         self.entry_free = False
         n = len(rows)
-        prefill = self.inject(rows, "prefill", verify_from=n - 1, committed=n)
-        root.batch = prefill.batch.id
-        self.in_flight.add(prefill.batch.id)
-        return [prefill,
+        return [self._send(rows, [root], "prefill", verify_from=n - 1, committed=n),
                 self.draft(rows, [root.id], self.policy.topk, committed=n)]
 
     def on_entry_free(self) -> list[Action]:
@@ -66,11 +63,16 @@ class PipeDec(Strategy):
             n.drafted = True
         rows = [row(n) for n in layer]
         self.entry_free = False
-        inject = self.inject(rows, "layer")
+        return [self._send(rows, layer, "layer"),
+                self.draft(rows, [n.id for n in layer], self.policy.topk)]
+
+    def _send(self, rows, nodes, kind: str, **kw) -> Inject:
+        """Inject a batch, remembering it in flight and on the nodes it carries."""
+        inject = self.inject(rows, kind, **kw)
         self.in_flight.add(inject.batch.id)
-        for n in layer:
+        for n in nodes:
             n.batch = inject.batch.id
-        return [inject, self.draft(rows, [n.id for n in layer], self.policy.topk)]
+        return inject
 
     def on_verified(self, event: Verified) -> list[Action]:
         self.in_flight.discard(event.batch)
@@ -96,7 +98,5 @@ class PipeDec(Strategy):
         self.tree.restart(new)
         self.entry_free = False            # the new root jumps the queue at stage 1
         r = row(new)
-        inject = self.inject([r], "token", committed=1)
-        new.batch = inject.batch.id
-        self.in_flight.add(inject.batch.id)
-        return actions + [inject, self.draft([r], [new.id], self.policy.topk, committed=1)]
+        return actions + [self._send([r], [new], "token", committed=1),
+                          self.draft([r], [new.id], self.policy.topk, committed=1)]
