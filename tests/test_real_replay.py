@@ -27,7 +27,7 @@ def recorded(tmp_path_factory):
            "--draft", "tiny-noisy", "--stages", "2", "--prompts", str(d / "p.txt"),
            "--max-new-tokens", "16", "--width", "4", "--topk", "4", "--depth", "3",
            "--tree-topk", "4", "--total", "12", "--record-events", str(rec),
-           "--out", str(d / "out"), "--quiet"]
+           "--out", str(d / "out"), "--timeline", str(d / "timeline.json"), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return read_records(rec), d
@@ -76,3 +76,25 @@ def test_backends_share_strategy_classes():
     assert "pipedec_sim.strategies" in type(s).__module__
     from backends.torch import shard
     assert shard.StageState is sim.StageState       # one KV bookkeeping, too
+
+
+def test_timeline_has_every_stage_batch(recorded):
+    """Per-stage slices: each stage computed every pipedec batch the head injected (none
+    die on the way at S=2 with in-band prunes behind them), inside the request's span."""
+    import json
+    _, d = recorded
+    events = json.loads((d / "timeline.json").read_text())["traceEvents"]
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("name") == "thread_name"}
+    slices = [dict(e, track=names[(e["pid"], e["tid"])]) for e in events if e.get("ph") == "X"]
+    assert {"stage1", "stage2", "draft", "lm_head"} <= {e["track"] for e in slices}
+    assert all(e["dur"] >= 0 and e["ts"] > -1e3 for e in slices)
+    per_run = {}
+    for e in slices:
+        if e["track"].startswith("stage") and e["name"] != "prune":
+            per_run.setdefault((e["pid"], e["track"]), []).append(e)
+    for pid in {p for p, _ in per_run}:
+        s1, s2 = per_run[(pid, "stage1")], per_run[(pid, "stage2")]
+        assert len(s1) == len(s2) > 0
+        assert min(e["ts"] for e in s2) >= min(e["ts"] for e in s1)   # stage 2 after stage 1
+    assert {"prefill", "layer"} <= {e["name"] for e in slices}

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=_positive(), default=64)
     run.add_argument("--max-requests", type=_positive(), default=None)
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--transport", choices=("auto", "gloo", "nccl"), default="auto",
+                     help="activations between stages: nccl (GPU to GPU; needs one GPU per "
+                          "stage), gloo (through host memory), auto: nccl where it can")
     run.add_argument("--topology", choices=("A", "B"), default="A",
                      help="A: LM head on the head (ring); B: LM head on the last stage")
     run.add_argument("--inline", action="store_true",
@@ -40,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None,
                      help="write summary.csv, requests.csv and outputs.jsonl here")
     run.add_argument("--timeline", type=Path, default=None,
-                     help="Chrome/Perfetto JSON of head-side commits and draft work")
+                     help="Chrome/Perfetto JSON: commits, draft and LM-head work, and every "
+                          "batch and prune each stage computed (stages on the head's host)")
     run.add_argument("--record-events", type=Path, default=None,
                      help="JSONL of every event fed to the strategy and the actions returned")
     run.add_argument("--quiet", action="store_true")
@@ -75,6 +79,14 @@ def _check(args, target):
         import torch
         if not torch.cuda.is_available():
             raise InputError("CUDA is not available on this machine", field="--device")
+        n_gpu = torch.cuda.device_count()
+        if (args.transport == "nccl" and args.stages > n_gpu and not args.inline
+                and "RANK" not in os.environ):
+            raise InputError(f"NCCL needs one GPU per stage: {args.stages} stages, {n_gpu} "
+                             "GPU(s) here (use --transport auto or gloo)", field="--transport")
+    elif args.transport == "nccl":
+        raise InputError("NCCL carries GPU activations: use it with --device cuda",
+                         field="--transport")
     try:
         split_layers(target.config.num_hidden_layers, args.stages)
     except InputError as e:
@@ -99,8 +111,10 @@ def _pipeline(args, recorder):
     draft = args.draft if any(s != "ar" for s in args.strategies) else None
     if args.inline:
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
-                              topology=args.topology, recorder=recorder, knobs=_knobs(args))
-    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout)
+                              topology=args.topology, recorder=recorder, knobs=_knobs(args),
+                              device=args.device)
+    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout,
+                      args.transport)
     return DistributedPipeline(cfg, draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
@@ -148,14 +162,26 @@ def _write(args, runs) -> None:
               file=sys.stderr)
     if args.timeline:
         from pipedec_sim.timeline import write_chrome_trace
-        write_chrome_trace(args.timeline, {f"{r.strategy} / request {r.request.id}": [
-            {"name": outcome, "ph": "i", "s": "g", "ts": t * 1e3, "pid": 0, "tid": "head",
-             "args": {"tokens": n}} for t, n, _, outcome in r.commits] for r in runs})
+        write_chrome_trace(args.timeline, {f"{r.strategy} / request {r.request.id}":
+                                           _timeline(r) for r in runs})
+
+
+def _timeline(run) -> list[dict]:
+    """A run's commits (instants on the head track) and compute slices, in the simulator's
+    timeline format (`pipedec_sim.timeline`)."""
+    commits = [{"name": outcome, "ph": "i", "s": "g", "ts": t * 1e3, "pid": 0, "tid": "head",
+                "args": {"tokens": n}} for t, n, _, outcome in run.commits]
+    work = [{"name": label, "ph": "X", "ts": start * 1e3, "dur": ms * 1e3, "pid": 0,
+             "tid": actor, "args": {"rows": rows}} for actor, start, ms, label, rows in run.slices]
+    return commits + work
 
 
 def cmd_run(args) -> int:
-    if "RANK" in os.environ and int(os.environ["RANK"]) > 0:
-        return _torchrun_stage(args)
+    if "RANK" in os.environ:
+        _torchrun_world(args)           # every rank, the head too, before loading anything
+        if int(os.environ["RANK"]) > 0:
+            return _torchrun_stage(args)
+        _torchrun_head_signals()
     import torch
 
     from .eventlog import Recorder
@@ -188,14 +214,47 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _torchrun_world(args) -> int:
+    """Under torchrun: the world must be the head + one rank per stage. Checked by every
+    rank, so the head names the problem too (instead of being torn down by torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world != args.stages + 1:
+        raise InputError(f"torchrun started {world} ranks; --stages {args.stages} needs "
+                         f"{args.stages + 1} (the head + one per stage)", field="--stages")
+    if args.inline:
+        raise InputError("--inline runs every stage in one process: do not use it under "
+                         "torchrun", field="--inline")
+    return world
+
+
+def _torchrun_head_signals() -> None:
+    """torchrun ends a job by SIGTERM to every rank: a rank or node failed, the node hosting
+    the c10d rendezvous store died (its agent loses the store and stops its workers at once,
+    before the head can see a broken link), or the job was cancelled. In the head that
+    SIGTERM becomes a StageFailed, so it writes the finished request runs and prints one
+    error line, as for any other failure (torchrun waits 30 s before SIGKILL)."""
+    import signal
+
+    from .runtime import StageFailed
+
+    class Stopped(StageFailed, KeyboardInterrupt):
+        """A StageFailed for cmd_run's run loop; a KeyboardInterrupt for `guarded` (one
+        line, exit 130) if it comes while the head is still loading, before that loop."""
+
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)          # a second SIGTERM ends the head
+        raise Stopped(f"stopped by torchrun ({signal.Signals(signum).name}): a rank or node "
+                      "of the job failed or lost the rendezvous, or the job was cancelled; "
+                      "see the torchrun logs of every node")
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _torchrun_stage(args) -> int:
     """A torchrun rank > 0: serve as that pipeline stage until the head says stop."""
     from .worker import StageConfig, stage_main
     world = int(os.environ["WORLD_SIZE"])
-    if world != args.stages + 1:
-        raise InputError(f"torchrun started {world} ranks; --stages {args.stages} needs "
-                         f"{args.stages + 1} (the head + one per stage)", field="--stages")
-    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout)
+    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout,
+                      args.transport)
     stage_main(cfg, int(os.environ["RANK"]), world, "env://", "")
     return 0
 

@@ -45,6 +45,7 @@ import torch
 
 from pipedec_sim.cli import Parser
 
+from backends.torch.compat import with_cache
 from backends.torch.trace_recorder import encode_prompt
 
 
@@ -81,8 +82,8 @@ def generate_with_features(model, prompts: list[list[int]], *, max_new_tokens: i
     alive_at = []  # per step: which sequences were still generating
     feed, feed_pos = ids, pos
     for _ in range(max_new_tokens):
-        h = model.model(input_ids=feed, attention_mask=mask, position_ids=feed_pos, cache=cache,
-                        use_cache=True).last_hidden_state
+        h = model.model(input_ids=feed, attention_mask=mask, position_ids=feed_pos,
+                        use_cache=True, **with_cache(cache)).last_hidden_state
         nxt = model.lm_head(h[:, -1]).argmax(-1)
         hid_steps.append(h.half())
         alive_at.append(~done)

@@ -35,6 +35,9 @@ class RunRecord:
     busy_ms: dict[str, float] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     batches: int = 0
+    # (actor, start ms, duration ms, label, rows): the head's own work and, from the
+    # stages' reports, every batch and prune they computed (one host's monotonic clock)
+    slices: list[tuple[str, float, float, str, int]] = field(default_factory=list)
 
 
 class Head:
@@ -70,10 +73,13 @@ class Head:
     def now_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1e3
 
-    def busy(self, actor: str, ms: float, rows: int) -> None:
+    def busy(self, actor: str, since: float, rows: int, label: str = "") -> None:
+        """`actor` computed `rows` from perf_counter() `since` until now."""
         r = self.run
+        ms = (time.perf_counter() - since) * 1e3
         r.busy_ms[actor] = r.busy_ms.get(actor, 0.0) + ms
         r.rows[actor] = r.rows.get(actor, 0) + rows
+        r.slices.append((actor, (since - self.t0) * 1e3, ms, label or actor, rows))
 
     def finish(self) -> RunRecord:
         self.run.output = list(self.strategy.output)
@@ -113,7 +119,7 @@ class Head:
         d = self.drafts.popleft()
         t = time.perf_counter()
         props = self.draft.propose(d.rows, d.want, d.k, d.committed)
-        self.busy("draft", (time.perf_counter() - t) * 1e3, len(d.rows))
+        self.busy("draft", t, len(d.rows))
         self.feed(Drafted(d.ticket, props))
         return True
 
@@ -123,7 +129,7 @@ class Head:
         if rows[verify_from:]:
             t = time.perf_counter()
             tokens = self.verifier.verify(rows, verify_from, hidden)
-            self.busy("lm_head", (time.perf_counter() - t) * 1e3, len(tokens))
+            self.busy("lm_head", t, len(tokens))
         self.feed(Verified(batch_id, tokens))
 
     def verified(self, batch_id: int, tokens: dict[int, int]) -> None:

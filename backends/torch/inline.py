@@ -41,15 +41,15 @@ def run_stage(shard: Shard, batch: Batch, hidden):
 
 class InlinePipeline:
     def __init__(self, target, draft=None, stages: int = 2, *, topology: str = "A",
-                 recorder=None, knobs=None):
-        model = target.model
+                 recorder=None, knobs=None, device="cpu"):
+        model = target.model.to(device)
         bounds = stage_bounds(model.config.num_hidden_layers, stages)
         S = len(bounds)
-        self.shards = [Shard(model, lo, hi, embed=(j == 0), head=(j == S - 1))
+        self.shards = [Shard(model, lo, hi, embed=(j == 0), head=(j == S - 1), device=device)
                        for j, (lo, hi) in enumerate(bounds)]
         self.topology = topology
         self.verifier = Verifier(self.shards[-1]) if topology == "A" else None
-        self.draft = Draft(draft.model) if draft is not None else None
+        self.draft = Draft(draft.model.to(device), device) if draft is not None else None
         knobs = {"window": S + 1, **(knobs or {})}        # as the simulator's default
         self.head = Head(self.draft, self.verifier, inject=self._inject, notify=self._notify,
                          recorder=recorder, eos=target.eos, knobs=knobs)
@@ -62,8 +62,7 @@ class InlinePipeline:
         for s in self.shards:
             t = time.perf_counter()
             if s.apply(update):
-                self.head.busy(f"stage{self.shards.index(s) + 1}",
-                               (time.perf_counter() - t) * 1e3, 0)
+                self.head.busy(f"stage{self.shards.index(s) + 1}", t, 0, "prune")
 
     def run(self, name: str, req: Request) -> RunRecord:
         head = self.head
@@ -94,7 +93,7 @@ class InlinePipeline:
         out, hidden = run_stage(self.shards[j], batch, hidden)
         if out is not None and j == S - 1 and self.topology == "B":
             tokens = self._lm_head(out, hidden)
-        head.busy(f"stage{j + 1}", (time.perf_counter() - t) * 1e3, len(out.rows) if out else 0)
+        head.busy(f"stage{j + 1}", t, len(out.rows) if out else 0, batch.kind or "batch")
         if out is None:          # every row died: the batch goes on empty, so that the
             out = Batch(batch.id, (), batch.kind)    # head learns it left the pipeline
             tokens = {}

@@ -2,10 +2,8 @@
 `smollm2-draft` (the distilled draft shipped in traces/), or an HF folder.
 
 A spec resolves to a `Loaded` (model in eval mode, float32, plus how to turn text into ids
-and which id ends a reply). Every process of a pipeline loads the *whole* model and keeps
-only its stage's layers (`keep_layers`): simple and identical in every rank, at the cost of
-holding the full weights for a moment while loading (fine up to a few GB; a 70B target
-would need per-layer safetensors loading instead, see README.md).
+and which id ends a reply). `load` reads a whole model (the draft, tests, tools); pipeline
+stages use `checkpoint.load_stage`, which reads only their own slice.
 """
 from __future__ import annotations
 
@@ -132,13 +130,19 @@ def load(spec: str) -> Loaded:
     if getattr(model.config, "model_type", "") not in ("llama", "qwen2", "mistral"):
         raise InputError(f"{spec}: unsupported model type {model.config.model_type!r} "
                          "(Llama-family only)")
+    return Loaded(spec, model, *text_io(path, model))
+
+
+def text_io(path: Path, model) -> tuple[Callable[[str], list[int]], int | None]:
+    """(encode, eos) for an HF folder: its tokenizer (chat template if any), and the first
+    stop id of its generation config, else the tokenizer's."""
     tok = AutoTokenizer.from_pretrained(path)
     eos = model.generation_config.eos_token_id
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     if eos is None:
         eos = tok.eos_token_id
-    return Loaded(spec, model, _hf_encode(tok), eos)
+    return _hf_encode(tok), eos
 
 
 def keep_layers(model, lo: int, hi: int, *, embed: bool, head: bool) -> None:

@@ -3,7 +3,8 @@
 Topology A: the head runs the strategy, the draft and the final norm + LM head; stage S
 sends the verified rows' hidden states back to it (a ring). Topology B: stage S runs the
 LM head and sends token ids back. Transport is torch.distributed point-to-point over gloo
-(CPU tensors; with --device cuda activations are copied to the host for gloo, see README).
+for control; activations between stages go GPU to GPU over NCCL where every stage has a GPU
+of its own, else through host memory over gloo (`link.py`).
 
 Prune notices travel in-band: the head sends an UPDATE into stage 1 right away and each
 stage applies it, then forwards it, in arrival order behind earlier batches. This is the
@@ -22,6 +23,7 @@ import os
 import queue
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -30,13 +32,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipedec_sim.errors import InputError
 from pipedec_sim.messages import EntryFree
 
 from . import wire
 from .head import Head, Request, RunRecord
-from .models import keep_layers, load
+from .link import connect, rank_device
+from .checkpoint import load_stage
+from .models import load
 from .shard import Draft, Shard, Verifier, rows_tensor, tensor_rows
-from .worker import IDLE_TIMEOUT, StageConfig, stage_main
+from .worker import IDLE_TIMEOUT, SLICE_PRUNE, StageConfig, stage_main
 
 
 class StageFailed(RuntimeError):
@@ -57,15 +62,19 @@ class DistributedPipeline:
                  torchrun: bool = False):
         self.cfg, self.S = cfg, cfg.stages
         self.torchrun = torchrun
-        target = load(cfg.target)       # the head keeps only the final norm + LM head
+        self.device = rank_device(cfg.device, 0)
+        # The head reads only the final norm + LM head (topology A), or no weights at all.
+        target = load_stage(cfg.target, 0, 0, embed=False, head=(cfg.topology == "A"),
+                            device=self.device)
         self.eos = target.eos
-        keep_layers(target.model, 0, 0, embed=False, head=(cfg.topology == "A"))
         self.verifier = None
         if cfg.topology == "A":
-            self.verifier = Verifier(Shard(target.model.to(cfg.device), 0, 0, embed=False,
-                                           head=True, device=cfg.device))
-        draft = Draft(load(draft_spec).model.to(cfg.device), cfg.device) if draft_spec else None
+            self.verifier = Verifier(Shard(target.model, 0, 0, embed=False, head=True,
+                                           device=self.device))
+        draft = (Draft(load(draft_spec).model.to(self.device), self.device) if draft_spec
+                 else None)
         self.hidden_size = target.config.hidden_size
+        self.dtype = torch.float32           # every rank loads float32 (load_stage)
         self.head = Head(draft, self.verifier, inject=self._inject, notify=self._notify,
                          recorder=recorder, eos=self.eos,
                          knobs={"window": cfg.stages + 1, **(knobs or {})})
@@ -89,7 +98,11 @@ class DistributedPipeline:
                 p.start()
                 self.procs.append(p)
         self.started = True
-        self._rendezvous(init, world)
+        try:
+            self._rendezvous(init, world)
+        except BaseException:
+            self.close(clean=False)       # reap the stages we spawned
+            raise
         self.out = wire.Outbox()
         self.inbox: queue.Queue = queue.Queue()
         self.readers = [threading.Thread(target=self._reader, args=(f,), daemon=True)
@@ -106,6 +119,8 @@ class DistributedPipeline:
             try:
                 dist.init_process_group("gloo", init_method=init, rank=0, world_size=world,
                                         timeout=IDLE_TIMEOUT)
+                self.links = connect(0, world, self.cfg.device, self.cfg.transport,
+                                     self.hidden_size, self.dtype)
             except Exception as e:
                 err.append(e)
         t = threading.Thread(target=join, daemon=True)
@@ -116,9 +131,14 @@ class DistributedPipeline:
             self.check_alive()
             if time.monotonic() > deadline:
                 raise StageFailed(f"stages did not join within {self.cfg.timeout_s:.0f} s")
+        self.joined = dist.is_initialized()
+        if err and isinstance(err[0], InputError):
+            raise err[0]                  # e.g. --transport nccl with stages sharing a GPU
         if err:
             raise StageFailed(f"rendezvous failed: {err[0]}")
-        self.joined = True
+        if self.cfg.device != "cpu":
+            print(f"pipedec-real: activations between stages: {self.links.why}",
+                  file=sys.stderr)
 
     def __enter__(self):
         return self.start()
@@ -192,7 +212,8 @@ class DistributedPipeline:
         if kind == wire.STOP:
             return None
         if kind == wire.REPORT:
-            return ("report", seq, wire.recv((self.S, 2), torch.int64, self.S))
+            table = wire.recv((self.S, 2), torch.int64, self.S)
+            return ("report", seq, table, wire.recv((n, 6), torch.float64, self.S) if n else None)
         if n == 0:                               # a batch whose rows all died on the way
             return ("tokens" if kind == wire.TOKENS else "hidden", seq, int(h[wire.ID]), (),
                     None)
@@ -200,8 +221,7 @@ class DistributedPipeline:
         if kind == wire.TOKENS:
             return ("tokens", seq, int(h[wire.ID]), rows,
                     wire.recv(n, torch.int64, self.S).tolist())
-        return ("hidden", seq, int(h[wire.ID]), rows,
-                wire.recv((n, self.hidden_size), torch.float32, self.S).unsqueeze(0))
+        return ("hidden", seq, int(h[wire.ID]), rows, self.links.recv(n, self.S))
 
     def _read_ack(self):
         ack = wire.recv(2, torch.int64, 1, wire.TAG_ACK)
@@ -223,6 +243,7 @@ class DistributedPipeline:
     # ---- actions out -----------------------------------------------------------------------
     def _inject(self, batch) -> None:
         self.injected += 1
+        self.kinds[batch.id] = batch.kind
         self.free_fed = False
         h = wire.header(wire.BATCH, self.seq, id=batch.id, n=len(batch.rows),
                         vfrom=batch.verify_from, committed=batch.committed)
@@ -238,6 +259,7 @@ class DistributedPipeline:
     def run(self, name: str, req: Request) -> RunRecord:
         self.seq += 1
         self.injected = self.acked = 0
+        self.kinds: dict[int, str] = {}
         self.free_fed = False
         self.out.send([wire.header(wire.RESET, self.seq)], 1)
         head = self.head
@@ -271,7 +293,7 @@ class DistributedPipeline:
             self.head.verified(bid, {r.id: t for r, t in zip(rows, toks)})
         elif kind == "hidden":
             _, _, bid, rows, hidden = item
-            self.head.verify(bid, rows, 0, None if hidden is None else hidden.to(self.cfg.device))
+            self.head.verify(bid, rows, 0, hidden)
 
     def _collect_report(self, run: RunRecord) -> None:
         """Ask every stage for its busy time; the answer also drains this request's
@@ -290,3 +312,10 @@ class DistributedPipeline:
         for j, (us, rows) in enumerate(item[2].tolist(), 1):
             run.busy_ms[f"stage{j}"] = us / 1e3
             run.rows[f"stage{j}"] = rows
+        if item[3] is None or not self.links.one_host:
+            return                       # other hosts' monotonic clocks are not ours
+        t0 = self.head.t0                # one host: one monotonic clock for all ranks
+        for j, kind, bid, start, end, rows in item[3].tolist():
+            label = "prune" if kind == SLICE_PRUNE else self.kinds.get(int(bid), "batch")
+            run.slices.append((f"stage{int(j)}", (start - t0) * 1e3, (end - start) * 1e3,
+                               label, int(rows)))

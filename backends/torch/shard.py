@@ -15,6 +15,8 @@ from transformers import DynamicCache
 from pipedec_sim.messages import Row, Update
 from pipedec_sim.stage_state import StageState
 
+from .compat import with_cache
+
 
 def rows_tensor(rows) -> torch.Tensor:
     """Rows as int64 [n, 4] (id, parent, token, pos): the wire format of a batch."""
@@ -87,8 +89,10 @@ class Shard:
         pos = torch.tensor([[r.pos for r in rows]], device=self.device)
         pe = self.model.model.rotary_emb(hidden, pos)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=fmask, position_ids=pos, cache=self.cache,
-                           use_cache=True, position_embeddings=pe)
+            hidden = layer(hidden, attention_mask=fmask, position_ids=pos, use_cache=True,
+                           position_embeddings=pe, **with_cache(self.cache))
+            if isinstance(hidden, tuple):          # older transformers return (hidden, ...)
+                hidden = hidden[0]
         self.state.append(rows, committed)
         return hidden
 

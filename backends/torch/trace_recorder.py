@@ -36,6 +36,8 @@ from pipedec_sim.errors import InputError
 from pipedec_sim.prompts import Prompt
 from pipedec_sim.traces import Trace, TraceHeader, TraceRequest, write_trace
 
+from .compat import with_cache
+
 PROB_DECIMALS = 4
 
 
@@ -92,7 +94,7 @@ def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[
     while len(out) < max_new_tokens:
         n = feed.shape[1]
         pos_ids = torch.arange(pos, pos + n).unsqueeze(0)
-        res = model(input_ids=feed, position_ids=pos_ids, cache=cache, use_cache=True,
+        res = model(input_ids=feed, position_ids=pos_ids, **with_cache(cache), use_cache=True,
                     logits_to_keep=1, output_hidden_states=hidden is not None)
         if hidden is not None:
             hidden.append(res.hidden_states[-1][0])
@@ -123,8 +125,8 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     feed, feed_pos = ids, pos
     eos_t = torch.tensor(sorted(eos)) if eos else torch.tensor([], dtype=torch.long)
     for _ in range(max_new_tokens):
-        res = model(input_ids=feed, attention_mask=mask, position_ids=feed_pos, cache=cache,
-                    use_cache=True, logits_to_keep=1)
+        res = model(input_ids=feed, attention_mask=mask, position_ids=feed_pos,
+                    use_cache=True, logits_to_keep=1, **with_cache(cache))
         nxt = res.logits[:, -1].argmax(-1)
         for b in range(B):
             if not done[b]:
@@ -146,7 +148,7 @@ def repair(model, prompt: Sequence[int], output: list[int], *, max_new_tokens: i
     P = len(prompt)
     seq = torch.tensor([list(prompt) + output], dtype=torch.long)
     cache = _new_cache(model)
-    logits = model(input_ids=seq, cache=cache, use_cache=True).logits[0, P - 1:]
+    logits = model(input_ids=seq, **with_cache(cache), use_cache=True).logits[0, P - 1:]
     pred = logits.argmax(-1).tolist()  # pred[j] = greedy token for output position j
     for j, tok in enumerate(output):
         if pred[j] != tok:

@@ -3,13 +3,16 @@
 Every message starts with an int64 header of HEADER_LEN slots (pickled objects cost ~4x a
 tensor send over gloo, see ENV.md); the header says which tensors follow and their sizes:
 
-  BATCH   rows int64 [n, 4] (id, parent, token, pos), then hidden float32 [n, H] unless
-          it comes from the head; slots: batch id, n, verify_from, committed
+  BATCH   rows int64 [n, 4] (id, parent, token, pos), then hidden [n, H] unless it comes
+          from the head (float32 over gloo, or the model's dtype over NCCL: see link.py);
+          slots: batch id, n, verify_from, committed
   TOKENS  (topology B, last stage -> head) rows int64 [n, 4] + argmax tokens int64 [n]
           n = 0: header only (every row died on the way; the head still counts it back)
   UPDATE  ids int64 [n_commit + n_kill] (a prune notice, in-band: see runtime.py)
   RESET   a new request: empty every KV cache (slot REQ is the request's sequence number)
-  REPORT  per-stage busy microseconds and rows computed, int64 [S, 2], filled on the way
+  REPORT  per-stage busy microseconds and rows computed, int64 [S, 2], filled on the way;
+          then, if n > 0, the stages' timeline slices float64 [n, 6] (stage, kind, batch id,
+          start, end on the host's monotonic clock, rows), each stage appending its own
   STOP    shut down cleanly
 Tags keep the head's two inbound streams apart: DATA (results from the last stage) and
 ACK (stage 1 took a batch: the head's EntryFree).
@@ -40,10 +43,10 @@ class Outbox:
     def __init__(self):
         self.pending: list[tuple] = []
 
-    def send(self, tensors, dst: int, tag: int = TAG_DATA) -> None:
+    def send(self, tensors, dst: int, tag: int = TAG_DATA, group=None) -> None:
         for t in tensors:
             t = t.contiguous()
-            self.pending.append((dist.isend(t, dst, tag=tag), t))
+            self.pending.append((dist.isend(t, dst, group=group, tag=tag), t))
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
 
     def flush(self, timeout_s: float = 10.0) -> None:

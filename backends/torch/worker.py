@@ -20,10 +20,12 @@ from pipedec_sim.messages import Batch, Update
 
 from . import wire
 from .inline import run_stage, stage_bounds
-from .models import keep_layers, load
+from .link import Links, connect, rank_device
+from .checkpoint import load_stage, num_layers
 from .shard import Shard, rows_tensor, tensor_rows
 
 IDLE_TIMEOUT = timedelta(days=1)
+SLICE_BATCH, SLICE_PRUNE = 0, 1  # what a stage's timeline slice was
 FAULT_ENV = "PIPEDEC_FAULT"     # "stage=J,request=R[,mode=raise|exit]": test hook
 
 
@@ -34,17 +36,16 @@ class StageConfig:
     topology: str = "A"
     device: str = "cpu"
     timeout_s: float = 60.0
+    transport: str = "auto"      # stage-to-stage activations: auto | gloo | nccl (link.py)
 
 
 def build_shard(cfg: StageConfig, j: int) -> Shard:
-    """Stage j (1-based): load the model, keep only its slice."""
-    loaded = load(cfg.target)
-    lo, hi = stage_bounds(loaded.config.num_hidden_layers, cfg.stages)[j - 1]
-    last = j == cfg.stages
-    head = last and cfg.topology == "B"
-    keep_layers(loaded.model, lo, hi, embed=(j == 1), head=head)
-    model = loaded.model.to(cfg.device)
-    return Shard(model, lo, hi, embed=(j == 1), head=head, device=cfg.device)
+    """Stage j (1-based): read only its slice of the checkpoint, onto this rank's device."""
+    lo, hi = stage_bounds(num_layers(cfg.target), cfg.stages)[j - 1]
+    head = j == cfg.stages and cfg.topology == "B"
+    device = rank_device(cfg.device, j)
+    loaded = load_stage(cfg.target, lo, hi, embed=(j == 1), head=head, device=device)
+    return Shard(loaded.model, lo, hi, embed=(j == 1), head=head, device=device)
 
 
 def _fault(j: int):
@@ -56,8 +57,8 @@ def _fault(j: int):
 
 
 class Stage:
-    def __init__(self, cfg: StageConfig, j: int, shard: Shard):
-        self.cfg, self.j, self.shard = cfg, j, shard
+    def __init__(self, cfg: StageConfig, j: int, shard: Shard, links: Links):
+        self.cfg, self.j, self.shard, self.links = cfg, j, shard, links
         self.S = cfg.stages
         self.prev = j - 1
         self.next = j + 1 if j < self.S else 0        # the last stage feeds the head
@@ -65,6 +66,7 @@ class Stage:
         self.req = -1
         self.busy_us = 0
         self.rows = 0
+        self.slices: list[tuple] = []     # (stage, kind, batch id, start, end, rows) per job
         self.fault = _fault(j)
 
     def loop(self) -> None:
@@ -83,6 +85,7 @@ class Stage:
         self.req = int(h[wire.REQ])
         self.shard.reset()
         self.busy_us = self.rows = 0
+        self.slices = []
         if self.next != 0:
             self.out.send([h], self.next)
 
@@ -90,23 +93,32 @@ class Stage:
         nc, nk = int(h[wire.N]), int(h[wire.N2])
         ids = wire.recv(nc + nk, torch.int64, self.prev).tolist()
         t = time.perf_counter()
-        self.shard.apply(Update(tuple(ids[:nc]), tuple(ids[nc:])))
+        if self.shard.apply(Update(tuple(ids[:nc]), tuple(ids[nc:]))):
+            self._slice(SLICE_PRUNE, -1, t, 0)
         self.busy_us += int((time.perf_counter() - t) * 1e6)
         if self.next != 0:
             self.out.send([h, torch.tensor(ids, dtype=torch.int64)], self.next)
 
     def on_report(self, h) -> None:
+        """Fill in this stage's busy time and rows, append its slices to those of the
+        stages before it, pass it on (the last stage: to the head)."""
         table = wire.recv((self.S, 2), torch.int64, self.prev)
         table[self.j - 1, 0], table[self.j - 1, 1] = self.busy_us, self.rows
-        self.out.send([h, table], self.next)
+        m = int(h[wire.N])
+        slices = wire.recv((m, 6), torch.float64, self.prev) if m else torch.zeros(0, 6,
+                                                                             dtype=torch.float64)
+        slices = torch.cat([slices, torch.tensor(self.slices, dtype=torch.float64).reshape(-1, 6)])
+        h = h.clone()
+        h[wire.N] = len(slices)
+        self.out.send([h, table] + ([slices] if len(slices) else []), self.next)
+
+    def _slice(self, kind: int, batch_id: int, start: float, rows: int) -> None:
+        self.slices.append((self.j, kind, batch_id, start, time.perf_counter(), rows))
 
     def on_batch(self, h) -> None:
         n = int(h[wire.N])
         rows = tensor_rows(wire.recv((n, 4), torch.int64, self.prev)) if n else ()
-        hidden = None
-        if self.j > 1 and n:
-            hidden = wire.recv((n, self.shard.model.config.hidden_size), torch.float32,
-                               self.prev).unsqueeze(0)
+        hidden = self.links.recv(n, self.prev) if self.j > 1 and n else None
         if self.j == 1:       # tell the head stage 1 took it (the strategy's EntryFree)
             self.out.send([torch.tensor([int(h[wire.REQ]), int(h[wire.ID])])], 0, wire.TAG_ACK)
         if self.fault and self.fault[0] == self.req:
@@ -118,6 +130,7 @@ class Stage:
         if out is not None and self.next == 0 and self.cfg.topology == "B":
             tokens = self._lm_head(out, hidden)
         self.busy_us += int((time.perf_counter() - t) * 1e6)
+        self._slice(SLICE_BATCH, batch.id, t, 0 if out is None else len(out.rows))
         if out is None:            # every row died: an empty batch (header only) goes on,
             self._send_empty(h)    # so that the head learns the batch left the pipeline
             return
@@ -143,10 +156,11 @@ class Stage:
         elif self.next == 0:                       # topology A: only verified rows go back
             vrows = out.rows[out.verify_from:]
             h[wire.N], h[wire.VFROM] = len(vrows), 0
-            self.out.send([h, rows_tensor(vrows),
-                           hidden[0, out.verify_from:].float().cpu()], 0)
+            self.out.send([h, rows_tensor(vrows)], 0)
+            self.links.send(self.out, hidden[0, out.verify_from:], 0)
         else:
-            self.out.send([h, rows_tensor(out.rows), hidden[0].float().cpu()], self.next)
+            self.out.send([h, rows_tensor(out.rows)], self.next)
+            self.links.send(self.out, hidden[0], self.next)
 
     def _lm_head(self, batch: Batch, hidden) -> torch.Tensor:
         return self.shard.greedy(hidden[:, batch.verify_from:])
@@ -170,7 +184,9 @@ def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: 
         # liveness is the head's job (it polls the stages and keeps its own deadlines).
         dist.init_process_group("gloo", init_method=init_method, rank=j, world_size=world,
                                 timeout=IDLE_TIMEOUT)
-        Stage(cfg, j, shard).loop()
+        links = connect(j, world, cfg.device, cfg.transport, shard.model.config.hidden_size,
+                        shard.dtype)
+        Stage(cfg, j, shard, links).loop()
         dist.destroy_process_group()
     except BaseException as e:        # leave the reason where the launcher looks for it
         if err_dir:

@@ -1,0 +1,55 @@
+"""Which transport carries activations between stages (`backends/torch/link.py`)."""
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from backends.torch import link  # noqa: E402
+from pipedec_sim.errors import InputError  # noqa: E402
+
+GPU = [("node0", "cuda:0"), ("node0", "cuda:1"), ("node1", "cuda:0")]
+
+
+def test_cpu_runs_use_gloo():
+    assert link.choose("auto", "cpu", [("h", "cpu")] * 3)[0] == "gloo"
+
+
+def test_one_gpu_per_stage_uses_nccl_across_hosts_too():
+    assert link.choose("auto", "cuda", GPU) == ("nccl", "nccl: one GPU per stage")
+    assert link.choose("nccl", "cuda", GPU)[0] == "nccl"
+    assert link.choose("gloo", "cuda", GPU)[0] == "gloo"
+
+
+def test_stages_sharing_a_gpu_fall_back_to_gloo_and_say_which():
+    places = [("h", "cuda:0"), ("h", "cuda:1"), ("h", "cuda:0")]
+    kind, why = link.choose("auto", "cuda", places)
+    assert kind == "gloo" and "stages 1 and 3 share cuda:0" in why
+    with pytest.raises(InputError) as e:
+        link.choose("nccl", "cuda", places)
+    assert e.value.field == "--transport"
+
+
+def test_a_single_stage_has_no_stage_links():
+    assert link.choose("auto", "cuda", [("h", "cuda:0")])[0] == "gloo"
+
+
+def test_rank_devices(monkeypatch):
+    monkeypatch.setattr(link.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert [str(link.rank_device("cuda", r)) for r in range(4)] == [
+        "cuda:0", "cuda:0", "cuda:1", "cuda:0"]          # head shares stage 1's GPU
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert str(link.rank_device("cuda", 7)) == "cuda:1"
+    assert str(link.rank_device("cpu", 7)) == "cpu"
+
+
+def test_nccl_on_cpu_is_a_flag_error(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    r = subprocess.run([sys.executable, "-m", "backends.torch.cli", "run", "--target", "tiny",
+                        "--strategies", "ar", "--prompts", str(prompts), "--transport", "nccl"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--transport" in r.stderr, r.stderr
