@@ -105,8 +105,8 @@ class DistributedPipeline:
             raise
         self.out = wire.Outbox()
         self.inbox: queue.Queue = queue.Queue()
-        self.readers = [threading.Thread(target=self._reader, args=(f,), daemon=True)
-                        for f in (self._read_data, self._read_ack)]
+        self.readers = [threading.Thread(target=self._reader, args=(f, peer), daemon=True)
+                        for f, peer in ((self._read_data, self.S), (self._read_ack, 1))]
         for t in self.readers:
             t.start()
         return self
@@ -167,7 +167,7 @@ class DistributedPipeline:
                 p.kill()
                 p.join()
         for t in getattr(self, "readers", ()):
-            t.join(2.0)            # they end on STOP, or when the stages' links close
+            t.join(2.0 if clean else 0.0)   # they end on STOP, or when the links close
         if getattr(self, "joined", False):
             try:
                 dist.destroy_process_group()
@@ -196,7 +196,7 @@ class DistributedPipeline:
         return f"stage {j} (rank {j}) failed: {why}"
 
     # ---- inbound streams (reader threads: gloo recv cannot be polled) --------------------
-    def _reader(self, read) -> None:
+    def _reader(self, read, peer: int) -> None:
         try:
             while True:
                 item = read()
@@ -204,7 +204,7 @@ class DistributedPipeline:
                     return
                 self.inbox.put(item)
         except Exception as e:
-            self.inbox.put(("error", e))
+            self.inbox.put(("error", peer, e))
 
     def _read_data(self):
         h = wire.recv(wire.HEADER_LEN, torch.int64, self.S)
@@ -234,10 +234,12 @@ class DistributedPipeline:
         except queue.Empty:
             return None
         if item[0] == "error":
+            _, peer, e = item
             self.check_alive()
-            time.sleep(1.0)
+            time.sleep(1.0)          # a local stage that died: blame it by name instead
             self.check_alive()
-            raise StageFailed(f"link error: {item[1]}")
+            why = str(e).split("] ", 1)[-1].split(". This is typically")[0]
+            raise StageFailed(f"lost the link from stage {peer} (rank {peer}): {why}")
         return item
 
     # ---- actions out -----------------------------------------------------------------------
