@@ -214,7 +214,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _torchrun_world(args) -> int:
+def _torchrun_world(args) -> None:
     """Under torchrun: the world must be the head + one rank per stage. Checked by every
     rank, so the head names the problem too (instead of being torn down by torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
@@ -224,7 +224,6 @@ def _torchrun_world(args) -> int:
     if args.inline:
         raise InputError("--inline runs every stage in one process: do not use it under "
                          "torchrun", field="--inline")
-    return world
 
 
 def _torchrun_head_signals() -> None:

@@ -37,8 +37,8 @@ from pipedec_sim.messages import EntryFree
 
 from . import wire
 from .head import Head, Request, RunRecord
-from .link import connect, rank_device
 from .checkpoint import load_stage
+from .link import connect, rank_device
 from .models import load
 from .shard import Draft, Shard, Verifier, rows_tensor, tensor_rows
 from .worker import IDLE_TIMEOUT, SLICE_PRUNE, StageConfig, stage_main

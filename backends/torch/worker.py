@@ -20,8 +20,8 @@ from pipedec_sim.messages import Batch, Update
 
 from . import wire
 from .inline import run_stage, stage_bounds
-from .link import Links, connect, rank_device
 from .checkpoint import load_stage, num_layers
+from .link import Links, connect, rank_device
 from .shard import Shard, rows_tensor, tensor_rows
 
 IDLE_TIMEOUT = timedelta(days=1)
@@ -105,9 +105,8 @@ class Stage:
         table = wire.recv((self.S, 2), torch.int64, self.prev)
         table[self.j - 1, 0], table[self.j - 1, 1] = self.busy_us, self.rows
         m = int(h[wire.N])
-        slices = wire.recv((m, 6), torch.float64, self.prev) if m else torch.zeros(0, 6,
-                                                                             dtype=torch.float64)
-        slices = torch.cat([slices, torch.tensor(self.slices, dtype=torch.float64).reshape(-1, 6)])
+        mine = torch.tensor(self.slices, dtype=torch.float64).reshape(-1, 6)
+        slices = torch.cat([wire.recv((m, 6), torch.float64, self.prev), mine]) if m else mine
         h = h.clone()
         h[wire.N] = len(slices)
         self.out.send([h, table] + ([slices] if len(slices) else []), self.next)
