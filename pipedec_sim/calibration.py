@@ -5,6 +5,20 @@ layer, one whole draft step, the target LM head and embedding, plus a link model
 map. The simulator looks durations up in its hot loop, so lookups are plain-Python bisect +
 linear interpolation (a few microseconds), and everything is immutable after load.
 
+Optional CPU-host fields (absent in older profiles: then 0, resp. 1, and the simulator
+behaves exactly as before), all CPU work on the host's shared cores, measured by
+`backends.torch.profiler.measure_stage_overhead`:
+
+  latency.stage_message_ms   CPU ms a stage process spends per batch message outside the
+                             compute (wire recv/isend, row decoding, gloo's threads)
+  latency.stage_notice_ms    the same per prune notice (KV compaction excluded: kv_compact_ms)
+  latency.head_event_ms      CPU ms the head spends per event outside the draft and LM head
+                             (reader threads, wire, gloo); unlike head_overhead_ms (a delay)
+                             it occupies the head's core
+  devices.contention_slowdown  how much slower work runs while more processes are runnable
+                             than there are cores (cache and memory contention that a
+                             time-share table cannot see); 1 = none
+
 Bad files raise `InputError` naming the file, the JSON line (syntax errors) or the JSON path
 (``field``, e.g. ``latency.layer.ms[2][3]``), so the CLIs can print one line and exit 2.
 """
@@ -211,6 +225,11 @@ class Profile:
     # profile was measured: captures foreign load (other users' processes) too. None:
     # min(1, shared_cores / n), an otherwise idle machine.
     core_share: tuple[float, ...] | None = None
+    # Optional CPU-host costs (module docstring); the defaults model nothing extra.
+    stage_message_ms: float = 0.0
+    stage_notice_ms: float = 0.0
+    head_event_ms: float = 0.0
+    contention_slowdown: float = 1.0
 
     __hash__ = None  # type: ignore[assignment]  # provenance is a dict
 
@@ -247,13 +266,16 @@ class Profile:
                 "embed": self.embed.to_dict(),
                 "kv_compact_ms": self.kv_compact_ms,
                 "head_overhead_ms": self.head_overhead_ms,
+                **{k: getattr(self, k) for k in CPU_FIELDS if getattr(self, k)},
             },
             "link": self.link.to_dict(),
             "devices": {"kind": self.device_kind, "shared_cores": self.shared_cores,
                         **({"core_sharing": self.core_sharing}
                            if self.core_sharing != "ps" else {}),
                         **({"core_share": list(self.core_share)}
-                           if self.core_share else {})},
+                           if self.core_share else {}),
+                        **({"contention_slowdown": self.contention_slowdown}
+                           if self.contention_slowdown != 1.0 else {})},
             "split": None if self.split is None else list(self.split),
         }
 
@@ -419,6 +441,19 @@ def _link(v: Any, src: str | None) -> Link:
 
 
 CORE_SHARING = ("ps", "fifo")
+CPU_FIELDS = ("stage_message_ms", "stage_notice_ms", "head_event_ms")   # in "latency"
+
+
+def _cpu_costs(lat: Mapping, devices: Mapping, src: str | None) -> dict:
+    """The optional CPU-host fields (0 / 1 when absent: older profiles load unchanged)."""
+    out = {k: _check_number(lat[k], f"latency.{k}", src) for k in CPU_FIELDS if k in lat}
+    if "contention_slowdown" in devices:
+        v = _check_number(devices["contention_slowdown"], "devices.contention_slowdown", src,
+                          positive=True)
+        if v < 1.0:
+            raise _fail(src, "devices.contention_slowdown", f"must be >= 1, got {v}")
+        out["contention_slowdown"] = v
+    return out
 
 
 def _devices(v: Any, src: str | None) -> tuple[str, int | None, str, tuple | None]:
@@ -480,6 +515,7 @@ def parse_profile(data: Any, *, source: str | os.PathLike | None = None) -> Prof
         source=src,
         core_sharing=sharing,
         core_share=share,
+        **_cpu_costs(lat, d["devices"], src),
     )
 
 

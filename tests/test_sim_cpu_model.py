@@ -49,25 +49,25 @@ def test_measured_share_table():
     """A measured table replaces min(1, cores/n): shares of 1, 1/2, 1/3 (one core left to
     us) make two 10 ms jobs take 20 ms; relative to a profile measured with a share of
     1.0, a table measured now at 0.5 doubles a lone job."""
+    assert pool_finish([10, 10], share=(1.0, 0.5, 0.333)) == pytest.approx([20, 20])
+    assert pool_finish([10], share=(0.5, 0.25), base=1.0) == pytest.approx([20])
+    assert pool_finish([10, 10, 10], share=(1.0, 0.5)) == pytest.approx([30, 30, 30], rel=1e-6)
+
+
+def pool_finish(works, **kw):
+    """End times of jobs of `works` ms started together on a 2-core CorePool(**kw)."""
     env = simpy.Environment()
+    pool = CorePool(env, 2, **kw)
+    ends = []
 
-    def finish(share, base, works):
-        env = simpy.Environment()
-        pool = CorePool(env, 2, share, base)
-        ends = []
-
-        def job(w):
-            _, ev = pool.start(w)
-            yield ev
-            ends.append(env.now)
-        for w in works:
-            env.process(job(w))
-        env.run()
-        return ends
-    assert finish((1.0, 0.5, 0.333), None, [10, 10]) == pytest.approx([20, 20])
-    assert finish((0.5, 0.25), 1.0, [10]) == pytest.approx([20])
-    assert finish((1.0, 0.5), None, [10, 10, 10]) == pytest.approx([30, 30, 30], rel=1e-6)
-    assert env.now == 0
+    def job(w):
+        _, ev = pool.start(w)
+        yield ev
+        ends.append(env.now)
+    for w in works:
+        env.process(job(w))
+    env.run()
+    return ends
 
 
 def _run(profile, stages, name, trace, window=None, **kw):
@@ -136,3 +136,74 @@ def test_core_sharing_in_profiles():
     d["devices"]["core_sharing"] = "round-robin"
     with pytest.raises(InputError, match="core_sharing"):
         parse_profile(d)
+
+
+# ---- optional CPU-host costs (issue 6): per-message stage CPU, head CPU, contention ----
+
+def test_stage_message_cpu_slows_plain_pp_predictably():
+    """Plain PP, 2 stages of 4 ms on dedicated cores: every batch costs each stage one
+    message of CPU before its compute, so a token takes 2 x 1.5 ms longer."""
+    trace = bernoulli_trace(1, 40, 0.0, k=4)
+    base = constant_profile(layers=8, layer_ms=1.0)                     # 4 ms per stage
+    tbt, _ = _run(base, 2, "ar", trace)
+    slow, run = _run(dataclasses.replace(base, stage_message_ms=1.5), 2, "ar", trace)
+    assert slow == pytest.approx(tbt + 2 * 1.5, rel=1e-6)
+    assert run.busy_ms["wire1"] > 0 and run.rows.get("wire1", 0) == 0
+
+
+def test_head_event_cpu_occupies_the_head():
+    """Plain PP: each token is one Verified event at the head; its CPU delays the next
+    inject by head_event_ms (the ack's EntryFree event is off the critical path)."""
+    trace = bernoulli_trace(1, 40, 0.0, k=4)
+    base = constant_profile(layers=8, layer_ms=1.0)
+    tbt, _ = _run(base, 2, "ar", trace)
+    slow, run = _run(dataclasses.replace(base, head_event_ms=0.5), 2, "ar", trace)
+    assert slow == pytest.approx(tbt + 0.5, rel=1e-6)
+    assert run.busy_ms["head"] > 0
+
+
+def test_contention_slowdown_only_when_oversubscribed():
+    # Three 10 ms jobs on two cores: 15 ms with no contention cost, 15 x 1.2 with it;
+    # two jobs on two cores are not oversubscribed: unchanged.
+    assert pool_finish([10, 10, 10], slowdown=1.2) == pytest.approx([18, 18, 18])
+    assert pool_finish([10, 10], slowdown=1.2) == pytest.approx([10, 10])
+
+
+def test_cpu_cost_fields_optional_and_round_trip():
+    """Old profiles (no fields) load with zero costs and simulate exactly as before; the
+    fields round-trip and are validated."""
+    p = load_profile("cpu-smollm2")
+    d = p.to_dict()
+    for k in ("stage_message_ms", "stage_notice_ms", "head_event_ms"):
+        d["latency"].pop(k, None)
+    d["devices"].pop("contention_slowdown", None)
+    old = parse_profile(d)
+    assert (old.stage_message_ms, old.stage_notice_ms, old.head_event_ms,
+            old.contention_slowdown) == (0.0, 0.0, 0.0, 1.0)
+    assert "stage_message_ms" not in old.to_dict()["latency"]
+    assert "contention_slowdown" not in old.to_dict()["devices"]
+    d["latency"].update(stage_message_ms=1.0, stage_notice_ms=0.5, head_event_ms=0.25)
+    d["devices"]["contention_slowdown"] = 1.1
+    new = parse_profile(d)
+    assert parse_profile(new.to_dict()) == new
+    assert (new.stage_message_ms, new.contention_slowdown) == (1.0, 1.1)
+    for bad in ({"latency": {"stage_message_ms": -1}}, {"devices": {"contention_slowdown": 0.9}}):
+        e = parse_profile(new.to_dict()).to_dict()
+        for sec, kv in bad.items():
+            e[sec].update(kv)
+        with pytest.raises(InputError):
+            parse_profile(e)
+
+
+def test_zero_cpu_costs_give_identical_runs():
+    """A profile with the fields explicitly 0 / 1 simulates bit for bit like one without."""
+    trace = bernoulli_trace(1, 50, 0.7, k=4)
+    p = dataclasses.replace(load_profile("cpu-smollm2"), stage_message_ms=0.0,
+                            stage_notice_ms=0.0, head_event_ms=0.0, contention_slowdown=1.0)
+    d = p.to_dict()
+    old = parse_profile(d)
+    for name in ("ar", "tree-sd", "pipedec"):
+        kw = dict(prune="piggyback", cancel=False)
+        a, ra = _run(old, 3, name, trace, **kw)
+        b, rb = _run(p, 3, name, trace, **kw)
+        assert a == b and ra.commits == rb.commits and ra.busy_ms == rb.busy_ms

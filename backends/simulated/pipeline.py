@@ -86,10 +86,12 @@ class CorePool:
     With a measured `share` table (share[n-1]: the share of a core each of n busy
     processes got, foreign load included) the rate is share[n-1] / base, relative to the
     share `base` of the one process that measured the profile's durations (default
-    share[0]: same conditions); past the table's end its last total is divided among n."""
+    share[0]: same conditions); past the table's end its last total is divided among n.
+    `slowdown` (>= 1) divides the rate while more jobs run than there are cores: cache and
+    memory contention that a time-share table (spin loops) does not see."""
 
     def __init__(self, env: simpy.Environment, cores: float, share=None,
-                 base: float | None = None):
+                 base: float | None = None, slowdown: float = 1.0):
         self.env, self.cores = env, float(cores)
         if share:
             m = len(share)
@@ -98,6 +100,9 @@ class CorePool:
                                   for n in range(1, 65)]
         else:
             self.rates = [1.0] + [min(1.0, self.cores / n) for n in range(1, 65)]
+        if slowdown != 1.0:
+            self.rates = [r / slowdown if n > self.cores else r
+                          for n, r in enumerate(self.rates)]
         self.jobs: dict[int, list] = {}      # id -> [remaining work, done event]
         self.t = 0.0                         # when `remaining` was last brought up to date
         self.rate = 1.0
@@ -202,7 +207,8 @@ class Pipeline:
             else:
                 share = self.core_share or p.core_share
                 base = p.core_share[0] if (self.core_share and p.core_share) else None
-                self.pool = CorePool(env, p.shared_cores, share, base)
+                self.pool = CorePool(env, p.shared_cores, share, base,
+                                     getattr(p, "contention_slowdown", 1.0))
         self.head_dev = simpy.Resource(env, 1)
         self.dev = {j: (self.head_dev if (j == 1 and not A) else None) for j in range(1, S + 1)}
         hop = p.link.latency_ms
@@ -296,6 +302,7 @@ class Pipeline:
             batch, piggy = yield from box.get()
             if j == 1:
                 self._entry_taken(box)
+            yield from self._wire_cpu(j, dev, len(piggy))
             for u in piggy:
                 holder.notices.append((env.now, u))
             compacted = holder.catch_up(env.now)
@@ -332,6 +339,14 @@ class Pipeline:
             else:
                 self.back_link.send(HEADER_BYTES + len(rows) * TOKEN_BYTES,
                                     lambda m=out: self._verified(m))
+
+    def _wire_cpu(self, j: int, dev, notices: int):
+        """The stage process's CPU per message outside the compute (profile fields
+        stage_message_ms, stage_notice_ms: the real runtime sends each notice on its own)."""
+        p = self.profile
+        ms = p.stage_message_ms + notices * p.stage_notice_ms
+        if ms > 0.0:
+            yield from self._compute(f"wire{j}", dev, ms, "wire", 0)
 
     def _entry_taken(self, box: Inbox) -> None:
         """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop), as
@@ -386,6 +401,18 @@ class Pipeline:
         if self.strategy.done:
             return
         actions = self.strategy.on(event)
+        if self.profile.head_event_ms > 0.0:
+            # CPU work on the head's core before the actions leave (FIFO on head_dev
+            # keeps their order), then the optional pure delay.
+            self.env.process(self._head_cpu(actions))
+            return
+        self._after_head(actions)
+
+    def _head_cpu(self, actions):
+        yield from self._compute("head", self.head_dev, self.profile.head_event_ms, "event", 0)
+        self._after_head(actions)
+
+    def _after_head(self, actions) -> None:
         delay = self.profile.head_overhead_ms
         if delay > 0.0 and actions:
             self.env.timeout(delay).callbacks.append(lambda _e: self._dispatch(actions))

@@ -292,6 +292,8 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     lat, bw, link_details = measure_link(50 if quick else 200, hidden=H)
     head_ms, head_details = measure_head_overhead(200 if quick else 600)
     share = measure_core_share() if device == "cpu" else None
+    cpu_costs, cpu_details = (isolated_cpu_costs(target_spec) if device == "cpu"
+                              else ({}, None))
     versions = {"torch": torch.__version__}
     import transformers
     versions["transformers"] = transformers.__version__
@@ -308,7 +310,8 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                       "idle receiver, mean one-way; head_overhead_ms = strategy step + wire "
                       "tensors + reader-thread hand-off per event; core_share = share of a "
                       "core each of n busy processes got while profiling (n = 1..5)."),
-            "details": {"link": link_details, "head_overhead": head_details},
+            "details": {"link": link_details, "head_overhead": head_details,
+                        **({"cpu_costs": cpu_details} if cpu_details else {})},
         },
         "target": shape(target_spec, cfg),
         "draft": shape(draft_spec, draft.config),
@@ -318,11 +321,14 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
             "lm_head": {"tokens": list(grid["tokens"]), "ms": lm},
             "embed": {"tokens": list(grid["tokens"]), "ms": emb},
             "kv_compact_ms": compact, "head_overhead_ms": round(head_ms, 4),
+            **{k: v for k, v in cpu_costs.items() if k != "contention_slowdown"},
         },
         "link": {"latency_ms": round(lat, 4), "bandwidth_gbps": round(bw, 3)},
         "devices": {"kind": "cpu" if device == "cpu" else "gpu",
                     "shared_cores": os.cpu_count() if device == "cpu" else None,
-                    "core_share": share},
+                    "core_share": share,
+                    **({"contention_slowdown": cpu_costs["contention_slowdown"]}
+                       if "contention_slowdown" in cpu_costs else {})},
         "split": None,
     }
 
@@ -358,3 +364,221 @@ def profile_main(args) -> int:
     save_profile(prof, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return 0
+
+
+# ---- CPU work outside the compute (issue 6: simulator fidelity on shared cores) ---------
+
+def _stage_cpu_child(cfg, j: int, world: int, init: str, q) -> None:
+    """A real stage process (`worker.stage_main`) with CPU accounting: per request (RESET to
+    REPORT) its process CPU (main + gloo threads), main-thread CPU, and the CPU inside
+    `run_stage` and KV compaction, which the profile's grids already model."""
+    from . import worker
+    from .shard import Shard
+    acc = {"compute": 0.0, "compact": 0.0, "calls": []}
+    marks = []
+    run_stage, apply = worker.run_stage, Shard.apply
+
+    def timed_run(shard, batch, hidden):
+        ctx, c = shard.state.context, time.thread_time()
+        res = run_stage(shard, batch, hidden)
+        dc = (time.thread_time() - c) * 1e3
+        acc["compute"] += dc
+        acc["calls"].append((len(res[0].rows) if res[0] is not None else 0, ctx, dc))
+        return res
+
+    def timed_apply(self, update):
+        c = time.thread_time()
+        try:
+            return apply(self, update)
+        finally:
+            acc["compact"] += (time.thread_time() - c) * 1e3
+
+    def mark(orig):
+        def handler(self, h):
+            marks.append({"process": time.process_time() * 1e3, "main": time.thread_time() * 1e3,
+                          "compute": acc["compute"], "compact": acc["compact"],
+                          "calls": list(acc["calls"])})
+            acc["calls"].clear()
+            return orig(self, h)
+        return handler
+    worker.run_stage, Shard.apply = timed_run, timed_apply
+    worker.Stage.on_reset = mark(worker.Stage.on_reset)
+    worker.Stage.on_report = mark(worker.Stage.on_report)
+    worker.stage_main(cfg, j, world, init, "")
+    q.put((j, marks))
+
+
+def _head_cycle(out, S: int, H: int, seq: int, rows, committed: int, *, ack: bool = True):
+    """Send one batch into stage 1 and wait for stage 1's ack and the result from stage S."""
+    from . import wire
+    from .shard import rows_tensor
+    h = wire.header(wire.BATCH, seq, id=rows[0].id, n=len(rows), committed=committed)
+    out.send([h, rows_tensor(rows)], 1)
+    if ack:
+        wire.recv(2, torch.int64, 1, wire.TAG_ACK)
+    r = wire.recv(wire.HEADER_LEN, torch.int64, S)
+    n = int(r[wire.N])
+    if n:
+        wire.recv((n, 4), torch.int64, S)
+        wire.recv((n, H), torch.float32, S)
+
+
+def _busy_streamer(stop) -> None:
+    """Background load like a pipeline stage's: 4-row matmuls over ~100 MB of weights."""
+    torch.set_num_threads(1)
+    ws = [torch.randn(576, 1536) for _ in range(24)] + [torch.randn(576, 576) for _ in range(16)]
+    x = torch.randn(4, 576)
+    while not stop.is_set():
+        for w in ws:
+            x @ w
+
+
+def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ctx: int = 64,
+                           gap_s: float = 0.004, background: int = 0) -> tuple[dict, dict]:
+    """CPU ms a stage process spends per message outside the modelled compute, on 2 real
+    stages (`worker.stage_main`, gloo, topology A) fed one batch at a time by this process
+    acting as the head, each after a `gap_s` idle pause (as a pipeline stage waits).
+
+    Two requests: `cycles` batches of n tree rows; then `cycles` x (batch, prune notice
+    killing it). Per stage: batch_ms = (process CPU - run_stage CPU) / batches of the first;
+    notice_ms = the second's extra CPU per notice, KV compaction excluded. Also
+    compute_after_idle = run_stage CPU / the profile-style back-to-back time of the same
+    rows (median over the batches; the idle gap cools caches). Returns (fields, details)."""
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    from pipedec_sim.messages import Row
+
+    from . import wire
+    from .runtime import free_port
+    from .worker import IDLE_TIMEOUT, StageConfig
+    S = 2
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    cfg = StageConfig(target_spec, S)
+    ctxm = mp.get_context("spawn")
+    q = ctxm.Queue()
+    kids = [ctxm.Process(target=_stage_cpu_child, args=(cfg, j, S + 1, init, q), daemon=True)
+            for j in range(1, S + 1)]
+    stop = ctxm.Event()
+    kids += [ctxm.Process(target=_busy_streamer, args=(stop,), daemon=True)
+             for _ in range(background)]
+    for k in kids:
+        k.start()
+    H = load(target_spec).config.hidden_size
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=0, world_size=S + 1,
+                                timeout=IDLE_TIMEOUT)
+        _join_links(S + 1, H)
+        out = wire.Outbox()
+        prefix = [Row(i, i - 1, 1 + i % 200, i) for i in range(ctx)]
+        head_cpu = []
+        for seq, notices in ((1, False), (2, True)):
+            out.send([wire.header(wire.RESET, seq)], 1)
+            _head_cycle(out, S, H, seq, prefix, ctx)
+            c0 = time.process_time()
+            for c in range(cycles):
+                time.sleep(gap_s)
+                rows = [Row(10**6 + c * 100 + k, ctx - 1, 1 + k, ctx) for k in range(n)]
+                _head_cycle(out, S, H, seq, rows, ctx)
+                if notices:
+                    time.sleep(gap_s)
+                    ids = torch.tensor([r.id for r in rows], dtype=torch.int64)
+                    out.send([wire.header(wire.UPDATE, seq, n=0, n2=n), ids], 1)
+            head_cpu.append((time.process_time() - c0) * 1e3)
+            out.send([wire.header(wire.REPORT, seq), torch.zeros((S, 2), dtype=torch.int64)], 1)
+            r = wire.recv(wire.HEADER_LEN, torch.int64, S)
+            wire.recv((S, 2), torch.int64, S)
+            if int(r[wire.N]):                           # the stages' timeline slices
+                wire.recv((int(r[wire.N]), 6), torch.float64, S)
+        out.send([wire.header(wire.STOP, 3)], 1)
+        wire.recv(wire.HEADER_LEN, torch.int64, S)      # STOP comes back from the last stage
+        wire.recv(2, torch.int64, 1, wire.TAG_ACK)      # and stage 1 ends the ack stream
+        out.flush()
+        marks = dict(q.get(timeout=60) for _ in range(S))
+        stop.set()
+        dist.destroy_process_group()
+    finally:
+        for k in kids:
+            k.join(10)
+            if k.is_alive():
+                k.kill()
+    fields, details = _overhead_fields(marks, cycles, n)
+    # The head's wire CPU per batch round trip covers two inbound events (ack, result).
+    fields["head_event_ms"] = round(head_cpu[0] / cycles / 2, 4)
+    return fields, details
+
+
+def measure_cpu_costs(target_spec: str, *, background: int = 2) -> tuple[dict, dict]:
+    """The optional CPU-host profile fields (see pipedec_sim/calibration.py): per-message
+    costs measured with `background` streaming processes beside the head and 2 stages
+    (background 2: five busy processes, as a 4-stage pipeline on its cores), and
+    contention_slowdown = a stage's compute CPU then / on a quiet machine."""
+    quiet_fields, quiet = measure_stage_overhead(target_spec)
+    fields, loaded = measure_stage_overhead(target_spec, background=background)
+    a, b = quiet["run_stage_cpu_median_ms"], loaded["run_stage_cpu_median_ms"]
+    fields["contention_slowdown"] = round(max(1.0, b / a), 3) if a and b else 1.0
+    return fields, {"background": background, "quiet": {**quiet_fields, **quiet},
+                    "loaded": {**fields, **loaded}, "load_average": os.getloadavg()}
+
+
+def _cpu_costs_child(target_spec: str, q) -> None:
+    q.put(measure_cpu_costs(target_spec))
+
+
+def isolated_cpu_costs(target_spec: str) -> tuple[dict, dict]:
+    """measure_cpu_costs in a child process: a gloo abort there (a transport that changed
+    under it) leaves a profile without the optional fields instead of no profile."""
+    import multiprocessing as mp
+    import queue
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_cpu_costs_child, args=(target_spec, q), daemon=False)
+    p.start()
+    try:
+        for _ in range(600):
+            try:
+                return q.get(timeout=1.0)
+            except queue.Empty:
+                if p.exitcode is not None:
+                    break
+        return {}, {"error": f"measure_cpu_costs failed (exit {p.exitcode})"}
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+
+
+def _join_links(world: int, hidden: int) -> None:
+    """The head's part of the stages' transport handshake (`link.connect`)."""
+    from .link import connect
+    connect(0, world, "cpu", "gloo", hidden, torch.float32)
+
+
+def _overhead_fields(marks: dict, cycles: int, n: int) -> tuple[dict, dict]:
+    """Per stage and phase: CPU outside compute + compaction, per message."""
+    def delta(m, a, b):
+        x, y = m[a], m[b]
+        other = (y["process"] - x["process"]) - (y["main"] - x["main"])
+        outside = (y["main"] - x["main"]) - (y["compute"] - x["compute"]) - (
+            y["compact"] - x["compact"])
+        return outside, other, [c for c in y["calls"] if c[0] == n]
+    per_stage, idle_cpu = {}, []
+    for j, m in sorted(marks.items()):
+        # marks: RESET 1, REPORT 1, RESET 2, REPORT 2 (calls are attached at the next mark)
+        o1, t1, calls = delta(m, 0, 1)
+        o2, t2, _ = delta(m, 2, 3)
+        msgs1 = cycles + 1
+        batch = (o1 + t1) / msgs1
+        notice = max((o2 + t2) - batch * msgs1, 0.0) / cycles
+        per_stage[j] = {"batch_main_ms": round(o1 / msgs1, 4),
+                        "batch_threads_ms": round(t1 / msgs1, 4),
+                        "batch_ms": round(batch, 4), "notice_ms": round(notice, 4)}
+        idle_cpu += [c[2] for c in calls]
+    fields = {"stage_message_ms": round(statistics.fmean(s["batch_ms"]
+                                                         for s in per_stage.values()), 4),
+              "stage_notice_ms": round(statistics.fmean(s["notice_ms"]
+                                                        for s in per_stage.values()), 4)}
+    return fields, {"per_stage": per_stage, "run_stage_cpu_median_ms":
+                    round(statistics.median(idle_cpu), 4) if idle_cpu else None}
