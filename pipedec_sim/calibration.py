@@ -18,6 +18,9 @@ behaves exactly as before), all CPU work on the host's shared cores, measured by
   devices.contention_slowdown  how much slower work runs while more processes are runnable
                              than there are cores (cache and memory contention that a
                              time-share table cannot see); 1 = none
+  devices.message_contention   how much more CPU a stage spends per message (and notice)
+                             while the cores are oversubscribed: a process woken for each
+                             message runs cache-cold, and gloo's loop thread competes; 1 = none
 
 Bad files raise `InputError` naming the file, the JSON line (syntax errors) or the JSON path
 (``field``, e.g. ``latency.layer.ms[2][3]``), so the CLIs can print one line and exit 2.
@@ -230,6 +233,7 @@ class Profile:
     stage_notice_ms: float = 0.0
     head_event_ms: float = 0.0
     contention_slowdown: float = 1.0
+    message_contention: float = 1.0
 
     __hash__ = None  # type: ignore[assignment]  # provenance is a dict
 
@@ -274,8 +278,8 @@ class Profile:
                            if self.core_sharing != "ps" else {}),
                         **({"core_share": list(self.core_share)}
                            if self.core_share else {}),
-                        **({"contention_slowdown": self.contention_slowdown}
-                           if self.contention_slowdown != 1.0 else {})},
+                        **{k: getattr(self, k) for k in DEVICE_FIELDS
+                           if getattr(self, k) != 1.0}},
             "split": None if self.split is None else list(self.split),
         }
 
@@ -442,17 +446,18 @@ def _link(v: Any, src: str | None) -> Link:
 
 CORE_SHARING = ("ps", "fifo")
 CPU_FIELDS = ("stage_message_ms", "stage_notice_ms", "head_event_ms")   # in "latency"
+DEVICE_FIELDS = ("contention_slowdown", "message_contention")            # in "devices"
 
 
 def _cpu_costs(lat: Mapping, devices: Mapping, src: str | None) -> dict:
     """The optional CPU-host fields (0 / 1 when absent: older profiles load unchanged)."""
     out = {k: _check_number(lat[k], f"latency.{k}", src) for k in CPU_FIELDS if k in lat}
-    if "contention_slowdown" in devices:
-        v = _check_number(devices["contention_slowdown"], "devices.contention_slowdown", src,
-                          positive=True)
-        if v < 1.0:
-            raise _fail(src, "devices.contention_slowdown", f"must be >= 1, got {v}")
-        out["contention_slowdown"] = v
+    for k in DEVICE_FIELDS:
+        if k in devices:
+            v = _check_number(devices[k], f"devices.{k}", src, positive=True)
+            if v < 1.0:
+                raise _fail(src, f"devices.{k}", f"must be >= 1, got {v}")
+            out[k] = v
     return out
 
 

@@ -162,6 +162,19 @@ def test_head_event_cpu_occupies_the_head():
     assert run.busy_ms["head"] > 0
 
 
+def test_message_contention_only_when_the_cores_are_oversubscribed():
+    """Plain PP keeps one process busy at a time on 2 cores: message costs stay quiet.
+    PipeDec with an always-right draft keeps every stage busy: they rise."""
+    trace = bernoulli_trace(1, 40, 1.0, k=4)
+    base = dataclasses.replace(load_profile("cpu-smollm2"), stage_message_ms=1.0,
+                               message_contention=1.0)
+    hot = dataclasses.replace(base, message_contention=4.0)
+    for name, changes in (("ar", False), ("pipedec", True)):
+        a, _ = _run(base, 4, name, trace, prune="piggyback", cancel=False)
+        b, _ = _run(hot, 4, name, trace, prune="piggyback", cancel=False)
+        assert (b > a * 1.02) == changes, (name, a, b)
+
+
 def test_contention_slowdown_only_when_oversubscribed():
     # Three 10 ms jobs on two cores: 15 ms with no contention cost, 15 x 1.2 with it;
     # two jobs on two cores are not oversubscribed: unchanged.
@@ -177,17 +190,20 @@ def test_cpu_cost_fields_optional_and_round_trip():
     for k in ("stage_message_ms", "stage_notice_ms", "head_event_ms"):
         d["latency"].pop(k, None)
     d["devices"].pop("contention_slowdown", None)
+    d["devices"].pop("message_contention", None)
     old = parse_profile(d)
     assert (old.stage_message_ms, old.stage_notice_ms, old.head_event_ms,
-            old.contention_slowdown) == (0.0, 0.0, 0.0, 1.0)
+            old.contention_slowdown, old.message_contention) == (0.0, 0.0, 0.0, 1.0, 1.0)
     assert "stage_message_ms" not in old.to_dict()["latency"]
     assert "contention_slowdown" not in old.to_dict()["devices"]
     d["latency"].update(stage_message_ms=1.0, stage_notice_ms=0.5, head_event_ms=0.25)
-    d["devices"]["contention_slowdown"] = 1.1
+    d["devices"].update(contention_slowdown=1.1, message_contention=3.0)
     new = parse_profile(d)
     assert parse_profile(new.to_dict()) == new
-    assert (new.stage_message_ms, new.contention_slowdown) == (1.0, 1.1)
-    for bad in ({"latency": {"stage_message_ms": -1}}, {"devices": {"contention_slowdown": 0.9}}):
+    assert (new.stage_message_ms, new.contention_slowdown, new.message_contention) == (
+        1.0, 1.1, 3.0)
+    for bad in ({"latency": {"stage_message_ms": -1}}, {"devices": {"contention_slowdown": 0.9}},
+                {"devices": {"message_contention": 0.5}}):
         e = parse_profile(new.to_dict()).to_dict()
         for sec, kv in bad.items():
             e[sec].update(kv)
@@ -199,7 +215,8 @@ def test_zero_cpu_costs_give_identical_runs():
     """A profile with the fields explicitly 0 / 1 simulates bit for bit like one without."""
     trace = bernoulli_trace(1, 50, 0.7, k=4)
     p = dataclasses.replace(load_profile("cpu-smollm2"), stage_message_ms=0.0,
-                            stage_notice_ms=0.0, head_event_ms=0.0, contention_slowdown=1.0)
+                            stage_notice_ms=0.0, head_event_ms=0.0, contention_slowdown=1.0,
+                            message_contention=1.0)
     d = p.to_dict()
     old = parse_profile(d)
     for name in ("ar", "tree-sd", "pipedec"):

@@ -139,6 +139,10 @@ class CorePool:
             self.jobs.pop(i)[1].succeed()
         self._reschedule()
 
+    def busy(self) -> int:
+        """Jobs running now."""
+        return len(self.jobs)
+
     def start(self, work: float) -> tuple[int, simpy.Event]:
         self._advance()
         self.ids += 1
@@ -345,6 +349,8 @@ class Pipeline:
         stage_message_ms, stage_notice_ms: the real runtime sends each notice on its own)."""
         p = self.profile
         ms = p.stage_message_ms + notices * p.stage_notice_ms
+        if self.pool is not None and self.pool.busy() + 1 > self.pool.cores:
+            ms *= p.message_contention       # handled while the cores are oversubscribed
         if ms > 0.0:
             yield from self._compute(f"wire{j}", dev, ms, "wire", 0)
 

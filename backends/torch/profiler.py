@@ -20,7 +20,7 @@ from datetime import date, timedelta
 
 import torch
 
-from pipedec_sim.calibration import save_profile
+from pipedec_sim.calibration import CPU_FIELDS, DEVICE_FIELDS, save_profile
 from pipedec_sim.messages import Row, Update
 
 from .models import load
@@ -321,14 +321,13 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
             "lm_head": {"tokens": list(grid["tokens"]), "ms": lm},
             "embed": {"tokens": list(grid["tokens"]), "ms": emb},
             "kv_compact_ms": compact, "head_overhead_ms": round(head_ms, 4),
-            **{k: v for k, v in cpu_costs.items() if k != "contention_slowdown"},
+            **{k: v for k, v in cpu_costs.items() if k in CPU_FIELDS},
         },
         "link": {"latency_ms": round(lat, 4), "bandwidth_gbps": round(bw, 3)},
         "devices": {"kind": "cpu" if device == "cpu" else "gpu",
                     "shared_cores": os.cpu_count() if device == "cpu" else None,
                     "core_share": share,
-                    **({"contention_slowdown": cpu_costs["contention_slowdown"]}
-                       if "contention_slowdown" in cpu_costs else {})},
+                    **{k: cpu_costs[k] for k in DEVICE_FIELDS if k in cpu_costs}},
         "split": None,
     }
 
@@ -423,6 +422,36 @@ def _head_cycle(out, S: int, H: int, seq: int, rows, committed: int, *, ack: boo
         wire.recv((n, H), torch.float32, S)
 
 
+def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, window: int,
+               notices: bool) -> None:
+    """`cycles` batches of n tree rows with `window` in flight: each result from stage S
+    lets the next batch in (and, with `notices`, kills the returned rows: a prune notice
+    that follows the batches already queued). Stage 1's acks are drained at the end."""
+    from pipedec_sim.messages import Row
+
+    from . import wire
+    from .shard import rows_tensor
+
+    def send(c):
+        rows = [Row(10**6 + c * 100 + k, ctx - 1, 1 + k, ctx) for k in range(n)]
+        out.send([wire.header(wire.BATCH, seq, id=rows[0].id, n=n, committed=ctx),
+                  rows_tensor(rows)], 1)
+    for c in range(min(window, cycles)):
+        send(c)
+    for c in range(cycles):
+        r = wire.recv(wire.HEADER_LEN, torch.int64, S)
+        m = int(r[wire.N])
+        if m:
+            ids = wire.recv((m, 4), torch.int64, S)[:, 0]
+            wire.recv((m, H), torch.float32, S)
+            if notices:
+                out.send([wire.header(wire.UPDATE, seq, n=0, n2=m), ids.clone()], 1)
+        if c + window < cycles:
+            send(c + window)
+    for _ in range(cycles):
+        wire.recv(2, torch.int64, 1, wire.TAG_ACK)
+
+
 def _busy_streamer(stop) -> None:
     """Background load like a pipeline stage's: 4-row matmuls over ~100 MB of weights."""
     torch.set_num_threads(1)
@@ -434,10 +463,12 @@ def _busy_streamer(stop) -> None:
 
 
 def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ctx: int = 64,
-                           gap_s: float = 0.004, background: int = 0) -> tuple[dict, dict]:
-    """CPU ms a stage process spends per message outside the modelled compute, on 2 real
-    stages (`worker.stage_main`, gloo, topology A) fed one batch at a time by this process
-    acting as the head, each after a `gap_s` idle pause (as a pipeline stage waits).
+                           gap_s: float = 0.004, background: int = 0, stages: int = 2,
+                           window: int = 1) -> tuple[dict, dict]:
+    """CPU ms a stage process spends per message outside the modelled compute, on `stages`
+    real stages (`worker.stage_main`, gloo, topology A) fed by this process acting as the
+    head: one batch at a time after a `gap_s` idle pause (window 1: a stage that waits), or
+    `window` batches in flight back to back (a saturated pipeline, every process runnable).
 
     Two requests: `cycles` batches of n tree rows; then `cycles` x (batch, prune notice
     killing it). Per stage: batch_ms = (process CPU - run_stage CPU) / batches of the first;
@@ -453,7 +484,7 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
     from . import wire
     from .runtime import free_port
     from .worker import IDLE_TIMEOUT, StageConfig
-    S = 2
+    S = stages
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     init = f"tcp://127.0.0.1:{free_port()}"
     cfg = StageConfig(target_spec, S)
@@ -478,7 +509,9 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
             out.send([wire.header(wire.RESET, seq)], 1)
             _head_cycle(out, S, H, seq, prefix, ctx)
             c0 = time.process_time()
-            for c in range(cycles):
+            if window > 1:
+                _head_ring(out, S, H, seq, ctx, cycles, n, window, notices)
+            for c in range(cycles if window == 1 else 0):
                 time.sleep(gap_s)
                 rows = [Row(10**6 + c * 100 + k, ctx - 1, 1 + k, ctx) for k in range(n)]
                 _head_cycle(out, S, H, seq, rows, ctx)
@@ -516,11 +549,19 @@ def measure_cpu_costs(target_spec: str, *, background: int = 2) -> tuple[dict, d
     (background 2: five busy processes, as a 4-stage pipeline on its cores), and
     contention_slowdown = a stage's compute CPU then / on a quiet machine."""
     quiet_fields, quiet = measure_stage_overhead(target_spec)
-    fields, loaded = measure_stage_overhead(target_spec, background=background)
+    loaded_fields, loaded = measure_stage_overhead(target_spec, background=background)
+    ring_fields, ring = measure_stage_overhead(target_spec, stages=4, window=5)
     a, b = quiet["run_stage_cpu_median_ms"], loaded["run_stage_cpu_median_ms"]
-    fields["contention_slowdown"] = round(max(1.0, b / a), 3) if a and b else 1.0
+    # Per-message costs: the quiet ones, times message_contention while the cores are
+    # oversubscribed (a saturated 4-stage ring: every process runnable, as PipeDec keeps
+    # them); compute slows by contention_slowdown (the streamers' measurement).
+    fields = {**quiet_fields, "head_event_ms": loaded_fields["head_event_ms"],
+              "contention_slowdown": round(max(1.0, b / a), 3) if a and b else 1.0,
+              "message_contention": round(max(1.0, ring_fields["stage_message_ms"]
+                                              / quiet_fields["stage_message_ms"]), 3)}
     return fields, {"background": background, "quiet": {**quiet_fields, **quiet},
-                    "loaded": {**fields, **loaded}, "load_average": os.getloadavg()}
+                    "loaded": {**loaded_fields, **loaded}, "ring4": {**ring_fields, **ring},
+                    "load_average": os.getloadavg()}
 
 
 def _cpu_costs_child(target_spec: str, q) -> None:
