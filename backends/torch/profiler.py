@@ -30,13 +30,22 @@ GRID = {"tokens": (1, 4, 16, 64), "context": (0, 128, 512)}
 QUICK = {"tokens": (1, 4, 16), "context": (0, 128)}
 
 
+def _sync() -> None:
+    """Wait for queued GPU work: CUDA kernels run asynchronously, so a host clock read
+    without this times the launches, not the work. A no-op on CPU runs."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         ts.append((time.perf_counter() - t) * 1e3)
     return statistics.median(ts)
 
@@ -343,8 +352,10 @@ def _compact_ms(model, layers: int, ctx: int, device, reps: int) -> float:
     for k in range(reps):
         _prefilled(shard, ctx)
         shard.forward(_tree(ctx, 16, 10**6), 0)
+        _sync()
         t = time.perf_counter()
         shard.apply(Update(kill=tuple(range(10**6, 10**6 + 8))))
+        _sync()
         ts.append((time.perf_counter() - t) * 1e3)
     return round(statistics.median(ts), 4)
 

@@ -9,6 +9,7 @@ Sections (each one guarded: a failure is reported and the next one still runs):
   lossless  the in-process pipeline on the device, every strategy, S=2, against HF greedy
   runtime   `pipedec-real run --device cuda` (stage processes; which transport it chose),
           and `--transport nccl`'s answer when stages share a GPU
+  cliprofile  `pipedec-real profile --device cuda` on tiny models loads in the simulator
   profile per-layer latency of a Llama-3.1-70B-shaped layer, a Llama-3.2-1B-shaped draft
           step, LM head and embedding in bf16 (random weights), through the backend's own
           `Shard` code, written as a `pipedec-profile/1` calibration profile
@@ -208,6 +209,21 @@ def check_runtime(device, out: Path, n: int) -> dict:
     return res
 
 
+def check_cli_profile(device, out: Path) -> dict:
+    """`pipedec-real profile --device cuda` (tiny models, quick grid) writes a profile that
+    loads in the simulator."""
+    from pipedec_sim.calibration import load_profile
+    path = out / "cli-profile-tiny.json"
+    r = subprocess.run([sys.executable, "-m", "backends.torch.cli", "profile", "--target", "tiny",
+                        "--draft", "tiny-draft", "--device", device, "--quick", "--out", str(path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if r.returncode:
+        return {"ok": False, "exit": r.returncode, "stderr": r.stderr[-1500:]}
+    p = load_profile(path)
+    return {"ok": True, "device": p.provenance["device"], "layer_ms_1tok": p.layer(1, 0),
+            "draft_ms_1tok": p.draft_step(1, 0), "lm_head_ms_1tok": p.lm_head(1)}
+
+
 # ---- profile -------------------------------------------------------------------------------
 def random_llama(spec: dict, layers: int, device, dtype):
     cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=spec["hidden_size"],
@@ -392,7 +408,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
-    ap.add_argument("--only", default="tree,lossless,runtime,profile,kernels")
+    ap.add_argument("--only", default="tree,lossless,runtime,cliprofile,profile,kernels")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke else "cuda"
@@ -404,6 +420,7 @@ def main(argv=None) -> int:
     n = 12 if args.smoke else 24
     steps = {"tree": lambda: check_tree(device), "lossless": lambda: check_lossless(device, n),
              "runtime": lambda: check_runtime(device, args.out, n),
+             "cliprofile": lambda: check_cli_profile(device, args.out),
              "profile": lambda: _profile(device, args),
              "kernels": lambda: _profile(device, args, kernels=True)}
     for key in args.only.split(","):
