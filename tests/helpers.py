@@ -1,6 +1,8 @@
-"""Small trace builders for tests: exact hit models instead of sampled confidences."""
+"""Test helpers: small trace builders (exact hit models instead of sampled confidences)
+and a process finder for the real-backend tests."""
 from __future__ import annotations
 
+import os
 import random
 
 from pipedec_sim.traces import Trace, TraceHeader, TraceRequest
@@ -45,3 +47,19 @@ def random_trace(rng: random.Random, requests: int, length: int, k: int, prompt_
             probs.append([v / s for v in raw])
         reqs.append(TraceRequest(str(r), prompt_len, out, ids, probs))
     return Trace(header(k), reqs)
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries `tag`: a launched CLI and everything it spawned
+    (environments are inherited), so tests can check for and kill leftovers."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if tag.encode() in fh.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids

@@ -14,22 +14,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from .helpers import tagged_pids  # noqa: E402
+
 pytestmark = pytest.mark.real
-
-
-def _tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries our tag (the CLI and every stage it spawned)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if tag.encode() in fh.read():
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
 
 
 def _run(tmp_path, fault: str):
@@ -53,6 +40,6 @@ def test_stage_failure_is_reported_and_cleaned_up(tmp_path, mode):
     assert last.startswith("pipedec-real: error: stage 2 (rank 2) failed"), last
     assert seconds < 60          # includes ~10 s of process start-up; the fault is at ~1 s
     time.sleep(0.5)
-    assert _tagged_pids(tag) == [], "orphan stage processes"
+    assert tagged_pids(tag) == [], "orphan stage processes"
     out = [json.loads(x) for x in (tmp_path / "out" / "outputs.jsonl").read_text().splitlines()]
     assert [x["id"] for x in out] == ["1"]          # request 1 finished and is kept

@@ -25,6 +25,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from .helpers import tagged_pids  # noqa: E402
+
 pytestmark = pytest.mark.real
 
 TORCHRUN = shutil.which("torchrun", path=f"{Path(sys.executable).parent}{os.pathsep}"
@@ -59,21 +61,8 @@ def _wait_listening(port: int, proc: subprocess.Popen, limit: float = 60.0) -> N
     raise AssertionError(f"no c10d store on port {port} (agent exit code {proc.poll()})")
 
 
-def _tagged_pids(tag: str) -> list[int]:
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as fh:
-                    if tag.encode() in fh.read():
-                        pids.append(int(pid))
-            except OSError:
-                pass
-    return pids
-
-
 def _kill(tag: str) -> None:
-    for pid in _tagged_pids(tag):
+    for pid in tagged_pids(tag):
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
@@ -159,7 +148,7 @@ def launcher(tmp_path):
     finally:
         ln.cleanup()
         time.sleep(0.2)
-        assert _tagged_pids(f"PIPEDEC_TEST_TAG={ln.run_id}") == [], "orphan processes"
+        assert tagged_pids(f"PIPEDEC_TEST_TAG={ln.run_id}") == [], "orphan processes"
 
 
 def _outputs(path: Path) -> list[dict]:
