@@ -14,6 +14,9 @@ from pathlib import Path
 from pipedec_sim.cli import STRATEGY_NAMES, Parser, _positive, _strategies, add_policy_flags
 from pipedec_sim.errors import InputError, guarded
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pipedec-real", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -31,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=_positive(), default=64)
     run.add_argument("--max-requests", type=_positive(), default=None)
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--dtype", choices=DTYPES, default="float32",
+                     help="weights and activations (bfloat16 for large models on GPUs; "
+                          "greedy output then matches the target only up to rounding: a tree "
+                          "batch sums in another order than one token at a time)")
     run.add_argument("--transport", choices=("auto", "gloo", "nccl"), default="auto",
                      help="activations between stages: nccl (GPU to GPU; needs one GPU per "
                           "stage), gloo (through host memory), auto: nccl where it can")
@@ -104,6 +111,8 @@ def _knobs(args) -> dict:
 
 
 def _pipeline(args, recorder):
+    import torch
+
     from .inline import InlinePipeline
     from .models import load
     from .runtime import DistributedPipeline
@@ -112,9 +121,9 @@ def _pipeline(args, recorder):
     if args.inline:
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
                               topology=args.topology, recorder=recorder, knobs=_knobs(args),
-                              device=args.device)
+                              device=args.device, dtype=getattr(torch, args.dtype))
     cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout,
-                      args.transport)
+                      args.transport, args.dtype)
     return DistributedPipeline(cfg, draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
@@ -253,7 +262,7 @@ def _torchrun_stage(args) -> int:
     from .worker import StageConfig, stage_main
     world = int(os.environ["WORLD_SIZE"])
     cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout,
-                      args.transport)
+                      args.transport, args.dtype)
     stage_main(cfg, int(os.environ["RANK"]), world, "env://", "")
     return 0
 

@@ -41,15 +41,16 @@ def run_stage(shard: Shard, batch: Batch, hidden):
 
 class InlinePipeline:
     def __init__(self, target, draft=None, stages: int = 2, *, topology: str = "A",
-                 recorder=None, knobs=None, device="cpu"):
-        model = target.model.to(device)
+                 recorder=None, knobs=None, device="cpu", dtype=None):
+        model = target.model.to(device, dtype)
         bounds = stage_bounds(model.config.num_hidden_layers, stages)
         S = len(bounds)
         self.shards = [Shard(model, lo, hi, embed=(j == 0), head=(j == S - 1), device=device)
                        for j, (lo, hi) in enumerate(bounds)]
         self.topology = topology
         self.verifier = Verifier(self.shards[-1]) if topology == "A" else None
-        self.draft = Draft(draft.model.to(device), device) if draft is not None else None
+        self.draft = (Draft(draft.model.to(device, dtype), device) if draft is not None
+                      else None)
         knobs = {"window": S + 1, **(knobs or {})}        # as the simulator's default
         self.head = Head(self.draft, self.verifier, inject=self._inject, notify=self._notify,
                          recorder=recorder, eos=target.eos, knobs=knobs)

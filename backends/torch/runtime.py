@@ -64,17 +64,17 @@ class DistributedPipeline:
         self.torchrun = torchrun
         self.device = rank_device(cfg.device, 0)
         # The head reads only the final norm + LM head (topology A), or no weights at all.
+        self.dtype = cfg.torch_dtype
         target = load_stage(cfg.target, 0, 0, embed=False, head=(cfg.topology == "A"),
-                            device=self.device)
+                            device=self.device, dtype=self.dtype)
         self.eos = target.eos
         self.verifier = None
         if cfg.topology == "A":
             self.verifier = Verifier(Shard(target.model, 0, 0, embed=False, head=True,
                                            device=self.device))
-        draft = (Draft(load(draft_spec).model.to(self.device), self.device) if draft_spec
-                 else None)
+        draft = (Draft(load(draft_spec).model.to(self.device, self.dtype), self.device)
+                 if draft_spec else None)
         self.hidden_size = target.config.hidden_size
-        self.dtype = torch.float32           # every rank loads float32 (load_stage)
         self.head = Head(draft, self.verifier, inject=self._inject, notify=self._notify,
                          recorder=recorder, eos=self.eos,
                          knobs={"window": cfg.stages + 1, **(knobs or {})})

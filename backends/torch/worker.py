@@ -37,6 +37,11 @@ class StageConfig:
     device: str = "cpu"
     timeout_s: float = 60.0
     transport: str = "auto"      # stage-to-stage activations: auto | gloo | nccl (link.py)
+    dtype: str = "float32"       # weights and activations, a torch dtype name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 def build_shard(cfg: StageConfig, j: int) -> Shard:
@@ -44,7 +49,8 @@ def build_shard(cfg: StageConfig, j: int) -> Shard:
     lo, hi = stage_bounds(num_layers(cfg.target), cfg.stages)[j - 1]
     head = j == cfg.stages and cfg.topology == "B"
     device = rank_device(cfg.device, j)
-    loaded = load_stage(cfg.target, lo, hi, embed=(j == 1), head=head, device=device)
+    loaded = load_stage(cfg.target, lo, hi, embed=(j == 1), head=head, device=device,
+                        dtype=cfg.torch_dtype)
     return Shard(loaded.model, lo, hi, embed=(j == 1), head=head, device=device)
 
 

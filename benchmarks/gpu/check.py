@@ -9,6 +9,7 @@ Sections (each one guarded: a failure is reported and the next one still runs):
   lossless  the in-process pipeline on the device, every strategy, S=2, against HF greedy
   runtime   `pipedec-real run --device cuda` (stage processes; which transport it chose),
           and `--transport nccl`'s answer when stages share a GPU
+  bf16    `pipedec-real run --dtype bfloat16` against HF greedy of the bf16 target
   cliprofile  `pipedec-real profile --device cuda` on tiny models loads in the simulator
   profile per-layer latency of a Llama-3.1-70B-shaped layer, a Llama-3.2-1B-shaped draft
           step, LM head and embedding in bf16 (random weights), through the backend's own
@@ -206,6 +207,34 @@ def check_runtime(device, out: Path, n: int) -> dict:
     forced = real_run(device, out, 4, ["--transport", "nccl", "--strategies", "ar"])
     res["forced_nccl"] = {"exit": forced.returncode, "stderr": forced.stderr.strip()[-600:]}
     res["ok"] = r.returncode == 0 and res.get("lossless", False)
+    return res
+
+
+def check_bf16(device, out: Path, n: int) -> dict:
+    """`pipedec-real run --dtype bfloat16 --device cuda`: per strategy, does the output equal
+    HF greedy of the bf16 target on the same device? Plain PP must (one token per batch is
+    HF's own computation); tree batches may differ by bf16 rounding, which this reports."""
+    t = load("tiny")
+    t.model.to(device, torch.bfloat16)
+    refs = []
+    for p in PROMPTS:
+        ids = t.encode(p)
+        o = t.model.generate(torch.tensor([ids], device=device), do_sample=False,
+                             max_new_tokens=n, pad_token_id=0)
+        refs.append(o[0, len(ids):].tolist())
+    r = real_run(device, out, n, ["--dtype", "bfloat16", "--out", str(out / "bf16")])
+    if r.returncode:
+        return {"ok": False, "exit": r.returncode, "stderr": r.stderr[-2000:]}
+    got = [json.loads(ln) for ln in (out / "bf16" / "outputs.jsonl").read_text().splitlines()]
+    res = {}
+    for name in ("ar", "tree-sd", "pipedec"):
+        mine = [g for g in got if g["strategy"] == name]
+        res[f"{name}_equal_requests"] = sum(g["output_ids"] == refs[int(g["id"]) - 1]
+                                            for g in mine)
+        res[f"{name}_equal_tokens"] = sum(a == b for g in mine for a, b in
+                                          zip(g["output_ids"], refs[int(g["id"]) - 1]))
+    res["ok"] = res["ar_equal_requests"] == len(PROMPTS)
+    res["of"] = {"requests": len(PROMPTS), "tokens": len(PROMPTS) * n}
     return res
 
 
@@ -408,7 +437,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
-    ap.add_argument("--only", default="tree,lossless,runtime,cliprofile,profile,kernels")
+    ap.add_argument("--only",
+                    default="tree,lossless,runtime,bf16,cliprofile,profile,kernels")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke else "cuda"
@@ -420,6 +450,7 @@ def main(argv=None) -> int:
     n = 12 if args.smoke else 24
     steps = {"tree": lambda: check_tree(device), "lossless": lambda: check_lossless(device, n),
              "runtime": lambda: check_runtime(device, args.out, n),
+             "bf16": lambda: check_bf16(device, args.out, n),
              "cliprofile": lambda: check_cli_profile(device, args.out),
              "profile": lambda: _profile(device, args),
              "kernels": lambda: _profile(device, args, kernels=True)}
