@@ -288,21 +288,29 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     def layer_step(rows):
         layer.forward(rows, 0, torch.zeros(1, len(rows), H, device=device))
     d = Draft(draft.model.to(device), device)
+    _phase("target layers")
     layer_ms = [[round(v / K, 4) for v in row] for row in time_grid(layer_step, layer, grid,
                                                                      reps)]
+    _phase("draft step")
     draft_ms = time_grid(lambda rows: d.propose(rows, [r.id for r in rows], 16, 0),
                          d.shard, grid, reps)
+    _phase("LM head, embedding, KV compaction")
     lm = [round(_median_ms(lambda n=n: layer.logits(torch.zeros(1, n, H, device=device))
                            .argmax(-1), reps), 4) for n in grid["tokens"]]
     emb = [round(_median_ms(lambda n=n: tm.model.embed_tokens(
         torch.ones(1, n, dtype=torch.long, device=device)), reps), 4) for n in grid["tokens"]]
     compact = _compact_ms(tm, max(1, cfg.num_hidden_layers // 2), grid["context"][-1], device,
                           reps)
+    _phase("link between two processes")
     lat, bw, link_details = measure_link(50 if quick else 200, hidden=H)
+    _phase("head overhead")
     head_ms, head_details = measure_head_overhead(200 if quick else 600)
-    share = measure_core_share() if device == "cpu" else None
-    cpu_costs, cpu_details = (isolated_cpu_costs(target_spec) if device == "cpu"
-                              else ({}, None))
+    share, cpu_costs, cpu_details = None, {}, None       # CPU hosts only
+    if device == "cpu":
+        _phase("core share")
+        share = measure_core_share()
+        _phase("CPU per message (real stage processes; about a minute)")
+        cpu_costs, cpu_details = isolated_cpu_costs(target_spec)
     versions = {"torch": torch.__version__}
     import transformers
     versions["transformers"] = transformers.__version__
@@ -339,6 +347,10 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                     **{k: cpu_costs[k] for k in DEVICE_FIELDS if k in cpu_costs}},
         "split": None,
     }
+
+
+def _phase(what: str) -> None:
+    print(f"pipedec-real profile: {what}...", file=sys.stderr, flush=True)
 
 
 def _axes(grid) -> dict:
