@@ -211,8 +211,7 @@ class Pipeline:
             else:
                 share = self.core_share or p.core_share
                 base = p.core_share[0] if (self.core_share and p.core_share) else None
-                self.pool = CorePool(env, p.shared_cores, share, base,
-                                     getattr(p, "contention_slowdown", 1.0))
+                self.pool = CorePool(env, p.shared_cores, share, base, p.contention_slowdown)
         self.head_dev = simpy.Resource(env, 1)
         self.dev = {j: (self.head_dev if (j == 1 and not A) else None) for j in range(1, S + 1)}
         hop = p.link.latency_ms
@@ -306,7 +305,9 @@ class Pipeline:
             batch, piggy = yield from box.get()
             if j == 1:
                 self._entry_taken(box)
-            yield from self._wire_cpu(j, dev, len(piggy))
+            wire_ms = self._wire_ms(len(piggy))
+            if wire_ms > 0.0:                     # profiles without CPU-host fields: none
+                yield from self._compute(f"wire{j}", dev, wire_ms, "wire", 0)
             for u in piggy:
                 holder.notices.append((env.now, u))
             compacted = holder.catch_up(env.now)
@@ -344,15 +345,14 @@ class Pipeline:
                 self.back_link.send(HEADER_BYTES + len(rows) * TOKEN_BYTES,
                                     lambda m=out: self._verified(m))
 
-    def _wire_cpu(self, j: int, dev, notices: int):
-        """The stage process's CPU per message outside the compute (profile fields
+    def _wire_ms(self, notices: int) -> float:
+        """A stage process's CPU for one message outside the compute (profile fields
         stage_message_ms, stage_notice_ms: the real runtime sends each notice on its own)."""
         p = self.profile
         ms = p.stage_message_ms + notices * p.stage_notice_ms
-        if self.pool is not None and self.pool.busy() + 1 > self.pool.cores:
+        if ms and self.pool is not None and self.pool.busy() + 1 > self.pool.cores:
             ms *= p.message_contention       # handled while the cores are oversubscribed
-        if ms > 0.0:
-            yield from self._compute(f"wire{j}", dev, ms, "wire", 0)
+        return ms
 
     def _entry_taken(self, box: Inbox) -> None:
         """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop), as

@@ -505,6 +505,7 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
     from pipedec_sim.messages import Row
 
     from . import wire
+    from .link import connect
     from .runtime import free_port
     from .worker import IDLE_TIMEOUT, StageConfig
     S = stages
@@ -524,7 +525,7 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
     try:
         dist.init_process_group("gloo", init_method=init, rank=0, world_size=S + 1,
                                 timeout=IDLE_TIMEOUT)
-        _join_links(S + 1, H)
+        connect(0, S + 1, "cpu", "gloo", H, torch.float32)   # the stages' handshake
         out = wire.Outbox()
         prefix = [Row(i, i - 1, 1 + i % 200, i) for i in range(ctx)]
         head_cpu = []
@@ -612,12 +613,6 @@ def isolated_cpu_costs(target_spec: str) -> tuple[dict, dict]:
         p.join(10)
         if p.is_alive():
             p.kill()
-
-
-def _join_links(world: int, hidden: int) -> None:
-    """The head's part of the stages' transport handshake (`link.connect`)."""
-    from .link import connect
-    connect(0, world, "cpu", "gloo", hidden, torch.float32)
 
 
 def _overhead_fields(marks: dict, cycles: int, n: int) -> tuple[dict, dict]:

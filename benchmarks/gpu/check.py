@@ -40,7 +40,8 @@ from backends.torch.compat import CACHE_KW  # noqa: E402
 from backends.torch.head import Request  # noqa: E402
 from backends.torch.inline import InlinePipeline  # noqa: E402
 from backends.torch.models import load  # noqa: E402
-from backends.torch.profiler import _prefilled, _tree, measure_head_overhead  # noqa: E402
+from backends.torch.profiler import (_axes, _median_ms, _prefilled, _sync, _tree,  # noqa: E402
+                                     measure_head_overhead)
 from backends.torch.shard import Draft, Shard  # noqa: E402
 from pipedec_sim.messages import Row, Update  # noqa: E402
 
@@ -62,21 +63,11 @@ KNOBS = dict(width=4, topk=4, depth=4, tree_topk=4, total=16)
 
 
 def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    _sync()                     # the profiler's: synchronises CUDA once it is in use
 
 
-def median_ms(fn, device, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append((time.perf_counter() - t) * 1e3)
-    return round(statistics.median(ts), 4)
+def median_ms(fn, device, reps: int) -> float:
+    return round(_median_ms(fn, reps), 4)
 
 
 def kernel_ms(fn, device) -> float:
@@ -396,10 +387,6 @@ def _shape(name, spec, dtype) -> dict:
             "heads": spec["num_attention_heads"], "kv_heads": spec["num_key_value_heads"],
             "intermediate": spec["intermediate_size"], "vocab": spec["vocab_size"],
             "dtype_bytes": torch.finfo(dtype).bits // 8}
-
-
-def _axes(grid) -> dict:
-    return {"tokens": list(grid["tokens"]), "context": list(grid["context"])}
 
 
 def _compact_ms(stage, ctx, device, reps) -> float:
