@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipedec_sim.metrics import ideal_speedup
+from pipedec_sim.results.metrics import ideal_speedup
 
 STRATEGY_ORDER = ["ar", "tree-sd", "pipedec"]
 LABELS = {"ar": "plain PP", "tree-sd": "tree SD (EAGLE-2)", "pipedec": "PipeDec"}
@@ -293,7 +293,7 @@ def load_timeline(source) -> dict:
             source = json.load(f)
     if isinstance(source, dict) and "traceEvents" in source:
         return source
-    from pipedec_sim.timeline import chrome_trace
+    from pipedec_sim.results.timeline import chrome_trace
     return chrome_trace({(k if isinstance(k, str) else " / request ".join(map(str, k))): v
                          for k, v in source.items()})
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -312,7 +311,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None)
     ap.add_argument("--analyse-only", action="store_true")
     args = ap.parse_args(argv)
-    from pipedec_sim.calibration import load_profile
+    from pipedec_sim.inputs.profile import load_profile
     work = Path(args.work or tempfile.mkdtemp(prefix="pipedec-probe-"))
     probe = work / "probe" if args.analyse_only else probed_run(args, work)
     head, stages = read_probe(probe)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipedec_sim.traces import Trace, read_trace  # noqa: E402
+from pipedec_sim.inputs.traces import Trace, read_trace  # noqa: E402
 
 HELD_OUT = ("mtbench", "humaneval", "gsm8k", "sharegpt")
 
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     if not args.no_timing:
         import torch
         from transformers import AutoModelForCausalLM
+
         from backends.torch.smollm2 import resolve_model
         torch.set_num_threads(args.threads)
         ddir = Path(args.draft) if args.draft else default_draft_dir()

@@ -15,7 +15,7 @@ then print per-token latency (TBT) real vs simulated with the relative error per
 median and the worst, plus the decisions (hit rate, mean accepted) of both worlds.
 
 Decisions are compared twice: with the trace oracle (off-path proposals resampled, see
-pipedec_sim/oracle.py) and with an *event oracle* that answers every draft query with the
+backends/simulated/oracle.py) and with an *event oracle* that answers every draft query with the
 real run's own proposals for the same token path, so what remains is timing alone.
 
 The machine's two cores are shared with whatever else runs. The simulator's core pool runs
@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipedec_sim.calibration import load_profile  # noqa: E402
-from pipedec_sim.oracle import TraceOracle  # noqa: E402
-from pipedec_sim.simulate import SimConfig  # noqa: E402
+from backends.simulated.oracle import TraceOracle  # noqa: E402
+from pipedec_sim.inputs.profile import load_profile  # noqa: E402
+from pipedec_sim.programs.simulate import SimConfig  # noqa: E402
 
 STRATEGIES = ("ar", "tree-sd", "pipedec")
 DEFAULT_PROMPTS = [
@@ -104,7 +104,7 @@ class EventOracle(TraceOracle):
 
 def proposals_by_path(record: dict) -> dict[int, tuple]:
     """path key -> the draft's proposals, from one request's event record."""
-    from pipedec_sim.messages import Draft, Drafted, Inject
+    from pipedec_sim.protocol.messages import Draft, Drafted, Inject
     keys: dict[int, int] = {}
     table: dict[int, tuple] = {}
 
@@ -176,7 +176,7 @@ def record(args, prompts: Path, log):
 
     from backends.torch.models import load
     from backends.torch.trace_recorder import record_trace
-    from pipedec_sim.prompts import read_prompts
+    from pipedec_sim.inputs.prompts import read_prompts
     torch.set_num_threads(1)
     t = time.perf_counter()
     target, draft = load(args.target), load(args.draft)
@@ -211,9 +211,9 @@ def simulate_requests(trace, profile, cfg: SimConfig, records=None, *,
                       core_share=None) -> tuple[pd.DataFrame, dict]:
     """Like simulate(), with the event oracle when `records` ((strategy, id) -> record)."""
     from backends.simulated.pipeline import Pipeline
-    from pipedec_sim.metrics import request_metrics, requests_frame
-    from pipedec_sim.simulate import prompt_tokens
-    from pipedec_sim.strategies import make_strategy
+    from pipedec_sim.programs.simulate import prompt_tokens
+    from pipedec_sim.protocol.strategies import make_strategy
+    from pipedec_sim.results.metrics import request_metrics, requests_frame
     items, coverage, busy = [], {}, []
     for name in cfg.strategies:
         for req in trace.requests:
@@ -351,7 +351,7 @@ def run_benchmark(args, log=print) -> dict:
         log(f"[fidelity] profile measured in {secs:.0f} s")
     profile = load_profile(profile_path)
     trace = record(args, prompts, log)
-    from pipedec_sim.traces import write_trace
+    from pipedec_sim.inputs.traces import write_trace
     write_trace(trace, work / "trace.jsonl")
     if profile_path != work / "profile.json":
         shutil.copy(profile_path, work / "profile.json")
@@ -431,7 +431,7 @@ def add_busy(cells, real_busy: pd.DataFrame, sim_busy: pd.DataFrame, real) -> No
 
 def resimulate(args, work: Path, log) -> dict:
     """Re-run only the simulator against a kept work folder (real runs, trace, profile)."""
-    from pipedec_sim.traces import read_trace
+    from pipedec_sim.inputs.traces import read_trace
     t0 = time.perf_counter()
     if (work / "args.json").is_file():
         saved = json.loads((work / "args.json").read_text())
@@ -441,7 +441,7 @@ def resimulate(args, work: Path, log) -> dict:
     profile_path = Path(args.profile) if args.profile else work / "profile.json"
     profile = load_profile(profile_path)
     if not (work / "trace.jsonl").is_file():          # deterministic: record it again
-        from pipedec_sim.traces import write_trace
+        from pipedec_sim.inputs.traces import write_trace
         write_trace(record(args, work / "prompts.txt", log), work / "trace.jsonl")
     trace = read_trace(work / "trace.jsonl")
     cells, per_reqs = [], []

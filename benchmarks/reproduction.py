@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipedec_sim.atomic import write_text  # noqa: E402
-from pipedec_sim.calibration import bundled_profiles, load_profile  # noqa: E402
-from pipedec_sim.metrics import ideal_speedup  # noqa: E402
-from pipedec_sim.simulate import SimConfig, simulate  # noqa: E402
-from pipedec_sim.traces import read_trace  # noqa: E402
+from pipedec_sim.inputs.profile import bundled_profiles, load_profile  # noqa: E402
+from pipedec_sim.inputs.traces import read_trace  # noqa: E402
+from pipedec_sim.programs.simulate import SimConfig, simulate  # noqa: E402
+from pipedec_sim.results.metrics import ideal_speedup  # noqa: E402
 
 PAPER = {  # (vs PP low, high, vs tree-SD low, high), stages
     "v1 PipeDec": (4.46, 7.79, 2.2, 2.69, 14),
@@ -85,7 +85,7 @@ def bernoulli_control(p: float, stages: int, profile) -> float:
     truth is otherwise absent: no 'late hits', so the gap to S/(p+(1-p)S) is step cost."""
     import random
 
-    from pipedec_sim.traces import Trace, TraceHeader, TraceRequest
+    from pipedec_sim.inputs.traces import Trace, TraceHeader, TraceRequest
     rng = random.Random(0)
     reqs = []
     for r in range(4):

@@ -13,9 +13,9 @@ import cProfile
 import pstats
 import time
 
-from pipedec_sim.acceptance import synthetic_trace
-from pipedec_sim.calibration import load_profile
-from pipedec_sim.simulate import SimConfig, simulate
+from pipedec_sim.inputs.acceptance import synthetic_trace
+from pipedec_sim.inputs.profile import load_profile
+from pipedec_sim.programs.simulate import SimConfig, simulate
 
 
 def measure(trace, profile, stages: int, width: int) -> tuple[float, float, float]:

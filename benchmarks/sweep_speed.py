@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipedec_sim.sweep import build_grid, run_sweep
+from pipedec_sim.programs.sweep import build_grid, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 
-from pipedec_sim.traces import Trace, TraceHeader, TraceRequest
+from pipedec_sim.inputs.traces import Trace, TraceHeader, TraceRequest
 
 
 def header(top_k: int) -> TraceHeader:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipedec_sim.cli import main
-from pipedec_sim.sweep import build_grid, run_sweep
+from pipedec_sim.programs.cli import main
+from pipedec_sim.programs.sweep import build_grid, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = REPO / "traces" / "synthetic-llama70b.jsonl"

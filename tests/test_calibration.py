@@ -8,12 +8,24 @@ import os
 
 import pytest
 
-from pipedec_sim import calibration as cal
-from pipedec_sim.calibration import (
-    LLAMA_3_1_70B, SCHEMA, Grid1D, Grid2D, Link, Profile, analytic_profile, bundled_profiles,
-    constant_profile, layer_params, load_profile, parse_profile, save_profile, split_layers,
-)
 from pipedec_sim.errors import InputError
+from pipedec_sim.inputs import profile as cal
+from pipedec_sim.inputs.profile import (
+    LLAMA_3_1_70B,
+    SCHEMA,
+    Grid1D,
+    Grid2D,
+    LinkModel,
+    Profile,
+    analytic_profile,
+    bundled_profiles,
+    constant_profile,
+    layer_params,
+    load_profile,
+    parse_profile,
+    save_profile,
+    split_layers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +78,9 @@ def test_grid1d():
 
 
 def test_link_transfer():
-    link = Link(latency_ms=0.05, bandwidth_gbps=10.0)
+    link = LinkModel(latency_ms=0.05, bandwidth_gbps=10.0)
     assert link.transfer_ms(1_250_000) == pytest.approx(1.0)   # 10 Mbit at 10 Gbit/s
-    assert Link(0.0, math.inf).transfer_ms(10**9) == 0.0
+    assert LinkModel(0.0, math.inf).transfer_ms(10**9) == 0.0
 
 
 # ----------------------------------------------------------------------- splits
@@ -140,8 +152,8 @@ def test_bundled_profiles_load_and_match_generator(analytic):
 def test_with_link_and_hidden_bytes():
     p = load_profile("analytic-llama70b-1b")
     q = p.with_link(bandwidth_gbps=100.0)
-    assert q.link == Link(0.05, 100.0) and p.link == Link(0.05, 10.0)
-    assert q.with_link(latency_ms=0.0).link == Link(0.0, 100.0)
+    assert q.link == LinkModel(0.05, 100.0) and p.link == LinkModel(0.05, 10.0)
+    assert q.with_link(latency_ms=0.0).link == LinkModel(0.0, 100.0)
     assert p.hidden_bytes(2) == 2 * 8192 * 2
     with pytest.raises(InputError, match="bandwidth_gbps"):
         p.with_link(bandwidth_gbps=0)
@@ -255,7 +267,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cal.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(InputError, match="No space left"):
         save_profile(p, target)
     monkeypatch.undo()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipedec_sim.cli import main
+from pipedec_sim.programs.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "traces" / "synthetic-llama70b.jsonl"
@@ -84,7 +84,7 @@ def bad_cases(tmp_path):
 def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path):
     for args, needle in bad_cases(tmp_path):
         out = tmp_path / "never"
-        proc = subprocess.run([sys.executable, "-m", "pipedec_sim.cli", "run", "--quiet",
+        proc = subprocess.run([sys.executable, "-m", "pipedec_sim.programs.cli", "run", "--quiet",
                                "--out", str(out), *map(str, args)],
                               capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2, (args, proc.stderr)

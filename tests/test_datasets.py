@@ -7,7 +7,7 @@ import pytest
 
 from backends.torch import datasets as ds
 from pipedec_sim.errors import InputError
-from pipedec_sim.prompts import Prompt, read_prompts
+from pipedec_sim.inputs.prompts import Prompt, read_prompts
 
 EXPECTED = {"mtbench": 80, "humaneval": 164, "gsm8k": 1319}
 

@@ -93,9 +93,9 @@ def test_ar_and_pipedec_decisions_agree(result):
 def test_event_oracle_keys_by_token_path():
     """The event oracle answers a node by its token path, whatever ids the simulator's
     strategy gave it, and falls back to the trace for paths the real run never drafted."""
-    from backends.torch.eventlog import action_json, action_from_json, event_json
-    from pipedec_sim.messages import Draft, Drafted, Row
-    from pipedec_sim.traces import TraceRequest
+    from backends.torch.eventlog import action_from_json, action_json, event_json
+    from pipedec_sim.inputs.traces import TraceRequest
+    from pipedec_sim.protocol.messages import Draft, Drafted, Row
     bench = _bench()
     rows = (Row(0, -1, 5, 0), Row(1, 0, 6, 1))
     record = {"start": [action_from_json(action_json(Draft(0, rows, (1,), 2)))],

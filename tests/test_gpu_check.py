@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_smoke_run_checks_and_writes_a_loadable_profile(tmp_path):
-    from pipedec_sim.calibration import load_profile
+    from pipedec_sim.inputs.profile import load_profile
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/check.py"), "--smoke",
                         "--out", str(tmp_path), "--only", "tree,lossless,kernels"],
                        capture_output=True, text=True, timeout=300)

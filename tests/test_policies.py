@@ -2,8 +2,13 @@ import math
 
 import pytest
 
-from pipedec_sim.policies import Eagle2Policy, LayerPolicy, candidates, chain_policy
-from pipedec_sim.tree import Node, PredictionTree
+from pipedec_sim.protocol.policies import (
+    Eagle2Policy,
+    LayerPolicy,
+    candidates,
+    chain_policy,
+)
+from pipedec_sim.protocol.tree import Node, PredictionTree
 
 
 def frontier():
@@ -67,7 +72,8 @@ def test_bad_knobs_are_rejected(kw):
 
 def test_merge_equals_sorting_every_candidate():
     import random
-    from pipedec_sim.policies import best, merge_best
+
+    from pipedec_sim.protocol.policies import best, merge_best
     rng = random.Random(5)
     for _ in range(200):
         root = Node(0, None, 0, 0)

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pipedec_sim.acceptance import AcceptanceModel, trace_from_prompts
 from pipedec_sim.errors import InputError
-from pipedec_sim.acceptance import load_acceptance
-from pipedec_sim.prompts import Prompt, load_workload, read_prompts
-from pipedec_sim.traces import read_trace, write_trace
+from pipedec_sim.inputs.acceptance import (
+    AcceptanceModel,
+    load_acceptance,
+    trace_from_prompts,
+)
+from pipedec_sim.inputs.prompts import Prompt, load_workload, read_prompts
+from pipedec_sim.inputs.traces import read_trace, write_trace
 
 SAMPLES = Path(__file__).resolve().parent.parent / "traces" / "samples"
 BUNDLED = SAMPLES.parent / "synthetic-llama70b.jsonl"

@@ -6,14 +6,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from pipedec_sim.calibration import bundled_profiles, load_profile  # noqa: E402
+from pipedec_sim.inputs.profile import bundled_profiles, load_profile  # noqa: E402
 
 pytestmark = pytest.mark.real
 
 
 def test_profile_loads_in_the_simulator(tmp_path, capsys):
     from backends.torch.cli import main as real
-    from pipedec_sim.cli import main as sim
+    from pipedec_sim.programs.cli import main as sim
     out = tmp_path / "profile.json"
     assert real(["profile", "--target", "tiny", "--draft", "tiny-draft", "--quick",
                  "--out", str(out)]) == 0

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from backends.torch.eventlog import read_records  # noqa: E402
-from pipedec_sim.strategies import make_strategy  # noqa: E402
+from pipedec_sim.protocol.strategies import make_strategy  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -56,6 +56,7 @@ def test_outputs_written(recorded):
         by_req.setdefault(x["id"], set()).add(tuple(x["output_ids"]))
     assert all(len(v) == 1 for v in by_req.values())
     import torch
+
     from backends.torch.models import load
     t = load("tiny")        # and it is the target's own greedy output (distributed, S=2)
     for x in lines:
@@ -66,14 +67,14 @@ def test_outputs_written(recorded):
 
 
 def test_backends_share_strategy_classes():
-    """No backend-specific subclass or fork: both import pipedec_sim.strategies."""
+    """No backend-specific subclass or fork: both import pipedec_sim.protocol.strategies."""
     import backends.simulated.pipeline as sim
     import backends.torch.head as real
-    from pipedec_sim import strategies
+    from pipedec_sim.protocol import strategies
     assert real.make_strategy is strategies.make_strategy
     s = real.make_strategy("pipedec", [1, 2, 3], 4)
     assert type(s) is strategies.PipeDec
-    assert "pipedec_sim.strategies" in type(s).__module__
+    assert "pipedec_sim.protocol.strategies" in type(s).__module__
     from backends.torch import shard
     assert shard.StageState is sim.StageState       # one KV bookkeeping, too
 

@@ -171,7 +171,7 @@ def test_two_nodes_match_local_launch_and_greedy(launcher):
                       prompts, "--out", str(ln.tmp / "out_local"), "--quiet"], "local")
     nodes = ln.nodes(["--prompts", prompts])
 
-    from backends.torch.models import load            # the reference, meanwhile
+    from backends.torch.models import load  # the reference, meanwhile
     torch.set_num_threads(1)
     target = load("tiny")
     refs = {}

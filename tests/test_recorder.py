@@ -8,10 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from pipedec_sim.prompts import Prompt  # noqa: E402
-from pipedec_sim.traces import read_trace, write_trace  # noqa: E402
-
 from backends.torch import trace_recorder as rec  # noqa: E402
+from pipedec_sim.inputs.prompts import Prompt  # noqa: E402
+from pipedec_sim.inputs.traces import read_trace, write_trace  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -116,7 +115,8 @@ def test_repair_regenerates_from_first_wrong_token(models):
 
 
 def test_text_prompts_use_chat_template(models, tmp_path):
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tmodels
     from transformers import PreTrainedTokenizerFast
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tk = Tokenizer(tmodels.WordLevel(vocab, unk_token="<unk>"))
@@ -141,7 +141,8 @@ def test_cli_records_a_prompt_file(models, tmp_path, capsys):
     tdir, ddir = tmp_path / "tgt", tmp_path / "drf"
     tgt.save_pretrained(tdir)
     drf.save_pretrained(ddir)
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tmodels
     from transformers import PreTrainedTokenizerFast
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tk = Tokenizer(tmodels.WordLevel(vocab, unk_token="<unk>"))

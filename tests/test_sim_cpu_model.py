@@ -9,11 +9,11 @@ import dataclasses
 import pytest
 import simpy
 
+from backends.simulated.oracle import TraceOracle
 from backends.simulated.pipeline import CorePool, Pipeline
-from pipedec_sim.calibration import constant_profile, load_profile, parse_profile
 from pipedec_sim.errors import InputError
-from pipedec_sim.oracle import TraceOracle
-from pipedec_sim.strategies import make_strategy
+from pipedec_sim.inputs.profile import constant_profile, load_profile, parse_profile
+from pipedec_sim.protocol.strategies import make_strategy
 
 from .helpers import bernoulli_trace
 

@@ -2,13 +2,14 @@
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from backends.simulated.oracle import TraceOracle
 from backends.simulated.pipeline import Pipeline
-from pipedec_sim.calibration import constant_profile
-from pipedec_sim.oracle import TraceOracle
-from pipedec_sim.simulate import SimConfig, prompt_tokens, simulate
-from pipedec_sim.strategies import make_strategy
+from pipedec_sim.inputs.profile import constant_profile
+from pipedec_sim.programs.simulate import SimConfig, prompt_tokens, simulate
+from pipedec_sim.protocol.strategies import make_strategy
 
 from .helpers import bernoulli_trace, random_trace
 

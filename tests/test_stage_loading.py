@@ -19,7 +19,7 @@ from backends.torch.inline import stage_bounds  # noqa: E402
 from backends.torch.models import keep_layers, load, resolve_path, tiny_model  # noqa: E402
 from backends.torch.shard import Shard  # noqa: E402
 from pipedec_sim.errors import InputError  # noqa: E402
-from pipedec_sim.messages import Row  # noqa: E402
+from pipedec_sim.protocol.messages import Row  # noqa: E402
 
 pytestmark = pytest.mark.real
 SPLITS = [(S, j, lo, hi) for S in (1, 2, 4) for j, (lo, hi) in enumerate(stage_bounds(4, S))]

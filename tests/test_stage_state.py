@@ -1,7 +1,7 @@
 import numpy as np
 
-from pipedec_sim.messages import Row, Update
-from pipedec_sim.stage_state import StageState
+from pipedec_sim.protocol.messages import Row, Update
+from pipedec_sim.protocol.stage_state import StageState
 
 
 def prompt(n):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipedec_sim.cli import main
 from pipedec_sim.errors import InputError
-from pipedec_sim.sweep import build_grid, config_id, merge, run_sweep
+from pipedec_sim.programs.cli import main
+from pipedec_sim.programs.sweep import build_grid, config_id, merge, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = REPO / "traces" / "synthetic-llama70b.jsonl"
@@ -87,7 +87,7 @@ def test_config_id_is_stable_and_knob_sensitive():
 def test_parallel_workers(tmp_path, start):
     out = tmp_path / "res"
     env = {**os.environ, "PIPEDEC_START_METHOD": start}
-    r = subprocess.run([sys.executable, "-m", "pipedec_sim.cli", "sweep", "--trace", str(TRACE),
+    r = subprocess.run([sys.executable, "-m", "pipedec_sim.programs.cli", "sweep", "--trace", str(TRACE),
                         "--stages", "2", "--strategies", "pipedec", "--width", "2,4",
                         "--max-requests", "1", "--workers", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=120, env=env)
@@ -106,7 +106,7 @@ trace = "{TRACE}"
 max_requests = 2
 """)
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "pipedec_sim.cli", "sweep", "--grid", str(grid),
+    cmd = [sys.executable, "-m", "pipedec_sim.programs.cli", "sweep", "--grid", str(grid),
            "--out", str(out), "--workers", "1", "--quiet"]
     total = 8                                        # 2 stages x (ar + 3 widths)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -239,7 +239,7 @@ def test_build_grid_raises_input_error():
 
 def test_ctrl_c_keeps_finished_configurations(tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "pipedec_sim.cli", "sweep", "--trace", str(TRACE),
+    cmd = [sys.executable, "-m", "pipedec_sim.programs.cli", "sweep", "--trace", str(TRACE),
            "--stages", "2,3", "--strategies", "pipedec", "--width", "2,4,8", "--topk", "4",
            "--max-requests", "2", "--workers", "1", "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

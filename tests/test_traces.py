@@ -10,11 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from pipedec_sim.acceptance import (DEFAULT_ACCEPTANCE, AcceptanceModel, fit_acceptance,
-                                    load_acceptance, save_acceptance, synthetic_trace)
 from pipedec_sim.errors import InputError
-from pipedec_sim.traces import (FORMAT, Trace, TraceHeader, TraceRequest, is_trace_file,
-                                read_trace, write_trace)
+from pipedec_sim.inputs.acceptance import (
+    DEFAULT_ACCEPTANCE,
+    AcceptanceModel,
+    fit_acceptance,
+    load_acceptance,
+    save_acceptance,
+    synthetic_trace,
+)
+from pipedec_sim.inputs.traces import (
+    FORMAT,
+    Trace,
+    TraceHeader,
+    TraceRequest,
+    is_trace_file,
+    read_trace,
+    write_trace,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "traces" / "synthetic-llama70b.jsonl"

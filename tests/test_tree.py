@@ -1,4 +1,4 @@
-from pipedec_sim.tree import Hit, Miss, Node, PredictionTree, path, subtree
+from pipedec_sim.protocol.tree import Hit, Miss, Node, PredictionTree, path, subtree
 
 
 def build():

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipedec_sim.cli import main
-from pipedec_sim.sweep import build_grid
-from pipedec_sim.tune import DEFAULT, MAX_TOPK, MAX_WIDTH, _neighbours, tune
+from pipedec_sim.programs.cli import main
+from pipedec_sim.programs.sweep import build_grid
+from pipedec_sim.programs.tune import DEFAULT, MAX_TOPK, MAX_WIDTH, _neighbours, tune
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = REPO / "traces" / "synthetic-llama70b.jsonl"

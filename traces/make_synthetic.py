@@ -14,10 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipedec_sim.acceptance import (DEFAULT_ACCEPTANCE, load_acceptance,  # noqa: E402
-                                    synthetic_trace)
 from pipedec_sim.errors import InputError  # noqa: E402
-from pipedec_sim.traces import write_trace  # noqa: E402
+from pipedec_sim.inputs.acceptance import (  # noqa: E402
+    DEFAULT_ACCEPTANCE,
+    load_acceptance,
+    synthetic_trace,
+)
+from pipedec_sim.inputs.traces import write_trace  # noqa: E402
 
 
 def _length(text: str) -> int | tuple[int, int]:

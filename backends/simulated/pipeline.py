@@ -20,9 +20,18 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from pipedec_sim.messages import (Batch, Commit, Draft, Drafted, EntryFree, Finish, Inject,
-                                  Update, Verified)
-from pipedec_sim.stage_state import StageState
+from pipedec_sim.protocol.messages import (
+    Batch,
+    Commit,
+    Draft,
+    Drafted,
+    EntryFree,
+    Finish,
+    Inject,
+    Update,
+    Verified,
+)
+from pipedec_sim.protocol.stage_state import StageState
 
 TOKEN_BYTES = 8          # an int64 token id on the wire
 HEADER_BYTES = 64        # fixed-shape metadata per message

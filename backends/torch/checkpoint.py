@@ -29,10 +29,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from backends.torch import models
+from backends.torch.models import Loaded
 from pipedec_sim.errors import InputError
-
-from . import models
-from .models import Loaded
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 SINGLE_FILE = "model.safetensors"

@@ -11,8 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from pipedec_sim.cli import STRATEGY_NAMES, Parser, _positive, _strategies, add_policy_flags
 from pipedec_sim.errors import InputError, guarded
+from pipedec_sim.programs.flags import (
+    STRATEGY_NAMES,
+    Parser,
+    add_policy_flags,
+    positive,
+    strategy_list,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -26,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--draft", default=None,
                      help="tiny-draft | tiny-noisy | tiny | smollm2 | smollm2-draft (the distilled "
                           "draft in traces/) | a folder (needed unless --strategies ar)")
-    run.add_argument("--stages", type=_positive(), default=2, help="pipeline stages S")
+    run.add_argument("--stages", type=positive(), default=2, help="pipeline stages S")
     run.add_argument("--prompts", required=True, type=Path,
                      help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K")
-    run.add_argument("--strategies", type=_strategies, default=STRATEGY_NAMES)
+    run.add_argument("--strategies", type=strategy_list, default=STRATEGY_NAMES)
     add_policy_flags(run)             # the same knobs, help and checks as pipedec-sim
-    run.add_argument("--max-new-tokens", type=_positive(), default=64)
-    run.add_argument("--max-requests", type=_positive(), default=None)
+    run.add_argument("--max-new-tokens", type=positive(), default=64)
+    run.add_argument("--max-requests", type=positive(), default=None)
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="weights and activations (bfloat16 for large models on GPUs; "
@@ -45,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="A: LM head on the head (ring); B: LM head on the last stage")
     run.add_argument("--inline", action="store_true",
                      help="all stages in this process (deterministic order; no timing value)")
-    run.add_argument("--timeout", type=_positive(float), default=60.0,
+    run.add_argument("--timeout", type=positive(float), default=60.0,
                      help="seconds without progress before a run is declared failed")
     run.add_argument("--out", type=Path, default=None,
                      help="write summary.csv, requests.csv and outputs.jsonl here")
@@ -71,17 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- run ---------------------------------------------------------------------------------
 
 def _requests(args, encode):
-    from pipedec_sim.prompts import read_prompts
-
-    from .head import Request
+    from backends.torch.head import Request
+    from pipedec_sim.inputs.prompts import read_prompts
     prompts = read_prompts(args.prompts, max_requests=args.max_requests)
     return [Request(p.id, encode(p.text), args.max_new_tokens) for p in prompts]
 
 
 def _check(args, target):
-    from pipedec_sim.calibration import split_layers
-
-    from .models import check_pair, load
+    from backends.torch.models import check_pair, load
+    from pipedec_sim.inputs.profile import split_layers
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -113,10 +117,10 @@ def _knobs(args) -> dict:
 def _pipeline(args, recorder):
     import torch
 
-    from .inline import InlinePipeline
-    from .models import load
-    from .runtime import DistributedPipeline
-    from .worker import StageConfig
+    from backends.torch.inline import InlinePipeline
+    from backends.torch.models import load
+    from backends.torch.runtime import DistributedPipeline
+    from backends.torch.worker import StageConfig
     draft = args.draft if any(s != "ar" for s in args.strategies) else None
     if args.inline:
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
@@ -138,10 +142,15 @@ def _run_all(args, pipe, requests, runs: list) -> None:
 
 
 def _write(args, runs) -> None:
-    from pipedec_sim.atomic import atomic_path
     import pandas as pd
 
-    from pipedec_sim.metrics import format_table, request_metrics, requests_frame, summarize
+    from pipedec_sim.atomic import atomic_path
+    from pipedec_sim.results.metrics import (
+        format_table,
+        request_metrics,
+        requests_frame,
+        summarize,
+    )
     if not runs:
         return
     items = [request_metrics(r.strategy, r.request.id, args.stages, r.commits, r.end_ms,
@@ -170,14 +179,14 @@ def _write(args, runs) -> None:
         print(f"wrote {args.out}/summary.csv, requests.csv, busy.csv, outputs.jsonl",
               file=sys.stderr)
     if args.timeline:
-        from pipedec_sim.timeline import write_chrome_trace
+        from pipedec_sim.results.timeline import write_chrome_trace
         write_chrome_trace(args.timeline, {f"{r.strategy} / request {r.request.id}":
                                            _timeline(r) for r in runs})
 
 
 def _timeline(run) -> list[dict]:
     """A run's commits (instants on the head track) and compute slices, in the simulator's
-    timeline format (`pipedec_sim.timeline`)."""
+    timeline format (`pipedec_sim.results.timeline`)."""
     commits = [{"name": outcome, "ph": "i", "s": "g", "ts": t * 1e3, "pid": 0, "tid": "head",
                 "args": {"tokens": n}} for t, n, _, outcome in run.commits]
     work = [{"name": label, "ph": "X", "ts": start * 1e3, "dur": ms * 1e3, "pid": 0,
@@ -193,9 +202,9 @@ def cmd_run(args) -> int:
         _torchrun_head_signals()
     import torch
 
-    from .eventlog import Recorder
-    from .models import load
-    from .runtime import StageFailed
+    from backends.torch.eventlog import Recorder
+    from backends.torch.models import load
+    from backends.torch.runtime import StageFailed
     torch.set_num_threads(1)
     target = load(args.target)
     _check(args, target)
@@ -243,7 +252,7 @@ def _torchrun_head_signals() -> None:
     error line, as for any other failure (torchrun waits 30 s before SIGKILL)."""
     import signal
 
-    from .runtime import StageFailed
+    from backends.torch.runtime import StageFailed
 
     class Stopped(StageFailed, KeyboardInterrupt):
         """A StageFailed for cmd_run's run loop; a KeyboardInterrupt for `guarded` (one
@@ -259,7 +268,7 @@ def _torchrun_head_signals() -> None:
 
 def _torchrun_stage(args) -> int:
     """A torchrun rank > 0: serve as that pipeline stage until the head says stop."""
-    from .worker import StageConfig, stage_main
+    from backends.torch.worker import StageConfig, stage_main
     world = int(os.environ["WORLD_SIZE"])
     cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout,
                       args.transport, args.dtype)
@@ -268,7 +277,7 @@ def _torchrun_stage(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .profiler import profile_main
+    from backends.torch.profiler import profile_main
     return profile_main(args)
 
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipedec_sim.errors import InputError
-from pipedec_sim.prompts import Prompt, read_prompts
+from pipedec_sim.inputs.prompts import Prompt, read_prompts
 
 EVAL_DATASETS = ("mtbench", "humaneval", "gsm8k", "sharegpt")
 ALL_DATASETS = EVAL_DATASETS + ("sharegpt-train",)
@@ -180,6 +180,7 @@ def write_prompt_file(prompts: list[Prompt], path: str | os.PathLike) -> Path:
     """Write prompts as a plain JSONL file the recorder CLI reads (`{"id","text"}` per line,
     ShareGPT-shaped so read_prompts auto-detects it)."""
     import json
+
     from pipedec_sim.atomic import atomic_path
     path = Path(path)
     with atomic_path(path) as tmp:

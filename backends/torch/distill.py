@@ -43,10 +43,9 @@ from pathlib import Path
 
 import torch
 
-from pipedec_sim.cli import Parser
-
 from backends.torch.compat import with_cache
 from backends.torch.trace_recorder import encode_prompt
+from pipedec_sim.programs.flags import Parser
 
 
 def log(msg: str) -> None:
@@ -230,6 +229,7 @@ def assemble_draft(layers_file: str | os.PathLike, out: str | os.PathLike,
     embeddings (the shipped-small form of the draft)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from backends.torch.smollm2 import resolve_model
     tp = resolve_model(target)
     tgt = AutoModelForCausalLM.from_pretrained(tp, dtype=torch.float32)
@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from backends.torch.smollm2 import resolve_model
     tp = resolve_model(args.target)
     target = AutoModelForCausalLM.from_pretrained(tp, dtype=torch.float32).eval()

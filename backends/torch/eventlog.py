@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import json
 
-from pipedec_sim.messages import (Batch, Commit, Draft, Drafted, EntryFree, Finish, Inject,
-                                  Row, Update, Verified)
+from pipedec_sim.protocol.messages import (
+    Batch,
+    Commit,
+    Draft,
+    Drafted,
+    EntryFree,
+    Finish,
+    Inject,
+    Row,
+    Update,
+    Verified,
+)
 
 
 def _rows(rows) -> list:

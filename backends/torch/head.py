@@ -11,10 +11,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from pipedec_sim.messages import (Commit, Draft, Drafted, Finish, Inject, Update, Verified)
-from pipedec_sim.strategies import make_strategy
-
-from .eventlog import Recorder
+from backends.torch.eventlog import Recorder
+from pipedec_sim.protocol.messages import (
+    Commit,
+    Draft,
+    Drafted,
+    Finish,
+    Inject,
+    Update,
+    Verified,
+)
+from pipedec_sim.protocol.strategies import make_strategy
 
 
 @dataclass

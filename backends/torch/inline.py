@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from pipedec_sim.calibration import split_layers
-from pipedec_sim.messages import Batch, EntryFree
-
-from .head import Head, Request, RunRecord
-from .shard import Draft, Shard, Verifier
+from backends.torch.head import Head, Request, RunRecord
+from backends.torch.shard import Draft, Shard, Verifier
+from pipedec_sim.inputs.profile import split_layers
+from pipedec_sim.protocol.messages import Batch, EntryFree
 
 
 def stage_bounds(n_layers: int, stages: int) -> list[tuple[int, int]]:

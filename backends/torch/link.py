@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from backends.torch import wire
 from pipedec_sim.errors import InputError
-
-from . import wire
 
 TRANSPORTS = ("auto", "gloo", "nccl")
 

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from pipedec_sim.errors import InputError
 
@@ -91,7 +96,7 @@ def resolve_path(spec: str) -> Path:
     if spec.lower() == "smollm2-draft":
         return assembled_draft(SHIPPED_DRAFT)
     if spec.lower().startswith("smollm2"):
-        from .smollm2 import ensure_smollm2
+        from backends.torch.smollm2 import ensure_smollm2
         return ensure_smollm2()
     p = Path(spec).expanduser()
     if (p / LAYERS_FILE).is_file() and not (p / "config.json").is_file():
@@ -108,7 +113,7 @@ def assembled_draft(folder: Path) -> Path:
     import hashlib
     import shutil
 
-    from .distill import assemble_draft, cache_root
+    from backends.torch.distill import assemble_draft, cache_root
     layers = folder / LAYERS_FILE
     key = hashlib.sha256(layers.read_bytes()).hexdigest()[:12]
     out = cache_root() / f"draft-{key}"

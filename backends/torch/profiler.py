@@ -20,11 +20,11 @@ from datetime import date, timedelta
 
 import torch
 
-from pipedec_sim.calibration import CPU_FIELDS, DEVICE_FIELDS, save_profile
-from pipedec_sim.messages import Row, Update
-
-from .models import load
-from .shard import Draft, Shard
+from backends.torch.models import load
+from backends.torch.shard import Draft, Shard
+from pipedec_sim.inputs.profile import save_profile
+from pipedec_sim.inputs.profile.model import CPU_FIELDS, DEVICE_FIELDS
+from pipedec_sim.protocol.messages import Row, Update
 
 GRID = {"tokens": (1, 4, 16, 64), "context": (0, 128, 512)}
 QUICK = {"tokens": (1, 4, 16), "context": (0, 128)}
@@ -107,7 +107,7 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
 
     import torch.distributed as dist
 
-    from .runtime import free_port
+    from backends.torch.runtime import free_port
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     init = f"tcp://127.0.0.1:{free_port()}"
     child = mp.get_context("spawn").Process(target=_echo, args=(init, repeats, hidden),
@@ -214,12 +214,17 @@ def measure_head_overhead(events: int = 400) -> tuple[float, dict]:
     import queue
     import threading
 
-    from pipedec_sim.messages import Drafted, EntryFree, Inject, Update, Verified
-    from pipedec_sim.messages import Draft as DraftAction
-    from pipedec_sim.strategies import make_strategy
-
-    from . import wire
-    from .shard import rows_tensor
+    from backends.torch import wire
+    from backends.torch.shard import rows_tensor
+    from pipedec_sim.protocol.messages import Draft as DraftAction
+    from pipedec_sim.protocol.messages import (
+        Drafted,
+        EntryFree,
+        Inject,
+        Update,
+        Verified,
+    )
+    from pipedec_sim.protocol.strategies import make_strategy
 
     def serialise(actions):
         for a in actions:
@@ -394,8 +399,8 @@ def _stage_cpu_child(cfg, j: int, world: int, init: str, q) -> None:
     """A real stage process (`worker.stage_main`) with CPU accounting: per request (RESET to
     REPORT) its process CPU (main + gloo threads), main-thread CPU, and the CPU inside
     `run_stage` and KV compaction, which the profile's grids already model."""
-    from . import worker
-    from .shard import Shard
+    from backends.torch import worker
+    from backends.torch.shard import Shard
     acc = {"compute": 0.0, "compact": 0.0, "calls": []}
     marks = []
     run_stage, apply = worker.run_stage, Shard.apply
@@ -432,8 +437,8 @@ def _stage_cpu_child(cfg, j: int, world: int, init: str, q) -> None:
 
 def _head_cycle(out, S: int, H: int, seq: int, rows, committed: int, *, ack: bool = True):
     """Send one batch into stage 1 and wait for stage 1's ack and the result from stage S."""
-    from . import wire
-    from .shard import rows_tensor
+    from backends.torch import wire
+    from backends.torch.shard import rows_tensor
     h = wire.header(wire.BATCH, seq, id=rows[0].id, n=len(rows), committed=committed)
     out.send([h, rows_tensor(rows)], 1)
     if ack:
@@ -450,10 +455,9 @@ def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, win
     """`cycles` batches of n tree rows with `window` in flight: each result from stage S
     lets the next batch in (and, with `notices`, kills the returned rows: a prune notice
     that follows the batches already queued). Stage 1's acks are drained at the end."""
-    from pipedec_sim.messages import Row
-
-    from . import wire
-    from .shard import rows_tensor
+    from backends.torch import wire
+    from backends.torch.shard import rows_tensor
+    from pipedec_sim.protocol.messages import Row
 
     def send(c):
         rows = [Row(10**6 + c * 100 + k, ctx - 1, 1 + k, ctx) for k in range(n)]
@@ -502,12 +506,11 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
 
     import torch.distributed as dist
 
-    from pipedec_sim.messages import Row
-
-    from . import wire
-    from .link import connect
-    from .runtime import free_port
-    from .worker import IDLE_TIMEOUT, StageConfig
+    from backends.torch import wire
+    from backends.torch.link import connect
+    from backends.torch.runtime import free_port
+    from backends.torch.worker import IDLE_TIMEOUT, StageConfig
+    from pipedec_sim.protocol.messages import Row
     S = stages
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     init = f"tcp://127.0.0.1:{free_port()}"
@@ -568,7 +571,7 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
 
 
 def measure_cpu_costs(target_spec: str, *, background: int = 2) -> tuple[dict, dict]:
-    """The optional CPU-host profile fields (see pipedec_sim/calibration.py): per-message
+    """The optional CPU-host profile fields (see pipedec_sim/inputs/profile/): per-message
     costs measured with `background` streaming processes beside the head and 2 stages
     (background 2: five busy processes, as a 4-stage pipeline on its cores), and
     contention_slowdown = a stage's compute CPU then / on a quiet machine."""

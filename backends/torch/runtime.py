@@ -27,21 +27,19 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from backends.torch import wire
+from backends.torch.checkpoint import load_stage
+from backends.torch.head import Head, Request, RunRecord
+from backends.torch.link import connect, rank_device
+from backends.torch.models import load
+from backends.torch.shard import Draft, Shard, Verifier, rows_tensor, tensor_rows
+from backends.torch.worker import IDLE_TIMEOUT, SLICE_PRUNE, StageConfig, stage_main
 from pipedec_sim.errors import InputError
-from pipedec_sim.messages import EntryFree
-
-from . import wire
-from .head import Head, Request, RunRecord
-from .checkpoint import load_stage
-from .link import connect, rank_device
-from .models import load
-from .shard import Draft, Shard, Verifier, rows_tensor, tensor_rows
-from .worker import IDLE_TIMEOUT, SLICE_PRUNE, StageConfig, stage_main
+from pipedec_sim.protocol.messages import EntryFree
 
 
 class StageFailed(RuntimeError):

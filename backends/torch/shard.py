@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from pipedec_sim.messages import Row, Update
-from pipedec_sim.stage_state import StageState
-
-from .compat import with_cache
+from backends.torch.compat import with_cache
+from pipedec_sim.protocol.messages import Row, Update
+from pipedec_sim.protocol.stage_state import StageState
 
 
 def rows_tensor(rows) -> torch.Tensor:

@@ -8,7 +8,7 @@ the draft's top-k ids and probabilities at every output position given the true 
         --prompts mtbench|FILE --out traces/mtbench.jsonl.gz [--top-k 16] \
         [--max-new-tokens 256] [--max-requests 40] [--batch-size 8]
 
-`--prompts` takes a prompt file in any format pipedec_sim.prompts reads, or the name of an
+`--prompts` takes a prompt file in any format pipedec_sim.inputs.prompts reads, or the name of an
 offline data set (mtbench, humaneval, gsm8k, sharegpt: see backends.torch.datasets).
 
 Batched generation (--batch-size > 1) left-pads; padding changes float rounding, so every
@@ -31,12 +31,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from pipedec_sim.cli import Parser
+from backends.torch.compat import with_cache
 from pipedec_sim.errors import InputError
-from pipedec_sim.prompts import Prompt
-from pipedec_sim.traces import Trace, TraceHeader, TraceRequest, write_trace
-
-from .compat import with_cache
+from pipedec_sim.inputs.prompts import Prompt
+from pipedec_sim.inputs.traces import Trace, TraceHeader, TraceRequest, write_trace
+from pipedec_sim.programs.flags import Parser
 
 PROB_DECIMALS = 4
 
@@ -334,6 +333,7 @@ def versions() -> dict:
 def load_models(target: str, draft: str, *, dtype=torch.float32):
     """(target, draft, tokenizer, target_path, draft_path) from CLI names/paths."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from backends.torch.smollm2 import resolve_model
     tpath = resolve_model(target)
     dpath = Path(draft).expanduser()
@@ -351,7 +351,7 @@ def load_prompt_source(spec: str, max_requests: int | None = None) -> tuple[list
     if spec in datasets.ALL_DATASETS and not os.path.exists(spec):
         ps = datasets.load_prompts(spec, max_requests=max_requests)
         return ps, f"{spec} ({datasets.data_file(spec)})"
-    from pipedec_sim.prompts import read_prompts
+    from pipedec_sim.inputs.prompts import read_prompts
     ps = read_prompts(spec, max_requests=max_requests)
     return ps, f"{ps[0].dataset}: {os.path.basename(spec)}"
 

@@ -16,13 +16,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipedec_sim.messages import Batch, Update
-
-from . import wire
-from .inline import run_stage, stage_bounds
-from .checkpoint import load_stage, num_layers
-from .link import Links, connect, rank_device
-from .shard import Shard, rows_tensor, tensor_rows
+from backends.torch import wire
+from backends.torch.checkpoint import load_stage, num_layers
+from backends.torch.inline import run_stage, stage_bounds
+from backends.torch.link import Links, connect, rank_device
+from backends.torch.shard import Shard, rows_tensor, tensor_rows
+from pipedec_sim.protocol.messages import Batch, Update
 
 IDLE_TIMEOUT = timedelta(days=1)
 SLICE_BATCH, SLICE_PRUNE = 0, 1  # what a stage's timeline slice was

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,10 +39,16 @@ from backends.torch.compat import CACHE_KW  # noqa: E402
 from backends.torch.head import Request  # noqa: E402
 from backends.torch.inline import InlinePipeline  # noqa: E402
 from backends.torch.models import load  # noqa: E402
-from backends.torch.profiler import (_axes, _median_ms, _prefilled, _sync, _tree,  # noqa: E402
-                                     measure_head_overhead)
+from backends.torch.profiler import (  # noqa: E402
+    _axes,
+    _median_ms,
+    _prefilled,
+    _sync,
+    _tree,
+    measure_head_overhead,
+)
 from backends.torch.shard import Draft, Shard  # noqa: E402
-from pipedec_sim.messages import Row, Update  # noqa: E402
+from pipedec_sim.protocol.messages import Row, Update  # noqa: E402
 
 # Llama-3.1-70B and Llama-3.2-1B (their config.json); layers = how many the profile reports.
 LLAMA70B = dict(layers=80, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
@@ -232,7 +237,7 @@ def check_bf16(device, out: Path, n: int) -> dict:
 def check_cli_profile(device, out: Path) -> dict:
     """`pipedec-real profile --device cuda` (tiny models, quick grid) writes a profile that
     loads in the simulator."""
-    from pipedec_sim.calibration import load_profile
+    from pipedec_sim.inputs.profile import load_profile
     path = out / "cli-profile-tiny.json"
     r = subprocess.run([sys.executable, "-m", "backends.torch.cli", "profile", "--target", "tiny",
                         "--draft", "tiny-draft", "--device", device, "--quick", "--out", str(path)],

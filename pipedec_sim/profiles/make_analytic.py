@@ -3,14 +3,14 @@
     python -m pipedec_sim.profiles.make_analytic [--out DIR]
 
 Writes analytic-llama70b-1b.json (10 GbE) and analytic-llama70b-1b-100gbe.json (100 GbE)
-from `pipedec_sim.calibration.analytic_profile`; see that function for the formula.
+from `pipedec_sim.inputs.profile.analytic_profile`; see that function for the formula.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipedec_sim.calibration import PROFILES_DIR, analytic_profile, save_profile
+from pipedec_sim.inputs.profile import PROFILES_DIR, analytic_profile, save_profile
 
 VARIANTS = {
     "analytic-llama70b-1b": {"link_gbps": 10.0, "link_latency_ms": 0.05},

@@ -6,9 +6,14 @@ from typing import Callable
 
 import pandas as pd
 
-from .metrics import RequestMetrics, request_metrics, requests_frame, summarize
-from .oracle import TraceOracle
-from .strategies import make_strategy
+from backends.simulated.oracle import TraceOracle
+from pipedec_sim.protocol.strategies import make_strategy
+from pipedec_sim.results.metrics import (
+    RequestMetrics,
+    request_metrics,
+    requests_frame,
+    summarize,
+)
 
 
 @dataclass
@@ -48,7 +53,9 @@ def prompt_tokens(req) -> list[int]:
 
 def simulate(trace, profile, cfg: SimConfig, *, timeline_requests: int = 0,
              progress: Callable[[int, int], None] | None = None) -> SimResult:
-    from backends.simulated.pipeline import Pipeline   # SimPy stays out of the core import
+    from backends.simulated.pipeline import (
+        Pipeline,  # SimPy stays out of the core import
+    )
 
     items: list[RequestMetrics] = []
     timelines = {}

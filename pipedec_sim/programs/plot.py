@@ -5,13 +5,13 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from pipedec_sim.errors import InputError
 
 KINDS = ("speedup", "stages", "width", "timeline", "utilization")
 
 
 def add_parser(sub) -> None:
-    from .cli import _positive
+    from pipedec_sim.programs.flags import positive
     p = sub.add_parser("plot", help="draw a PNG from sweep results or a timeline JSON",
                        description="Draw one PNG. RESULTS is a sweep folder or a summary.csv "
                        "(from `sweep` or `run --out`) for speedup/stages/width/utilization, or "
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                         "S/(p+(1-p)S) curve; width: W x k heatmap; timeline: Gantt of the "
                         "stages; utilization: stage utilisation and wasted work")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    p.add_argument("--stages", type=_positive(), default=None,
+    p.add_argument("--stages", type=positive(), default=None,
                    help="which S to show for speedup/width/utilization (default: the largest)")
     p.add_argument("--metric", default="tbt_ms",
                    choices=("tbt_ms", "speedup_vs_ar", "hit_rate", "wasted_per_token",
@@ -33,11 +33,11 @@ def add_parser(sub) -> None:
                    help="timeline: which run, by label prefix (default: the first pipedec run)")
     p.add_argument("--start-ms", type=float, default=None,
                    help="timeline: window start (default: the first committed token)")
-    p.add_argument("--span-ms", type=_positive(float), default=None,
+    p.add_argument("--span-ms", type=positive(float), default=None,
                    help="timeline: window length (default: enough for --tokens commits)")
-    p.add_argument("--tokens", type=_positive(), default=12,
+    p.add_argument("--tokens", type=positive(), default=12,
                    help="timeline: commits to show when --span-ms is not given (default 12)")
-    p.add_argument("--dpi", type=_positive(), default=110)
+    p.add_argument("--dpi", type=positive(), default=110)
 
 
 def _is_timeline(path: Path) -> bool:

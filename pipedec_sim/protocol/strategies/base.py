@@ -7,9 +7,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..messages import (Action, Batch, Commit, Draft, Drafted, EntryFree, Event, Finish,
-                        Inject, Row, Verified)
-from ..tree import Node
+from pipedec_sim.protocol.messages import (
+    Action,
+    Batch,
+    Commit,
+    Draft,
+    Drafted,
+    EntryFree,
+    Event,
+    Finish,
+    Inject,
+    Row,
+    Verified,
+)
+from pipedec_sim.protocol.tree import Node
 
 
 class Strategy:

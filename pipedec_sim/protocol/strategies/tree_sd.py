@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import heapq
 
-from ..messages import Action, Drafted, Update, Verified
-from ..policies import Eagle2Policy, candidates
-from ..tree import Node, PredictionTree, path
-from .base import Strategy, row, undrafted_path
+from pipedec_sim.protocol.messages import Action, Drafted, Update, Verified
+from pipedec_sim.protocol.policies import Eagle2Policy, candidates
+from pipedec_sim.protocol.strategies.base import Strategy, row, undrafted_path
+from pipedec_sim.protocol.tree import Node, PredictionTree, path
 
 
 class TreeSD(Strategy):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .atomic import write_text
+from pipedec_sim.atomic import write_text
 
 _ORDER = ("head", "draft", "lm_head")
 

@@ -1,7 +1,7 @@
 """Prompt-file readers (Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K, plain text).
 
 Prompt files carry no draft proposals, so they run through an acceptance model
-(`pipedec_sim.acceptance`). `load_workload` is the one entry point the CLI needs: it accepts a
+(`pipedec_sim.inputs.acceptance`). `load_workload` is the one entry point the CLI needs: it accepts a
 speculation trace or any prompt file and says in one line what it used.
 """
 from __future__ import annotations
@@ -12,12 +12,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NoReturn
 
-from pipedec_sim.acceptance import (AcceptanceModel, acceptance_for_format,
-                                    trace_from_prompts)
 from pipedec_sim.errors import InputError
-from pipedec_sim.traces import FORMAT as TRACE_FORMAT
-from pipedec_sim.traces import Path, Trace, is_trace_file, read_text, read_trace
-from pipedec_sim.traces import json_type as _json_type
+from pipedec_sim.inputs.acceptance import (
+    AcceptanceModel,
+    acceptance_for_format,
+    trace_from_prompts,
+)
+from pipedec_sim.inputs.files import FilePath, json_type, read_text
+from pipedec_sim.inputs.traces import FORMAT as TRACE_FORMAT
+from pipedec_sim.inputs.traces import Trace, is_trace_file, read_trace
 
 FORMATS = ("alpaca", "sharegpt", "mtbench", "humaneval", "gsm8k", "plain")
 _HUMAN = {"human", "user"}
@@ -42,19 +45,19 @@ class _Item:
     line: int  # 1-based line where the record starts
     in_list: bool  # from a top-level JSON list (fields are named `[i].key`)
 
-    def fail(self, path: Path, key: str | None, message: str) -> NoReturn:
+    def fail(self, path: FilePath, key: str | None, message: str) -> NoReturn:
         prefix = f"[{self.index}]" if self.in_list else ""
         name = (f"{prefix}.{key}" if prefix else key) if key else (prefix or None)
         raise InputError(message, file=path, line=self.line, field=name)
 
-    def string(self, path: Path, key: str, *, required: bool = True) -> str | None:
+    def string(self, path: FilePath, key: str, *, required: bool = True) -> str | None:
         v = self.obj.get(key)
         if v is None and not required:
             return None
         if key not in self.obj:
             self.fail(path, key, "missing")
         if not isinstance(v, str):
-            self.fail(path, key, f"expected a string, got {_json_type(v)}")
+            self.fail(path, key, f"expected a string, got {json_type(v)}")
         if required and not v.strip():
             self.fail(path, key, "is empty")
         return v
@@ -71,7 +74,7 @@ class _PromptFile:
 
 # ----------------------------------------------------------------------------- record sources
 
-def _iter_jsonl(text: str, path: Path) -> Iterator[_Item]:
+def _iter_jsonl(text: str, path: FilePath) -> Iterator[_Item]:
     index = 0
     # split("\n"), not splitlines(): U+2028 may sit unescaped inside a JSON string.
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -104,7 +107,7 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _iter_json_list(text: str, path: Path, state: dict) -> Iterator[_Item]:
+def _iter_json_list(text: str, path: FilePath, state: dict) -> Iterator[_Item]:
     """Items of a top-level JSON list, one at a time.
 
     A file cut off mid-item (a truncated download; the ShareGPT package ships one) yields every
@@ -146,7 +149,7 @@ def _cut_short(e: json.JSONDecodeError, text: str) -> bool:
             or any(word.startswith(rest) for word in ("true", "false", "null")))
 
 
-def _iter_plain(text: str, path: Path) -> Iterator[_Item]:
+def _iter_plain(text: str, path: FilePath) -> Iterator[_Item]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             yield _Item(line.strip(), lineno - 1, lineno, in_list=False)
@@ -154,7 +157,7 @@ def _iter_plain(text: str, path: Path) -> Iterator[_Item]:
 
 # ----------------------------------------------------------------------------- formats
 
-def _alpaca(it: _Item, path: Path) -> Prompt:
+def _alpaca(it: _Item, path: FilePath) -> Prompt:
     instruction = it.string(path, "instruction")
     extra = it.string(path, "input", required=False)
     text = instruction + ("\n\n" + extra if extra and extra.strip() else "")
@@ -162,10 +165,10 @@ def _alpaca(it: _Item, path: Path) -> Prompt:
                   it.string(path, "output", required=False) or None)
 
 
-def _sharegpt(it: _Item, path: Path) -> Prompt | None:
+def _sharegpt(it: _Item, path: FilePath) -> Prompt | None:
     turns = it.obj.get("conversations")
     if not isinstance(turns, list):
-        it.fail(path, "conversations", f"expected an array of turns, got {_json_type(turns)}")
+        it.fail(path, "conversations", f"expected an array of turns, got {json_type(turns)}")
     text = reference = None
     for j, turn in enumerate(turns):
         role, value = _turn(it, path, j, turn)
@@ -179,7 +182,7 @@ def _sharegpt(it: _Item, path: Path) -> Prompt | None:
     return Prompt(_record_id(it, path), text, "sharegpt", reference)
 
 
-def _turn(it: _Item, path: Path, j: int, turn: Any) -> tuple[str, str]:
+def _turn(it: _Item, path: FilePath, j: int, turn: Any) -> tuple[str, str]:
     if not isinstance(turn, dict):
         it.fail(path, f"conversations[{j}]", "expected an object with 'from' and 'value'")
     for key in ("from", "value"):
@@ -189,7 +192,7 @@ def _turn(it: _Item, path: Path, j: int, turn: Any) -> tuple[str, str]:
     return turn["from"].lower(), turn["value"]
 
 
-def _mtbench(it: _Item, path: Path) -> Prompt:
+def _mtbench(it: _Item, path: FilePath) -> Prompt:
     turns = it.obj.get("turns")
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) \
             or not turns[0].strip():
@@ -199,22 +202,22 @@ def _mtbench(it: _Item, path: Path) -> Prompt:
     return Prompt(_record_id(it, path, key="question_id"), turns[0], "mtbench")
 
 
-def _humaneval(it: _Item, path: Path) -> Prompt:
+def _humaneval(it: _Item, path: FilePath) -> Prompt:
     task = it.string(path, "task_id")
     return Prompt(task, it.string(path, "prompt"), "humaneval",
                   it.string(path, "canonical_solution", required=False) or None)
 
 
-def _gsm8k(it: _Item, path: Path) -> Prompt:
+def _gsm8k(it: _Item, path: FilePath) -> Prompt:
     return Prompt(_record_id(it, path), it.string(path, "question"), "gsm8k",
                   it.string(path, "answer"))
 
 
-def _plain(it: _Item, path: Path) -> Prompt:
+def _plain(it: _Item, path: FilePath) -> Prompt:
     return Prompt(str(it.line), it.obj, "plain")
 
 
-def _record_id(it: _Item, path: Path, key: str = "id") -> str:
+def _record_id(it: _Item, path: FilePath, key: str = "id") -> str:
     v = it.obj.get(key)
     if v is None:
         if key == "id":
@@ -225,15 +228,15 @@ def _record_id(it: _Item, path: Path, key: str = "id") -> str:
     return str(v)
 
 
-_CONVERTERS: dict[str, Callable[[_Item, Path], Prompt | None]] = {
+_CONVERTERS: dict[str, Callable[[_Item, FilePath], Prompt | None]] = {
     "alpaca": _alpaca, "sharegpt": _sharegpt, "mtbench": _mtbench, "humaneval": _humaneval,
     "gsm8k": _gsm8k, "plain": _plain}
 
 
-def _detect(it: _Item, path: Path) -> str:
+def _detect(it: _Item, path: FilePath) -> str:
     obj = it.obj
     if not isinstance(obj, dict):
-        it.fail(path, None, f"expected a JSON object, got {_json_type(obj)}")
+        it.fail(path, None, f"expected a JSON object, got {json_type(obj)}")
     fmt = obj.get("format")
     if isinstance(fmt, str) and fmt.startswith("pipedec-trace"):
         msg = ("is a speculation trace header, not a prompt" if fmt == TRACE_FORMAT
@@ -252,14 +255,14 @@ def _detect(it: _Item, path: Path) -> str:
 
 # ----------------------------------------------------------------------------- entry points
 
-def _is_plain(path: Path, text: str) -> bool:
+def _is_plain(path: FilePath, text: str) -> bool:
     name = os.fspath(path).lower().removesuffix(".gz")
     if name.endswith(".txt"):
         return True
     return not name.endswith((".json", ".jsonl")) and text.lstrip()[:1] not in ("[", "{")
 
 
-def _records(path: Path, text: str, fmt: str, state: dict) -> tuple[Iterator[_Item], bool]:
+def _records(path: FilePath, text: str, fmt: str, state: dict) -> tuple[Iterator[_Item], bool]:
     """The file's records, and whether they are plain-text lines."""
     if fmt == "plain" or (fmt == "auto" and _is_plain(path, text)):
         return _iter_plain(text, path), True
@@ -273,7 +276,7 @@ def _records(path: Path, text: str, fmt: str, state: dict) -> tuple[Iterator[_It
     return _iter_jsonl(text, path), False
 
 
-def _read(path: Path, fmt: str, max_requests: int | None) -> _PromptFile:
+def _read(path: FilePath, fmt: str, max_requests: int | None) -> _PromptFile:
     if fmt != "auto" and fmt not in FORMATS:
         raise InputError(f"unknown prompt format {fmt!r} (known: auto, {', '.join(FORMATS)})",
                          field="format")
@@ -291,7 +294,7 @@ def _read(path: Path, fmt: str, max_requests: int | None) -> _PromptFile:
         if out.format == "auto":
             out.format = _detect(it, path)  # the first record decides
         elif not plain and not isinstance(it.obj, dict):
-            it.fail(path, None, f"expected a JSON object, got {_json_type(it.obj)}")
+            it.fail(path, None, f"expected a JSON object, got {json_type(it.obj)}")
         prompt = _CONVERTERS[out.format](it, path)
         if prompt is None:
             out.skipped += 1
@@ -318,13 +321,13 @@ def _unique(pid: str, seen: set[str]) -> str:
     return new
 
 
-def read_prompts(path: Path, *, format: str = "auto",
+def read_prompts(path: FilePath, *, format: str = "auto",
                  max_requests: int | None = None) -> list[Prompt]:
     """Read a prompt file; `format` is auto-detected from the content unless forced."""
     return _read(path, format, max_requests).prompts
 
 
-def load_workload(path: Path, *, max_requests: int | None = None, max_new_tokens: int = 256,
+def load_workload(path: FilePath, *, max_requests: int | None = None, max_new_tokens: int = 256,
                   seed: int = 0, acceptance: AcceptanceModel | None = None) -> tuple[Trace, str]:
     """A trace file as is, or a prompt file run through an acceptance model.
 

@@ -17,118 +17,18 @@ import math
 import os
 import random
 import statistics
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
 
+from pipedec_sim.atomic import write_bytes
 from pipedec_sim.errors import InputError
-from pipedec_sim.traces import (Path, Trace, TraceHeader, TraceRequest, atomic_write,
-                                is_trace_file, read_text, read_trace)
-
-if TYPE_CHECKING:  # prompts imports this module
-    from pipedec_sim.prompts import Prompt
-
-KIND = "beta-geometric"
-_FIELDS = ("alpha", "beta", "top_k", "vocab", "name", "source")
-
-
-@dataclass(frozen=True)
-class AcceptanceModel:
-    alpha: float
-    beta: float
-    top_k: int = 16
-    vocab: int = 128256
-    name: str = ""
-    source: str = ""  # what it was fitted from, or "hand-set: ..."
-
-    def __post_init__(self) -> None:
-        _validate(asdict(self), file=None)
-
-    @property
-    def top1_agreement(self) -> float:
-        """P(true token == draft top-1) = E[c]."""
-        return self.alpha / (self.alpha + self.beta)
-
-    def sample_position(self, rng: random.Random) -> tuple[list[int], list[float], int]:
-        """One output position: (draft top-k ids best first, their probabilities, true token)."""
-        c = rng.betavariate(self.alpha, self.beta)
-        probs = [c * (1.0 - c) ** r for r in range(self.top_k)]
-        rank = _draw_rank(probs, rng.random())
-        true = rng.randrange(self.vocab)
-        inside = rank < self.top_k
-        ids = _distinct_ids(rng, self.vocab, self.top_k - inside, exclude=true)
-        if inside:
-            ids.insert(rank, true)
-        return ids, probs, true
-
-    def rank_probs(self) -> list[float]:
-        """Expected P(true token at rank r), r < top_k: E[c (1-c)^r] = B(a+1, b+r) / B(a, b).
-
-        Closed form, so exact and deterministic; 1 - sum() is the chance it is outside the top-k.
-        """
-        a, b = self.alpha, self.beta
-        log_norm = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-        return [math.exp(math.lgamma(a + 1) + math.lgamma(b + r) - math.lgamma(a + b + r + 1)
-                         - log_norm) for r in range(self.top_k)]
-
-    def to_dict(self) -> dict:
-        return {"kind": KIND, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: Any, *, file: Path | None = None) -> "AcceptanceModel":
-        """Validate a decoded JSON object; InputError names the file and field."""
-        if not isinstance(d, dict):
-            raise InputError("an acceptance model must be a JSON object", file=file)
-        kind = d.get("kind", KIND)
-        if kind != KIND:
-            raise InputError(f"expected {KIND!r}, got {kind!r}", file=file, field="kind")
-        unknown = sorted(set(d) - set(_FIELDS) - {"kind"})
-        if unknown:
-            raise InputError(f"unknown field (known: {', '.join(_FIELDS)})", file=file,
-                             field=unknown[0])
-        for key in ("alpha", "beta"):
-            if key not in d:
-                raise InputError("missing", file=file, field=key)
-        values = {k: d[k] for k in _FIELDS if k in d}
-        _validate(values, file=file)
-        return cls(**values)
-
-
-def _validate(d: dict, *, file: Path | None) -> None:
-    def bad(key: str, msg: str) -> None:
-        raise InputError(msg, file=file, field=key)
-
-    for key in ("alpha", "beta"):
-        v = d.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            bad(key, f"expected a positive number, got {v!r}")
-    for key, low in (("top_k", 1), ("vocab", 2)):
-        v = d.get(key, 1 if key == "top_k" else 2)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            bad(key, f"expected an integer >= {low}, got {v!r}")
-    if d.get("vocab", 128256) <= d.get("top_k", 16):
-        bad("vocab", f"must exceed top_k ({d.get('top_k', 16)}) to fill the top-k with "
-                     "distinct ids")
-    for key in ("name", "source"):
-        if not isinstance(d.get(key, ""), str):
-            bad(key, f"expected a string, got {d[key]!r}")
-
-
-def _draw_rank(probs: list[float], u: float) -> int:
-    """Rank r with probability probs[r]; len(probs) (outside the top-k) with the rest."""
-    acc = 0.0
-    for r, p in enumerate(probs):
-        acc += p
-        if u < acc:
-            return r
-    return len(probs)
-
-
-def _distinct_ids(rng: random.Random, vocab: int, n: int, *, exclude: int) -> list[int]:
-    ids = rng.sample(range(vocab), n + 1)  # one spare in case `exclude` is drawn
-    if exclude in ids:
-        ids.remove(exclude)
-    return ids[:n]
-
+from pipedec_sim.inputs.acceptance_model import KIND, AcceptanceModel
+from pipedec_sim.inputs.files import FilePath, read_text
+from pipedec_sim.inputs.traces import (
+    Trace,
+    TraceHeader,
+    TraceRequest,
+    is_trace_file,
+    read_trace,
+)
 
 DEFAULT_ACCEPTANCE = AcceptanceModel(
     alpha=4.0, beta=1.2, top_k=16, name="synthetic-default",
@@ -174,11 +74,11 @@ def fit_acceptance(traces: list[Trace], *, name: str = "") -> AcceptanceModel:
                            source=source)
 
 
-def save_acceptance(model: AcceptanceModel, path: Path) -> None:
-    atomic_write(path, (json.dumps(model.to_dict(), indent=2) + "\n").encode("utf-8"))
+def save_acceptance(model: AcceptanceModel, path: FilePath) -> None:
+    write_bytes(path, (json.dumps(model.to_dict(), indent=2) + "\n").encode("utf-8"))
 
 
-BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "acceptance_models")
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "acceptance_models")
 # Prompt formats with a model fitted on the same data set; other formats (Alpaca, plain
 # lines) get the ShareGPT one: general chat prompts.
 FITTED_FOR_FORMAT = {"mtbench": "mtbench", "humaneval": "humaneval", "gsm8k": "gsm8k",
@@ -200,7 +100,7 @@ def acceptance_for_format(fmt: str) -> AcceptanceModel:
     return load_acceptance(bundled[name]) if name in bundled else DEFAULT_ACCEPTANCE
 
 
-def load_acceptance(path: Path) -> AcceptanceModel:
+def load_acceptance(path: FilePath) -> AcceptanceModel:
     """Read an acceptance-model JSON file (or a bundled model's name: mtbench, humaneval,
     gsm8k, sharegpt, synthetic-default); a trace file is accepted too and fitted on the fly."""
     spec = os.fspath(path)
@@ -280,7 +180,7 @@ def synthetic_trace(*, requests: int, output_len: int | tuple[int, int],
     return Trace(header=header, requests=reqs)
 
 
-def trace_from_prompts(prompts: list["Prompt"], *, model: AcceptanceModel, max_new_tokens: int,
+def trace_from_prompts(prompts: list, *, model: AcceptanceModel, max_new_tokens: int,
                        seed: int, chars_per_token: float = 4.0, dataset: str | None = None,
                        command: str = "") -> Trace:
     """A synthetic trace whose lengths come from real prompts (estimated from characters).

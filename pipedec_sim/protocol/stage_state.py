@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .messages import Row, Update
+from pipedec_sim.protocol.messages import Row, Update
 
 
 class StageState:

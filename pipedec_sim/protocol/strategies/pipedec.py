@@ -4,10 +4,10 @@ known: a hit makes the matching child the root and prunes its siblings on every 
 a miss flushes the tree and restarts it from the target's token."""
 from __future__ import annotations
 
-from ..messages import Action, Drafted, Inject, Update, Verified
-from ..policies import LayerPolicy
-from ..tree import Hit, Node, PredictionTree
-from .base import Strategy, row
+from pipedec_sim.protocol.messages import Action, Drafted, Inject, Update, Verified
+from pipedec_sim.protocol.policies import LayerPolicy
+from pipedec_sim.protocol.strategies.base import Strategy, row
+from pipedec_sim.protocol.tree import Hit, Node, PredictionTree
 
 
 class PipeDec(Strategy):

@@ -1,8 +1,8 @@
 """Plain pipeline parallelism: one token at a time through every stage; no draft."""
 from __future__ import annotations
 
-from ..messages import Action, Row, Verified
-from .base import Strategy
+from pipedec_sim.protocol.messages import Action, Row, Verified
+from pipedec_sim.protocol.strategies.base import Strategy
 
 
 class AR(Strategy):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError
+from pipedec_sim.errors import InputError
 
 DEFAULT = (16, 16, 0.0)
 FLOORS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -44,8 +44,8 @@ class Trial:
 
 def _evaluate(point: tuple[int, int, float], common: dict) -> dict:
     """Worker entry point: PipeDec at one point; module level so it pickles under spawn."""
-    from .metrics import summarize
-    from .sweep import run_config
+    from pipedec_sim.programs.sweep import run_config
+    from pipedec_sim.results.metrics import summarize
     w, k, f = point
     cfg = {**common, "strategy": common.get("strategy", "pipedec"), "width": w, "topk": k,
            "floor": f, "coverage": None, "depth": None, "tree_topk": None, "total": None,
@@ -69,7 +69,8 @@ class Evaluator:
     def __enter__(self):
         if self.workers > 1:
             from concurrent.futures import ProcessPoolExecutor
-            from .sweep import pool_context
+
+            from pipedec_sim.programs.sweep import pool_context
             self._pool = ProcessPoolExecutor(self.workers, mp_context=pool_context())
         return self
 
@@ -143,17 +144,17 @@ def tune(common: dict, *, budget: int = 30, workers: int = 1,
 # --------------------------------------------------------------------------- CLI
 
 def add_parser(sub) -> None:
-    from .cli import DEFAULT_PROFILE, _positive
+    from pipedec_sim.programs.flags import DEFAULT_PROFILE, positive
     p = sub.add_parser("tune", help="search PipeDec width/top-k/floor for the lowest TBT",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", required=True, type=Path, help="speculation trace or prompt file")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"calibration profile file or bundled name (default {DEFAULT_PROFILE})")
-    p.add_argument("--stages", type=_positive(), default=14, help="pipeline stages S (default 14)")
-    p.add_argument("--budget", type=_positive(), default=16,
+    p.add_argument("--stages", type=positive(), default=14, help="pipeline stages S (default 14)")
+    p.add_argument("--budget", type=positive(), default=16,
                    help="most configurations to simulate (default 16: about 2 minutes at "
                         "S=14 on 8 requests with 2 workers)")
-    p.add_argument("--max-requests", type=_positive(), default=8,
+    p.add_argument("--max-requests", type=positive(), default=8,
                    help="tune on the first N requests (default 8)")
     p.add_argument("--holdout", type=int, default=0,
                    help="re-measure best and default on the next N requests (default 0: off)")
@@ -162,20 +163,20 @@ def add_parser(sub) -> None:
                         "of the best TBT (default 0.02)")
     p.add_argument("--topology", choices=("A", "B"), default="A")
     p.add_argument("--prune", choices=("broadcast", "piggyback"), default="broadcast")
-    p.add_argument("--link-gbps", type=_positive(float), default=None,
+    p.add_argument("--link-gbps", type=positive(float), default=None,
                    help="override the profile's link bandwidth (Gbit/s)")
-    p.add_argument("--max-new-tokens", type=_positive(), default=256)
+    p.add_argument("--max-new-tokens", type=positive(), default=256)
     p.add_argument("--acceptance", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_positive(), default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=positive(), default=os.cpu_count() or 1,
                    help="worker processes (default: one per CPU)")
     p.add_argument("--out", type=Path, default=None, help="write every trial to this CSV")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def cmd_tune(args) -> int:
-    from .cli import progress_printer
-    from .sweep import build_grid
+    from pipedec_sim.programs.flags import progress_printer
+    from pipedec_sim.programs.sweep import build_grid
     if args.holdout < 0:
         raise InputError("must be >= 0", field="--holdout")
     if not 0 <= args.tolerance < 1:
@@ -222,7 +223,8 @@ def cmd_tune(args) -> int:
               f"best {hb:.2f} ms vs default {hd:.2f} ms ({(hd - hb) / hd:.1%} lower)")
     if args.out:
         import pandas as pd
-        from .atomic import atomic_path
+
+        from pipedec_sim.atomic import atomic_path
         frame = pd.DataFrame([vars(t) for t in trials])
         frame["speedup_vs_ar"] = ar / frame.tbt_ms
         with atomic_path(args.out) as tmp:

@@ -37,15 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError
+from pipedec_sim.errors import InputError
 
 try:
-    import tomllib                      # Python 3.11+
+    import tomllib  # Python 3.11+
 except ModuleNotFoundError:             # pragma: no cover (3.10: pip install tomli)
     import tomli as tomllib
 
 STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
-DEFAULT_PROFILE = "analytic-llama70b-1b"
+from pipedec_sim.programs.flags import DEFAULT_PROFILE
 
 # knob -> strategies it matters to
 PIPEDEC_KNOBS = ("width", "topk", "floor", "coverage")
@@ -179,7 +179,7 @@ def _fingerprint(path: str | None) -> str | None:
         if p.is_file():
             _FINGERPRINTS[path] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
         else:                                      # a bundled profile name
-            from .calibration import bundled_profiles
+            from pipedec_sim.inputs.profile import bundled_profiles
             b = bundled_profiles().get(path)
             _FINGERPRINTS[path] = (hashlib.sha256(Path(b).read_bytes()).hexdigest()[:16]
                                    if b else path)
@@ -263,7 +263,7 @@ def build_grid(grid_file: Path | None = None, overrides: dict[str, list] | None 
 
 
 def _resolve_files(grid: Grid, where: _Where, check_files: bool) -> None:
-    from .calibration import bundled_profiles, load_profile
+    from pipedec_sim.inputs.profile import bundled_profiles, load_profile
 
     def resolve(key: str, v: str) -> str:
         p = Path(v)
@@ -295,11 +295,11 @@ def _resolve_files(grid: Grid, where: _Where, check_files: bool) -> None:
         for lat in grid.axes["link_latency_ms"]:
             for bw in grid.axes["link_gbps"]:
                 profile.with_link(bandwidth_gbps=bw, latency_ms=lat)
-    from .acceptance import load_acceptance
+    from pipedec_sim.inputs.acceptance import load_acceptance
     for acc in grid.axes["acceptance"]:
         if acc is not None:
             load_acceptance(Path(acc))
-    from .prompts import load_workload
+    from pipedec_sim.inputs.prompts import load_workload
     for tr in grid.axes["trace"]:
         for mr in grid.axes["max_requests"]:
             load_workload(Path(tr), max_requests=mr, max_new_tokens=grid.axes["max_new_tokens"][0])
@@ -311,7 +311,7 @@ _CACHE: dict[Any, Any] = {}
 
 
 def _profile(cfg: dict):
-    from .calibration import load_profile
+    from pipedec_sim.inputs.profile import load_profile
     key = ("profile", cfg["profile"], cfg["link_gbps"], cfg["link_latency_ms"])
     if key not in _CACHE:
         p = load_profile(cfg["profile"])
@@ -322,8 +322,8 @@ def _profile(cfg: dict):
 
 
 def _trace(cfg: dict):
-    from .acceptance import load_acceptance
-    from .prompts import load_workload
+    from pipedec_sim.inputs.acceptance import load_acceptance
+    from pipedec_sim.inputs.prompts import load_workload
     first = cfg.get("first_request", 0)       # the tuner's held-out requests start later
     key = ("trace", cfg["trace"], cfg["max_requests"], cfg["max_new_tokens"], cfg["seed"],
            cfg["acceptance"], first)
@@ -343,7 +343,7 @@ def _trace(cfg: dict):
 
 
 def sim_config(cfg: dict):
-    from .simulate import SimConfig
+    from pipedec_sim.programs.simulate import SimConfig
     knobs = {k: (DEFAULTS[k] if cfg.get(k) is None else cfg[k])
              for k in PIPEDEC_KNOBS + TREE_SD_KNOBS}
     return SimConfig(stages=cfg["stages"], strategies=(cfg["strategy"],), topology=cfg["topology"],
@@ -352,7 +352,7 @@ def sim_config(cfg: dict):
 
 def run_config(cfg: dict):
     """Simulate one configuration; its per-request frame with `config_id` and `cfg_*`."""
-    from .simulate import simulate
+    from pipedec_sim.programs.simulate import simulate
     profile = _profile(cfg)
     result = simulate(_trace(cfg), profile, sim_config(cfg))
     df = result.requests
@@ -370,7 +370,7 @@ def run_config(cfg: dict):
     return df
 
 
-PRELOAD = ["pipedec_sim.sweep", "pipedec_sim.simulate", "backends.simulated.pipeline"]
+PRELOAD = ["pipedec_sim.programs.sweep", "pipedec_sim.programs.simulate", "backends.simulated.pipeline"]
 
 
 def pool_context():
@@ -394,7 +394,7 @@ def _part_path(out: Path, cid: str) -> Path:
 
 def _run_and_commit(cfg: dict, out: str) -> tuple[str, float, str | None]:
     """Worker entry point (module level, picklable: safe under spawn)."""
-    from .atomic import atomic_path
+    from pipedec_sim.atomic import atomic_path
     t0 = time.perf_counter()
     try:
         df = run_config(cfg)
@@ -418,7 +418,7 @@ def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
     (out / "parts").mkdir(parents=True, exist_ok=True)
     for stale in (out / "parts").glob(".*.tmp"):      # torn writes of a killed run
         stale.unlink(missing_ok=True)
-    from .atomic import write_text
+    from pipedec_sim.atomic import write_text
     write_text(out / "grid.json", json.dumps(configs, indent=1, default=str))
     done = finished_ids(out)
     todo = [c for c in configs if c["config_id"] not in done]
@@ -468,7 +468,8 @@ def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
 def merge(out: Path, configs: list[dict]) -> int:
     """Write requests.csv and summary.csv from the finished parts of this grid."""
     import pandas as pd
-    from .atomic import atomic_path
+
+    from pipedec_sim.atomic import atomic_path
     out = Path(out)
     ids = [c["config_id"] for c in configs]
     have = finished_ids(out)
@@ -500,7 +501,8 @@ def _int_columns(df):
 def summarize_sweep(req):
     """One row per configuration; speedups within each comparison group."""
     import pandas as pd
-    from .metrics import SUMMARY_COLUMNS, summarize
+
+    from pipedec_sim.results.metrics import SUMMARY_COLUMNS, summarize
     cfg_cols = [c for c in req.columns if c.startswith("cfg_")]
     rows = []
     for cid, g in req.groupby("config_id", sort=False):
@@ -580,7 +582,7 @@ FLAG_AXES = [  # (flag, key, type, help)
 
 
 def add_parser(sub) -> None:
-    from .cli import _positive
+    from pipedec_sim.programs.flags import positive
     p = sub.add_parser("sweep", help="run a grid of configurations in parallel, resumably",
                        description=__doc__.split("\n\n")[0] + " A TOML grid file has one "
                        "top-level key per axis (a value or a list); flags take "
@@ -591,7 +593,7 @@ def add_parser(sub) -> None:
         g.add_argument(flag, dest=f"axis_{key}", type=_list_of(kind), default=None, help=help_)
     p.add_argument("--out", type=Path, default=Path("sweep-results"),
                    help="results folder (default sweep-results); re-running resumes")
-    p.add_argument("--workers", type=_positive(), default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=positive(), default=os.cpu_count() or 1,
                    help="worker processes (default: one per CPU)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the grid and list its configurations; run nothing")
@@ -603,7 +605,7 @@ def _overrides(args) -> dict[str, list]:
 
 
 def cmd_sweep(args) -> int:
-    from .cli import progress_printer
+    from pipedec_sim.programs.flags import progress_printer
     grid = build_grid(args.grid, _overrides(args))
     configs = grid.configs()
     done = finished_ids(args.out) & {c["config_id"] for c in configs}
@@ -639,7 +641,8 @@ def cmd_sweep(args) -> int:
               f"{args.out / 'requests.csv'}", file=sys.stderr)
     if res["merged"]:
         import pandas as pd
-        from .metrics import format_table
+
+        from pipedec_sim.results.metrics import format_table
         s = _int_columns(pd.read_csv(args.out / "summary.csv"))
         cols = ["strategy", "stages"] + [c for c in ("cfg_width", "cfg_topk", "cfg_floor")
                                          if s[c].nunique(dropna=True) > 1] \

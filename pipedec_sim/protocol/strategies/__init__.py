@@ -1,11 +1,11 @@
 """Decoding strategies as sans-IO state machines (see base.py)."""
 from __future__ import annotations
 
-from ..policies import Eagle2Policy, LayerPolicy
-from .ar import AR
-from .base import Strategy
-from .pipedec import PipeDec
-from .tree_sd import TreeSD
+from pipedec_sim.protocol.policies import Eagle2Policy, LayerPolicy
+from pipedec_sim.protocol.strategies.ar import AR
+from pipedec_sim.protocol.strategies.base import Strategy
+from pipedec_sim.protocol.strategies.pipedec import PipeDec
+from pipedec_sim.protocol.strategies.tree_sd import TreeSD
 
 STRATEGIES = {"ar": AR, "tree-sd": TreeSD, "pipedec": PipeDec}
 

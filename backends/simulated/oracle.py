@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from .messages import Row
+from pipedec_sim.protocol.messages import Row
 
 _TINY = 1e-12
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Iterable
 
-from .tree import Node
+from pipedec_sim.protocol.tree import Node
 
 Candidate = tuple[float, Node, int, float]   # (score, parent, token, logp)
 

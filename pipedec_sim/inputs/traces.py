@@ -18,11 +18,17 @@ import os
 import re
 import zlib
 from dataclasses import dataclass, field
-from os import PathLike
-from typing import Any, Iterator, NoReturn
+from typing import Any, NoReturn
 
 from pipedec_sim.atomic import write_bytes
 from pipedec_sim.errors import InputError
+from pipedec_sim.inputs.acceptance_model import AcceptanceModel
+from pipedec_sim.inputs.files import (
+    FilePath,
+    iter_lines,
+    json_type,
+    open_text,
+)
 
 FORMAT = "pipedec-trace/1"
 SOURCES = ("recorded", "synthetic")
@@ -33,9 +39,6 @@ _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Probabilities are usually rounded (4 decimals in bundled files): a row's sum and its order may
 # be off by rounding, not by more.
 _PROB_TOL = 1e-3
-
-Path = str | PathLike
-
 
 @dataclass
 class TraceHeader:
@@ -69,51 +72,6 @@ class Trace:
     path: str | None = None
 
 
-# ----------------------------------------------------------------------------- file helpers
-
-def open_text(path: Path) -> Any:
-    """Open a text file for reading, gunzipping it if it starts with the gzip magic bytes."""
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
-def read_text(path: Path) -> str:
-    """Whole file as text (gzip transparent); OS and decoding errors become InputError."""
-    try:
-        with open_text(path) as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"cannot read: {_os_reason(e)}", file=path) from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason})", file=path) from None
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` atomically (see pipedec_sim.atomic)."""
-    write_bytes(path, data)
-
-
-def _os_reason(e: BaseException) -> str:
-    return e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-
-
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) pairs; I/O and decoding errors become InputError."""
-    lineno = 0
-    try:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                yield lineno, line
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"cannot read: {_os_reason(e)}", file=path,
-                         line=lineno + 1 if lineno else None) from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason})", file=path, line=lineno + 1) from None
-
-
 # ----------------------------------------------------------------------------- validation
 
 def _is_int(x: Any) -> bool:
@@ -124,16 +82,10 @@ def _is_num(x: Any) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
 
 
-def json_type(x: Any) -> str:
-    """The JSON name of a decoded value's type, for error messages."""
-    return {dict: "object", list: "array", str: "string", bool: "boolean",
-            type(None): "null"}.get(type(x), type(x).__name__)
-
-
 class _Checker:
     """Raises InputError located at one line of one file."""
 
-    def __init__(self, file: Path | None, line: int | None):
+    def __init__(self, file: FilePath | None, line: int | None):
         self.file, self.line = file, line
 
     def fail(self, field_name: str | None, message: str) -> NoReturn:
@@ -168,7 +120,7 @@ class _Checker:
         return v
 
 
-def parse_header(obj: Any, *, file: Path | None = None, line: int | None = 1) -> TraceHeader:
+def parse_header(obj: Any, *, file: FilePath | None = None, line: int | None = 1) -> TraceHeader:
     """Validate a decoded header line."""
     ck = _Checker(file, line)
     if not isinstance(obj, dict):
@@ -209,7 +161,6 @@ def _valid_date(s: str) -> bool:
 def _check_acceptance(d: Any, source: str, ck: _Checker) -> dict:
     if source != "synthetic":
         ck.fail("acceptance_model", "only synthetic traces carry an acceptance model")
-    from pipedec_sim.acceptance import AcceptanceModel  # lazy: acceptance imports this module
     try:
         AcceptanceModel.from_dict(d)
     except InputError as e:
@@ -218,7 +169,7 @@ def _check_acceptance(d: Any, source: str, ck: _Checker) -> dict:
     return d
 
 
-def parse_request(obj: Any, top_k: int, *, file: Path | None = None,
+def parse_request(obj: Any, top_k: int, *, file: FilePath | None = None,
                   line: int | None = None) -> TraceRequest:
     """Validate a decoded request line against the header's top_k."""
     ck = _Checker(file, line)
@@ -281,7 +232,7 @@ def _check_topk_probs(rows: Any, ids: list[list[int]], ck: _Checker) -> list[lis
 
 # ----------------------------------------------------------------------------- read / write
 
-def read_trace(path: Path, *, max_requests: int | None = None) -> Trace:
+def read_trace(path: FilePath, *, max_requests: int | None = None) -> Trace:
     """Read and validate a trace (.jsonl or .jsonl.gz); raise InputError on the first problem."""
     if max_requests is not None and (not _is_int(max_requests) or max_requests < 1):
         raise InputError(f"must be a positive integer, got {max_requests!r}", field="max_requests")
@@ -289,7 +240,7 @@ def read_trace(path: Path, *, max_requests: int | None = None) -> Trace:
     requests: list[TraceRequest] = []
     seen: dict[str, int] = {}
     last = 0
-    for lineno, text in _iter_lines(path):
+    for lineno, text in iter_lines(path):
         last = lineno
         if not text.strip():
             continue  # blank lines (e.g. a trailing one) carry nothing
@@ -312,7 +263,7 @@ def read_trace(path: Path, *, max_requests: int | None = None) -> Trace:
     return Trace(header=header, requests=requests, path=os.fspath(path))
 
 
-def _decode_line(text: str, path: Path, lineno: int) -> Any:
+def _decode_line(text: str, path: FilePath, lineno: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -341,7 +292,7 @@ def request_to_dict(r: TraceRequest) -> dict:
     return d
 
 
-def write_trace(trace: Trace, path: Path) -> None:
+def write_trace(trace: Trace, path: FilePath) -> None:
     """Validate, then write atomically; gzip when `path` ends with .gz (reproducible bytes)."""
     lines = [header_to_dict(trace.header)] + [request_to_dict(r) for r in trace.requests]
     # Validate what we are about to write so that a bad trace fails here, not when read back.
@@ -358,10 +309,10 @@ def write_trace(trace: Trace, path: Path) -> None:
     data = text.encode("utf-8")
     if os.fspath(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
-    atomic_write(path, data)
+    write_bytes(path, data)
 
 
-def is_trace_file(path: Path) -> bool:
+def is_trace_file(path: FilePath) -> bool:
     """True if the first line parses as a JSON object whose format is FORMAT."""
     try:
         with open_text(path) as f:

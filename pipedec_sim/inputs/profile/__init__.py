@@ -1,0 +1,53 @@
+"""Calibration profiles (the `pipedec_sim.inputs.profile` package): how long each piece of work takes on some hardware.
+
+A profile (JSON, schema ``pipedec-profile/1``) holds latency grids for one target decoder
+layer, one whole draft step, the target LM head and embedding, plus a link model and a device
+map. The simulator looks durations up in its hot loop, so lookups are plain-Python bisect +
+linear interpolation (a few microseconds), and everything is immutable after load.
+
+Optional CPU-host fields (absent in older profiles: then 0, resp. 1, and the simulator
+behaves exactly as before), all CPU work on the host's shared cores, measured by
+`backends.torch.profiler.measure_stage_overhead`:
+
+  latency.stage_message_ms   CPU ms a stage process spends per batch message outside the
+                             compute (wire recv/isend, row decoding, gloo's threads)
+  latency.stage_notice_ms    the same per prune notice (KV compaction excluded: kv_compact_ms)
+  latency.head_event_ms      CPU ms the head spends per event outside the draft and LM head
+                             (reader threads, wire, gloo); unlike head_overhead_ms (a delay)
+                             it occupies the head's core
+  devices.contention_slowdown  how much slower work runs while more processes are runnable
+                             than there are cores (cache and memory contention that a
+                             time-share table cannot see); 1 = none
+  devices.message_contention   how much more CPU a stage spends per message (and notice)
+                             while the cores are oversubscribed: a process woken for each
+                             message runs cache-cold, and gloo's loop thread competes; 1 = none
+
+Bad files raise `InputError` naming the file, the JSON line (syntax errors) or the JSON path
+(``field``, e.g. ``latency.layer.ms[2][3]``), so the CLIs can print one line and exit 2.
+"""
+from __future__ import annotations
+
+from .analytic import analytic_profile, constant_profile, layer_params
+from .grid import CONTEXT_AXIS, TOKENS_AXIS, Grid1D, Grid2D
+from .model import (
+                    LLAMA_3_1_70B,
+                    LLAMA_3_2_1B,
+                    SCHEMA,
+                    LinkModel,
+                    ModelShape,
+                    Profile,
+                    split_layers,
+)
+from .store import (
+                    PROFILES_DIR,
+                    bundled_profiles,
+                    dumps_profile,
+                    load_profile,
+                    save_profile,
+)
+from .validate import parse_profile
+
+__all__ = ["CONTEXT_AXIS", "TOKENS_AXIS", "Grid1D", "Grid2D", "LLAMA_3_1_70B", "LLAMA_3_2_1B",
+           "LinkModel", "ModelShape", "PROFILES_DIR", "Profile", "SCHEMA", "analytic_profile",
+           "bundled_profiles", "constant_profile", "dumps_profile", "layer_params",
+           "load_profile", "parse_profile", "save_profile", "split_layers"]

@@ -1,0 +1,160 @@
+"""The calibration profile: model shapes, the link, the layer split, and `Profile`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from ...errors import InputError
+from .checks import check_number
+from .grid import Grid1D, Grid2D
+
+SCHEMA = "pipedec-profile/1"
+SCHEMA_PREFIX = "pipedec-profile/"
+SCHEMA_MAJOR = 1
+CORE_SHARING = ("ps", "fifo")
+CPU_FIELDS = ("stage_message_ms", "stage_notice_ms", "head_event_ms")   # in "latency"
+DEVICE_FIELDS = ("contention_slowdown", "message_contention")            # in "devices"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+LLAMA_3_1_70B = ModelShape("meta-llama/Llama-3.1-70B", layers=80, hidden=8192, heads=64,
+                           kv_heads=8, intermediate=28672, vocab=128256, dtype_bytes=2)
+LLAMA_3_2_1B = ModelShape("meta-llama/Llama-3.2-1B", layers=16, hidden=2048, heads=32,
+                          kv_heads=8, intermediate=8192, vocab=128256, dtype_bytes=2)
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """One hop between neighbouring devices. bandwidth_gbps is in gigaBITs/s; inf = ideal."""
+
+    latency_ms: float
+    bandwidth_gbps: float
+
+    def transfer_ms(self, nbytes: float) -> float:
+        """Serialisation time only; add `latency_ms` once per message yourself."""
+        return nbytes * 8e-6 / self.bandwidth_gbps  # bits / (Gbit/s) -> ms
+
+    def to_dict(self) -> dict:
+        bw = None if math.isinf(self.bandwidth_gbps) else self.bandwidth_gbps
+        return {"latency_ms": self.latency_ms, "bandwidth_gbps": bw}
+
+
+def split_layers(n_layers: int, stages: int) -> list[int]:
+    """Contiguous layers per stage, as vLLM's get_pp_indices does.
+
+    Each stage gets n // S; the remainder goes one each to the stages just before the last
+    (the last also runs the final norm + LM head, so it is kept light).
+    """
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise InputError(f"must be a positive integer, got {stages!r}", field="stages")
+    if stages > n_layers:
+        raise InputError(f"{stages} stages but the target has only {n_layers} layers",
+                         field="stages")
+    parts = [n_layers // stages] * stages
+    for i in range(2, n_layers % stages + 2):
+        parts[-i] += 1
+    return parts
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    provenance: dict
+    target: ModelShape
+    draft: ModelShape
+    layer: Grid2D
+    draft_step: Grid2D
+    lm_head: Grid1D
+    embed: Grid1D
+    kv_compact_ms: float
+    head_overhead_ms: float
+    link: LinkModel
+    device_kind: str
+    shared_cores: int | None
+    split: tuple[int, ...] | None
+    source: str | None = field(default=None, compare=False)
+    # How processes share `shared_cores`: "ps" (processor sharing: n runnable processes
+    # each progress at min(1, cores/n), as OS time-slicing does) or "fifo" (a process
+    # holds a whole core until its work is done; others queue).
+    core_sharing: str = "ps"
+    # Measured share of a core each of n busy processes got (n = 1, 2, ...) while the
+    # profile was measured: captures foreign load (other users' processes) too. None:
+    # min(1, shared_cores / n), an otherwise idle machine.
+    core_share: tuple[float, ...] | None = None
+    # Optional CPU-host costs (module docstring); the defaults model nothing extra.
+    stage_message_ms: float = 0.0
+    stage_notice_ms: float = 0.0
+    head_event_ms: float = 0.0
+    contention_slowdown: float = 1.0
+    message_contention: float = 1.0
+
+    __hash__ = None  # type: ignore[assignment]  # provenance is a dict
+
+    def stage_layers(self, stages: int) -> list[int]:
+        if self.split is None:
+            return split_layers(self.target.layers, stages)
+        if len(self.split) != stages:
+            raise InputError(f"profile splits the target over {len(self.split)} stages, "
+                             f"but {stages} were asked for", file=self.source, field="split")
+        return list(self.split)
+
+    def hidden_bytes(self, rows: int) -> int:
+        return rows * self.target.hidden * self.target.dtype_bytes
+
+    def with_link(self, *, bandwidth_gbps: float | None = None,
+                  latency_ms: float | None = None) -> Profile:
+        bw = self.link.bandwidth_gbps if bandwidth_gbps is None else bandwidth_gbps
+        lat = self.link.latency_ms if latency_ms is None else latency_ms
+        check_number(bw, "bandwidth_gbps", None, positive=True, allow_inf=True)
+        check_number(lat, "latency_ms", None)
+        return dataclasses.replace(self, link=LinkModel(float(lat), float(bw)))
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "name": self.name,
+            "provenance": json.loads(json.dumps(self.provenance)),  # deep copy
+            "target": self.target.to_dict(),
+            "draft": self.draft.to_dict(),
+            "latency": {
+                "layer": self.layer.to_dict(),
+                "draft_step": self.draft_step.to_dict(),
+                "lm_head": self.lm_head.to_dict(),
+                "embed": self.embed.to_dict(),
+                "kv_compact_ms": self.kv_compact_ms,
+                "head_overhead_ms": self.head_overhead_ms,
+                **{k: getattr(self, k) for k in CPU_FIELDS if getattr(self, k)},
+            },
+            "link": self.link.to_dict(),
+            "devices": {"kind": self.device_kind, "shared_cores": self.shared_cores,
+                        **({"core_sharing": self.core_sharing}
+                           if self.core_sharing != "ps" else {}),
+                        **({"core_share": list(self.core_share)}
+                           if self.core_share else {}),
+                        **{k: getattr(self, k) for k in DEVICE_FIELDS
+                           if getattr(self, k) != 1.0}},
+            "split": None if self.split is None else list(self.split),
+        }
+
+
+# --------------------------------------------------------------------------- validation

@@ -1,0 +1,209 @@
+"""Reading a profile: validate a decoded JSON dict field by field and build a `Profile`."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import date
+from typing import Any, Mapping
+
+from ...errors import InputError
+from .checks import _fail, _get, _int, _join, _obj, _str, _type_name, check_number
+from .grid import Grid1D, Grid2D
+from .model import (
+    CORE_SHARING,
+    CPU_FIELDS,
+    DEVICE_FIELDS,
+    SCHEMA,
+    SCHEMA_MAJOR,
+    SCHEMA_PREFIX,
+    LinkModel,
+    ModelShape,
+    Profile,
+)
+
+
+def _list(v: Any, path: str, src: str | None) -> list:
+    if not isinstance(v, list) or not v:
+        raise _fail(src, path, f"expected a non-empty list, got {_type_name(v)}")
+    return v
+
+
+def _axis(v: Any, path: str, src: str | None, minimum: int) -> tuple[int, ...]:
+    xs = tuple(_int(x, f"{path}[{k}]", src, minimum) for k, x in enumerate(_list(v, path, src)))
+    for k in range(1, len(xs)):
+        if xs[k] <= xs[k - 1]:
+            raise _fail(src, f"{path}[{k}]",
+                        f"axis must be strictly ascending, got {xs[k - 1]} then {xs[k]}")
+    return xs
+
+
+def _values(v: Any, n: int, path: str, src: str | None) -> tuple[float, ...]:
+    row = _list(v, path, src)
+    if len(row) != n:
+        raise _fail(src, path, f"expected {n} values to match the axis, got {len(row)}")
+    return tuple(check_number(x, f"{path}[{k}]", src) for k, x in enumerate(row))
+
+
+def _grid1d(v: Any, path: str, src: str | None) -> Grid1D:
+    g = _obj(v, path, src)
+    xs = _axis(_get(g, "tokens", path, src), f"{path}.tokens", src, minimum=1)
+    ys = _values(_get(g, "ms", path, src), len(xs), f"{path}.ms", src)
+    return Grid1D(xs, ys)
+
+
+def _grid2d(v: Any, path: str, src: str | None) -> Grid2D:
+    g = _obj(v, path, src)
+    ts = _axis(_get(g, "tokens", path, src), f"{path}.tokens", src, minimum=1)
+    cs = _axis(_get(g, "context", path, src), f"{path}.context", src, minimum=0)
+    rows = _list(_get(g, "ms", path, src), f"{path}.ms", src)
+    if len(rows) != len(ts):
+        raise _fail(src, f"{path}.ms", f"expected {len(ts)} rows (one per tokens value), "
+                                       f"got {len(rows)}")
+    ms = [_values(r, len(cs), f"{path}.ms[{i}]", src) for i, r in enumerate(rows)]
+    return Grid2D(ts, cs, ms)
+
+
+def _shape(v: Any, path: str, src: str | None) -> ModelShape:
+    d = _obj(v, path, src)
+    ints = {k: _int(_get(d, k, path, src), _join(path, k), src)
+            for k in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab",
+                      "dtype_bytes")}
+    s = ModelShape(name=_str(_get(d, "name", path, src), _join(path, "name"), src), **ints)
+    if s.hidden % s.heads:
+        raise _fail(src, _join(path, "heads"), f"hidden {s.hidden} is not a multiple of "
+                                               f"heads {s.heads}")
+    if s.heads % s.kv_heads:
+        raise _fail(src, _join(path, "kv_heads"), f"heads {s.heads} is not a multiple of "
+                                                  f"kv_heads {s.kv_heads}")
+    return s
+
+
+def _schema(v: Any, src: str | None) -> None:
+    if not isinstance(v, str) or not v.startswith(SCHEMA_PREFIX):
+        raise _fail(src, "schema", f"not a pipedec profile: expected {SCHEMA!r}, got {v!r}")
+    version = v[len(SCHEMA_PREFIX):]
+    major = version.split(".", 1)[0]
+    if not major.isdigit():
+        raise _fail(src, "schema", f"malformed schema version {v!r}, expected {SCHEMA!r}")
+    if int(major) != SCHEMA_MAJOR:
+        raise _fail(src, "schema", f"unsupported schema version {v!r}; this build reads "
+                                   f"{SCHEMA!r} (regenerate the profile or upgrade pipedec-sim)")
+
+
+def _provenance(v: Any, src: str | None) -> dict:
+    p = _obj(v, "provenance", src)
+    kind = _get(p, "kind", "provenance", src)
+    if kind not in ("measured", "analytic"):
+        raise _fail(src, "provenance.kind", f"expected 'measured' or 'analytic', got {kind!r}")
+    for key in ("device", "command"):
+        _str(_get(p, key, "provenance", src), f"provenance.{key}", src)
+    d = _str(_get(p, "date", "provenance", src), "provenance.date", src)
+    try:
+        date.fromisoformat(d)
+    except ValueError:
+        raise _fail(src, "provenance.date", f"expected YYYY-MM-DD, got {d!r}") from None
+    if kind == "analytic":  # an analytic profile is only as good as its stated formula
+        _str(_get(p, "formula", "provenance", src), "provenance.formula", src)
+        _get(p, "sources", "provenance", src)
+    _optional_provenance(p, src)
+    return json.loads(json.dumps(p))  # deep copy: the frozen Profile must not alias the input
+
+
+def _optional_provenance(p: Mapping, src: str | None) -> None:
+    if "formula" in p:
+        _str(p["formula"], "provenance.formula", src)
+    if "notes" in p and not isinstance(p["notes"], str):
+        raise _fail(src, "provenance.notes", f"expected a string, got {_type_name(p['notes'])}")
+    if "sources" in p:
+        for k, s in enumerate(_list(p["sources"], "provenance.sources", src)):
+            _str(s, f"provenance.sources[{k}]", src)
+    if "versions" in p:
+        for k, s in _obj(p["versions"], "provenance.versions", src).items():
+            _str(s, f"provenance.versions.{k}", src)
+
+
+def _link(v: Any, src: str | None) -> LinkModel:
+    d = _obj(v, "link", src)
+    lat = check_number(_get(d, "latency_ms", "link", src), "link.latency_ms", src)
+    bw = _get(d, "bandwidth_gbps", "link", src)  # null = ideal (infinite) link
+    bw = math.inf if bw is None else check_number(bw, "link.bandwidth_gbps", src, positive=True)
+    return LinkModel(lat, bw)
+
+
+def _cpu_costs(lat: Mapping, devices: Mapping, src: str | None) -> dict:
+    """The optional CPU-host fields (0 / 1 when absent: older profiles load unchanged)."""
+    out = {k: check_number(lat[k], f"latency.{k}", src) for k in CPU_FIELDS if k in lat}
+    for k in DEVICE_FIELDS:
+        if k in devices:
+            v = check_number(devices[k], f"devices.{k}", src, positive=True)
+            if v < 1.0:
+                raise _fail(src, f"devices.{k}", f"must be >= 1, got {v}")
+            out[k] = v
+    return out
+
+
+def _devices(v: Any, src: str | None) -> tuple[str, int | None, str, tuple | None]:
+    d = _obj(v, "devices", src)
+    kind = _get(d, "kind", "devices", src)
+    if kind not in ("gpu", "cpu"):
+        raise _fail(src, "devices.kind", f"expected 'gpu' or 'cpu', got {kind!r}")
+    cores = d.get("shared_cores")
+    if cores is not None:
+        _int(cores, "devices.shared_cores", src)
+    sharing = d.get("core_sharing", "ps")
+    if sharing not in CORE_SHARING:
+        raise _fail(src, "devices.core_sharing",
+                    f"expected one of {', '.join(map(repr, CORE_SHARING))}, got {sharing!r}")
+    share = d.get("core_share")
+    if share is not None:
+        share = tuple(check_number(x, f"devices.core_share[{k}]", src, positive=True)
+                      for k, x in enumerate(_list(share, "devices.core_share", src)))
+    return kind, cores, sharing, share
+
+
+def _split(v: Any, layers: int, src: str | None) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    parts = tuple(_int(x, f"split[{k}]", src) for k, x in enumerate(_list(v, "split", src)))
+    if sum(parts) != layers:
+        raise _fail(src, "split", f"layers per stage sum to {sum(parts)}, but the target "
+                                  f"has {layers} layers")
+    return parts
+
+
+def parse_profile(data: Any, *, source: str | os.PathLike | None = None) -> Profile:
+    """Validate a decoded profile dict and build a Profile. Unknown keys are ignored."""
+    src = None if source is None else str(source)
+    if not isinstance(data, dict):
+        raise InputError(f"a profile must be a JSON object, got {_type_name(data)}", file=src)
+    d = data
+    _schema(_get(d, "schema", "", src), src)
+    target = _shape(_get(d, "target", "", src), "target", src)
+    lat = _obj(_get(d, "latency", "", src), "latency", src)
+    kind, cores, sharing, share = _devices(_get(d, "devices", "", src), src)
+    return Profile(
+        name=_str(_get(d, "name", "", src), "name", src),
+        provenance=_provenance(_get(d, "provenance", "", src), src),
+        target=target,
+        draft=_shape(_get(d, "draft", "", src), "draft", src),
+        layer=_grid2d(_get(lat, "layer", "latency", src), "latency.layer", src),
+        draft_step=_grid2d(_get(lat, "draft_step", "latency", src), "latency.draft_step", src),
+        lm_head=_grid1d(_get(lat, "lm_head", "latency", src), "latency.lm_head", src),
+        embed=_grid1d(_get(lat, "embed", "latency", src), "latency.embed", src),
+        kv_compact_ms=check_number(_get(lat, "kv_compact_ms", "latency", src),
+                                    "latency.kv_compact_ms", src),
+        head_overhead_ms=check_number(_get(lat, "head_overhead_ms", "latency", src),
+                                       "latency.head_overhead_ms", src),
+        link=_link(_get(d, "link", "", src), src),
+        device_kind=kind,
+        shared_cores=cores,
+        split=_split(d.get("split"), target.layers, src),
+        source=src,
+        core_sharing=sharing,
+        core_share=share,
+        **_cpu_costs(lat, d["devices"], src),
+    )
+
+
+# --------------------------------------------------------------------------- load / save

@@ -1,0 +1,2 @@
+"""The `pipedec-sim` programs, on top of everything else: the CLI, the simulator's driver,
+sweeps, the tuner and plots."""

@@ -1,0 +1,1 @@
+"""What the programs write: per-request metrics and summaries, Chrome/Perfetto timelines."""
