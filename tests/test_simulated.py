@@ -9,6 +9,7 @@ from backends.simulated.oracle import TraceOracle
 from backends.simulated.pipeline import Pipeline
 from pipedec_sim.inputs.profile import constant_profile
 from pipedec_sim.programs.simulate import SimConfig, prompt_tokens, simulate
+from pipedec_sim.protocol.pacing import PRUNE_MODES
 from pipedec_sim.protocol.strategies import make_strategy
 
 from .helpers import bernoulli_trace, random_trace
@@ -77,7 +78,7 @@ def test_same_seed_same_results_and_another_seed_can_differ():
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), stages=st.integers(1, 6), k=st.integers(1, 5),
        width=st.integers(1, 6), length=st.integers(1, 30),
-       topology=st.sampled_from("AB"), prune=st.sampled_from(["broadcast", "piggyback"]),
+       topology=st.sampled_from("AB"), prune=st.sampled_from(PRUNE_MODES),
        cancel=st.booleans(), draft_ms=st.sampled_from([0.0, 0.3, 4.0]),
        name=st.sampled_from(["ar", "tree-sd", "pipedec"]))
 def test_every_strategy_commits_exactly_the_target_tokens(seed, stages, k, width, length,
@@ -122,3 +123,32 @@ def test_eos_stops_early():
         Pipeline(constant_profile(), 2).run(s, TraceOracle(req))
         first = req.output.index(eos)
         assert s.output == req.output[: first + 1], name
+
+
+def _flush_run(prune, cancel, topology="A"):
+    """PipeDec at S=4 with an always-wrong draft: every verdict flushes 4 layers in flight."""
+    prof = constant_profile(layers=8, layer_ms=1.0, draft_ms=0.1, link_latency_ms=0.05)
+    trace = bernoulli_trace(2, 40, 0.0)
+    res = simulate(trace, prof, SimConfig(stages=4, strategies=("pipedec",), width=2,
+                                          topk=2, prune=prune, cancel=cancel,
+                                          topology=topology))
+    return res.summary.set_index("strategy").loc["pipedec"]
+
+
+@pytest.mark.parametrize("topology", ["A", "B"])
+def test_prune_modes_differ_as_their_delivery_says(topology):
+    """Broadcast with cancel abandons dead layers mid-stage; without cancel stages finish
+    them; in-band notices queue behind the dead layers, so those layers are computed too;
+    piggyback waits for the next batch."""
+    cancel = _flush_run("broadcast", True, topology)
+    finish = _flush_run("broadcast", False, topology)
+    inband = _flush_run("inband", True, topology)
+    piggy = _flush_run("piggyback", True, topology)
+    assert cancel.wasted_per_token < finish.wasted_per_token < inband.wasted_per_token
+    assert cancel.tbt_ms <= finish.tbt_ms <= inband.tbt_ms
+    if topology == "A":     # B: the new root leaves stage 1 at once; cancel saves work only
+        assert cancel.tbt_ms < finish.tbt_ms
+    # after a miss the next batch is the new root, which carries the notice at once
+    assert (piggy.tbt_ms, piggy.wasted_per_token) == (inband.tbt_ms, inband.wasted_per_token)
+    # cancel has nothing to abandon when notices ride the stream behind the batches
+    assert _flush_run("inband", False, topology).tbt_ms == inband.tbt_ms
