@@ -26,7 +26,7 @@ COLORS = {"ar": "#7f7f7f", "tree-sd": "#1f77b4", "pipedec": "#d62728"}
 SLICE_LABELS = {"layer": "layers (tree rows)", "layer (cancelled)": "layers, cancelled (pruned)",
                 "token": "single-token pass (after a flush / plain PP)",
                 "tree": "tree verification pass", "draft": "draft step", "prefill": "prefill"}
-COMMITS = ("token", "hit", "stall", "miss", "accept")     # instant events on the head: a commit each
+COMMITS = ("token", "hit", "stall", "miss", "accept")  # instant events on the head: a commit each
 SLICE_COLORS = {"layer": "#4c72b0", "layer (cancelled)": "#c44e52", "prefill": "#b0b0b0",
                 "draft": "#55a868", "tree": "#8172b2", "token": "#dd8452"}
 
@@ -42,12 +42,6 @@ def load_summary(path: str | Path) -> pd.DataFrame:
     if "strategy" not in df.columns or "tbt_ms" not in df.columns:
         raise ValueError(f"{p}: not a summary table (needs strategy and tbt_ms columns)")
     return df
-
-
-def _col(df: pd.DataFrame, name: str, default=None) -> pd.Series:
-    if name in df.columns:
-        return df[name]
-    return pd.Series([default] * len(df), index=df.index)
 
 
 def _dataset(df: pd.DataFrame) -> pd.Series:

@@ -44,8 +44,8 @@ def bandwidth(cores: int = 2) -> None:
             p.join()
         base = base or ms
         ideal = base * max(1.0, n / cores)
-        print(f"{n} processes: {ms:6.2f} ms per pass, {ms / ideal:.2f}x the processor-sharing ideal",
-              flush=True)
+        print(f"{n} processes: {ms:6.2f} ms per pass, "
+              f"{ms / ideal:.2f}x the processor-sharing ideal", flush=True)
 
 
 def _gloo(rank: int, port: int, q) -> None:

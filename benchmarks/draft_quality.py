@@ -116,7 +116,6 @@ def main(argv=None) -> int:
             tr = read_trace(f)
             name = Path(f).name.split(".")[0].removeprefix("real-")
             rows.append((name, coverage(tr), Path(f).name))
-            draft_label = tr.header.draft
 
     print("| data set | requests | positions | top-1 agreement | top-4 coverage | "
           "top-16 coverage | source |")

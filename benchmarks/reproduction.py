@@ -35,7 +35,7 @@ PAPER = {  # (vs PP low, high, vs tree-SD low, high), stages
 
 def profiles() -> list:
     out = [load_profile("analytic-llama70b-1b"), load_profile("analytic-llama70b-1b-100gbe")]
-    for name, path in sorted(bundled_profiles().items()):
+    for _name, path in sorted(bundled_profiles().items()):
         p = load_profile(path)
         if (p.provenance.get("kind") == "measured" and p.device_kind == "gpu"
                 and p.target.layers == 80 and p.target.hidden == 8192):
@@ -95,7 +95,8 @@ def bernoulli_control(p: float, stages: int, profile) -> float:
         probs = [[0.5 ** (i + 1) for i in range(16)] for _ in out]
         reqs.append(TraceRequest(str(r), 300, out, ids, probs))
     head = TraceHeader("synthetic", "-", "-", "-", "bernoulli", 16, "control", "2026-01-01")
-    res = simulate(Trace(head, reqs), profile, SimConfig(stages=stages, strategies=("ar", "pipedec")))
+    res = simulate(Trace(head, reqs), profile,
+                   SimConfig(stages=stages, strategies=("ar", "pipedec")))
     s = res.summary.set_index("strategy").loc["pipedec"]
     h = s.hit_rate
     return s.speedup_vs_ar / ideal_speedup(h, stages)
@@ -150,7 +151,8 @@ def render(df: pd.DataFrame, command: str) -> str:
     # The analytic closed form S / (p + (1 - p) S) with the realised hit rate: how much
     # of the gap to the ideal is step cost (W tokens, draft, links) rather than misses.
     df = df.assign(ideal=ideal_speedup(df.pipedec_hit_rate, df.stages),
-                   ideal_stalls=ideal_speedup(df.pipedec_hit_rate - df.pipedec_stall_rate, df.stages))
+                   ideal_stalls=ideal_speedup(df.pipedec_hit_rate - df.pipedec_stall_rate,
+                                              df.stages))
     worst = df.loc[(df.pipedec_vs_pp / df.ideal).idxmin()]
     control = bernoulli_control(worst.pipedec_hit_rate, int(worst.stages),
                                 load_profile(worst.profile))
@@ -185,8 +187,8 @@ def render(df: pd.DataFrame, command: str) -> str:
             f"recorded traces reach p = {rec.pipedec_hit_rate.min():.2f} - "
             f"{rec.pipedec_hit_rate.max():.2f} with the draft distilled for SmolLM2 on a CPU "
             f"(top-1 agreement about 0.25), which caps PipeDec near "
-            f"{ideal_speedup(rec.pipedec_hit_rate.max(), 14):.1f}x at S=14 whatever the hardware; the "
-            "paper's 4.46x - 7.79x imply p >= 0.84 (PAPER.md), like the synthetic trace "
+            f"{ideal_speedup(rec.pipedec_hit_rate.max(), 14):.1f}x at S=14 whatever the hardware; "
+            "the paper's 4.46x - 7.79x imply p >= 0.84, like the synthetic trace "
             f"(p = {syn.pipedec_hit_rate.max():.2f}), which lands inside the paper's ranges "
             "against PP." if len(rec) and len(syn) else "* Draft quality: see the hit rates.",
             f"* Link: going from 10 GbE to 100 GbE changes PipeDec's TBT by "

@@ -163,7 +163,8 @@ def test_load_workload_prompt_file():
     mt, desc = load_workload(SAMPLES / "mtbench.jsonl", max_new_tokens=64, max_requests=2)
     assert [len(r.output) for r in mt.requests] == [64, 64]
     assert "smollm2-mtbench" in desc
-    _, desc = load_workload(SAMPLES / "alpaca.jsonl", acceptance=load_acceptance("synthetic-default"))
+    _, desc = load_workload(SAMPLES / "alpaca.jsonl",
+                            acceptance=load_acceptance("synthetic-default"))
     assert "synthetic-default" in desc and "hand-set" in desc
 
 

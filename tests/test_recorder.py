@@ -44,7 +44,7 @@ def models():
 def _prompts(n: int, seed: int = 5) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(torch.randint(3, 12, (1,), generator=g))
         out.append([1] + torch.randint(3, VOCAB, (length,), generator=g).tolist())
     return out

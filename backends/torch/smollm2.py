@@ -148,15 +148,5 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return p
 
 
-def load_smollm2(cache_dir=None, *, dtype=None):
-    """(model, tokenizer) for SmolLM2-135M-Instruct, eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = ensure_smollm2(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 if __name__ == "__main__":  # python -m backends.torch.smollm2 [CACHE_DIR]
     print(ensure_smollm2(sys.argv[1] if len(sys.argv) > 1 else None))

@@ -1,8 +1,8 @@
 """Prompt-file readers (Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K, plain text).
 
 Prompt files carry no draft proposals, so they run through an acceptance model
-(`pipedec_sim.inputs.acceptance`). `load_workload` is the one entry point the CLI needs: it accepts a
-speculation trace or any prompt file and says in one line what it used.
+(`pipedec_sim.inputs.acceptance`). `load_workload` is the one entry point the CLI needs: it
+accepts a speculation trace or any prompt file and says in one line what it used.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, Literal, NoReturn, overload
 
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.acceptance import (
@@ -49,6 +49,11 @@ class _Item:
         prefix = f"[{self.index}]" if self.in_list else ""
         name = (f"{prefix}.{key}" if prefix else key) if key else (prefix or None)
         raise InputError(message, file=path, line=self.line, field=name)
+
+    @overload
+    def string(self, path: FilePath, key: str, *, required: Literal[True] = True) -> str: ...
+    @overload
+    def string(self, path: FilePath, key: str, *, required: bool) -> str | None: ...
 
     def string(self, path: FilePath, key: str, *, required: bool = True) -> str | None:
         v = self.obj.get(key)

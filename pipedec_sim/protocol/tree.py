@@ -64,15 +64,6 @@ class PredictionTree:
         """Live nodes of the deepest level: the next layer grows from them."""
         return self._levels[max(self._levels)]
 
-    def depth(self, node: Node) -> int:
-        return node.pos - self.root.pos
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-    def __contains__(self, node_id: int) -> bool:
-        return node_id in self.nodes
-
     # ---- verdicts ----------------------------------------------------------------
     def advance(self, token: int) -> Hit | Miss:
         child = self.root.children.get(token)
@@ -118,9 +109,10 @@ def subtree(node: Node) -> Iterator[Node]:
 
 def path(node: Node, stop: Node | None = None) -> list[Node]:
     """Nodes from just below `stop` (or the top) down to `node`, oldest first."""
-    out = []
-    while node is not None and node is not stop:
-        out.append(node)
-        node = node.parent
+    out: list[Node] = []
+    cur: Node | None = node
+    while cur is not None and cur is not stop:
+        out.append(cur)
+        cur = cur.parent
     out.reverse()
     return out

@@ -105,7 +105,8 @@ def format_table(summary: pd.DataFrame) -> str:
     """The one table people read."""
     show = summary.copy()
     fmt = {"tbt_ms": "{:.2f}", "tokens_per_s": "{:.1f}", "speedup_vs_ar": "{:.2f}x",
-           "hit_rate": "{:.3f}", "mean_accepted": "{:.2f}", "stall_rate": "{:.3f}", "utilization": "{:.1%}",
+           "hit_rate": "{:.3f}", "mean_accepted": "{:.2f}", "stall_rate": "{:.3f}",
+           "utilization": "{:.1%}",
            "wasted_per_token": "{:.2f}", "ttft_ms": "{:.1f}"}
     for col, f in fmt.items():
         if col in show:

@@ -7,7 +7,6 @@ from pipedec_sim.protocol.strategies.base import Strategy
 
 class AR(Strategy):
     name = "ar"
-    uses_draft = False
 
     def start(self) -> list[Action]:
         rows = self.prompt_rows()

@@ -25,7 +25,6 @@ from pipedec_sim.protocol.tree import Node
 
 class Strategy:
     name = "base"
-    uses_draft = True
 
     def __init__(self, prompt: Sequence[int], max_new_tokens: int, *, eos: int | None = None):
         if not prompt:
@@ -116,9 +115,10 @@ def row(node: Node) -> Row:
 
 def undrafted_path(node: Node) -> list[Node]:
     """`node` and its ancestors the draft has not processed yet, oldest first."""
-    out = []
-    while node is not None and not node.drafted:
-        out.append(node)
-        node = node.parent
+    out: list[Node] = []
+    cur: Node | None = node
+    while cur is not None and not cur.drafted:
+        out.append(cur)
+        cur = cur.parent
     out.reverse()
     return out

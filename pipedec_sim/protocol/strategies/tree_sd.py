@@ -50,7 +50,6 @@ class TreeSD(Strategy):
         return self._verify()
 
     def _verify(self) -> list[Action]:
-        root = self.tree.root
         keep = {n.id for n in self.policy.final(self.pool)} if self.depth > 0 else set()
         self.tree.prune_to(keep)
         nodes = sorted(self.tree.nodes.values(), key=lambda n: (n.pos, n.id))
