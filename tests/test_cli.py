@@ -78,6 +78,8 @@ def bad_cases(tmp_path):
         (["--trace", TRACE, "--strategies", "ar,warp"], "warp"),
         (["--trace", TRACE, "--floor", "1.5"], "--floor"),
         (["--trace", TRACE, "--coverage", "2"], "--coverage"),
+        (["--trace", TRACE, "--window", "0"], "--window"),
+        (["--trace", TRACE, "--prune", "fast"], "--prune"),
     ]
 
 
@@ -100,8 +102,10 @@ def test_help_documents_every_flag(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--stages", "--trace", "--profile", "--strategies", "--width", "--topk",
-                 "--max-requests", "--seed", "--out", "--timeline", "--topology", "--prune"):
+                 "--max-requests", "--seed", "--out", "--timeline", "--topology", "--prune",
+                 "--no-cancel", "--window", "--coverage", "--tree-topk"):
         assert flag in text
+    assert "{broadcast,inband,piggyback}" in text and "(default 16)" in text
 
 
 def test_gzip_trace_reads_transparently(tmp_path):

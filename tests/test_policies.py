@@ -64,10 +64,22 @@ def test_eagle2_expand_and_final():
     assert chain_policy(5) == Eagle2Policy(depth=5, topk=1, total=5)
 
 
-@pytest.mark.parametrize("kw", [dict(width=0), dict(topk=0), dict(floor=1.0), dict(coverage=0.0)])
-def test_bad_knobs_are_rejected(kw):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kw, message", [
+    (dict(width=0), "width: must be >= 1, got 0"), (dict(topk=0), "topk: must be >= 1, got 0"),
+    (dict(floor=1.0), "floor: must be < 1, got 1.0"),
+    (dict(coverage=0.0), "coverage: must be > 0, got 0.0"),
+])
+def test_bad_knobs_are_rejected(kw, message):
+    with pytest.raises(ValueError) as e:
         LayerPolicy(**kw)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("kw", [dict(depth=0), dict(topk=0), dict(total=0)])
+def test_bad_eagle2_knobs_are_rejected(kw):
+    (name, value), = kw.items()
+    with pytest.raises(ValueError, match=f"^{name}: must be >= 1, got {value}$"):
+        Eagle2Policy(**kw)
 
 
 def test_merge_equals_sorting_every_candidate():

@@ -45,7 +45,8 @@ def test_tiny_grid_tables(tmp_path, capsys):
     assert sorted(summ.strategy) == ["ar", "pipedec", "pipedec"]
     assert len(req) == 6 and not req.duplicated(["config_id", "request"]).any()
     assert summ.config_id.is_unique and set(summ.config_id) == set(req.config_id)
-    assert {"cfg_width", "cfg_topk", "cfg_trace", "cfg_profile", "cfg_link_gbps"} <= set(req.columns)
+    assert {"cfg_width", "cfg_topk", "cfg_window", "cfg_trace", "cfg_profile",
+            "cfg_link_gbps"} <= set(req.columns)
     assert summ.loc[summ.strategy == "ar", "speedup_vs_ar"].iloc[0] == pytest.approx(1.0)
     pdr = summ[summ.strategy == "pipedec"]
     assert sorted(pdr.cfg_width) == [2, 4] and (pdr.speedup_vs_ar > 1).all()
@@ -87,8 +88,9 @@ def test_config_id_is_stable_and_knob_sensitive():
 def test_parallel_workers(tmp_path, start):
     out = tmp_path / "res"
     env = {**os.environ, "PIPEDEC_START_METHOD": start}
-    r = subprocess.run([sys.executable, "-m", "pipedec_sim.programs.cli", "sweep", "--trace", str(TRACE),
-                        "--stages", "2", "--strategies", "pipedec", "--width", "2,4",
+    r = subprocess.run([sys.executable, "-m", "pipedec_sim.programs.cli", "sweep",
+                        "--trace", str(TRACE), "--stages", "2", "--strategies", "pipedec",
+                        "--width", "2,4",
                         "--max-requests", "1", "--workers", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipedec_sim.programs.cli import main
-from pipedec_sim.programs.sweep import build_grid
+from pipedec_sim.programs.sweep import POLICY_KNOBS, build_grid
 from pipedec_sim.programs.tune import DEFAULT, MAX_TOPK, MAX_WIDTH, _neighbours, tune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -17,7 +17,7 @@ def common(stages=3, requests=1):
     g = build_grid(None, {"trace": [str(TRACE)], "stages": [stages], "strategies": ["pipedec"],
                           "max_requests": [requests]})
     c = {k: v[0] for k, v in g.axes.items() if k != "strategies"}
-    for k in ("width", "topk", "floor", "coverage", "depth", "tree_topk", "total"):
+    for k in POLICY_KNOBS:
         c.pop(k)
     return c
 

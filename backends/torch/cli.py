@@ -15,6 +15,7 @@ from pipedec_sim.errors import InputError, guarded
 from pipedec_sim.programs.flags import (
     STRATEGY_NAMES,
     Parser,
+    add_pipeline_flags,
     add_policy_flags,
     positive,
     strategy_list,
@@ -28,49 +29,66 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run strategies on real models over a prompt file")
     run.add_argument("--target", required=True,
-                     help="tiny | smollm2 | an HF Llama-family folder")
+                     help="tiny | smollm2 | an HF Llama-family folder (required)")
     run.add_argument("--draft", default=None,
                      help="tiny-draft | tiny-noisy | tiny | smollm2 | smollm2-draft (the distilled "
-                          "draft in traces/) | a folder (needed unless --strategies ar)")
-    run.add_argument("--stages", type=positive(), default=2, help="pipeline stages S")
+                          "draft in traces/) | a folder (needed unless --strategies ar; "
+                          "default none)")
+    run.add_argument("--stages", type=positive(), default=2,
+                     help="pipeline stages S (default 2)")
     run.add_argument("--prompts", required=True, type=Path,
-                     help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K")
-    run.add_argument("--strategies", type=strategy_list, default=STRATEGY_NAMES)
-    add_policy_flags(run)             # the same knobs, help and checks as pipedec-sim
-    run.add_argument("--max-new-tokens", type=positive(), default=64)
-    run.add_argument("--max-requests", type=positive(), default=None)
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    run.add_argument("--dtype", choices=DTYPES, default="float32",
-                     help="weights and activations (bfloat16 for large models on GPUs; "
-                          "greedy output then matches the target only up to rounding: a tree "
-                          "batch sums in another order than one token at a time)")
-    run.add_argument("--transport", choices=("auto", "gloo", "nccl"), default="auto",
-                     help="activations between stages: nccl (GPU to GPU; needs one GPU per "
-                          "stage), gloo (through host memory), auto: nccl where it can")
-    run.add_argument("--topology", choices=("A", "B"), default="A",
-                     help="A: LM head on the head (ring); B: LM head on the last stage")
-    run.add_argument("--inline", action="store_true",
-                     help="all stages in this process (deterministic order; no timing value)")
-    run.add_argument("--timeout", type=positive(float), default=60.0,
-                     help="seconds without progress before a run is declared failed")
-    run.add_argument("--out", type=Path, default=None,
-                     help="write summary.csv, requests.csv and outputs.jsonl here")
-    run.add_argument("--timeline", type=Path, default=None,
-                     help="Chrome/Perfetto JSON: commits, draft and LM-head work, and every "
-                          "batch and prune each stage computed (stages on the head's host)")
-    run.add_argument("--record-events", type=Path, default=None,
-                     help="JSONL of every event fed to the strategy and the actions returned")
-    run.add_argument("--quiet", action="store_true")
+                     help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K "
+                          "(required)")
+    run.add_argument("--strategies", type=strategy_list, default=STRATEGY_NAMES,
+                     help="comma-separated subset of ar,tree-sd,pipedec (default all)")
+    add_policy_flags(run)             # the knobs of pipedec-sim: same flags, help and checks
+    g = add_pipeline_flags(run)
+    g.add_argument("--transport", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="activations between stages: nccl (GPU to GPU; needs one GPU per "
+                        "stage), gloo (through host memory), auto: nccl where it can "
+                        "(default auto)")
+    g.add_argument("--inline", action="store_true",
+                   help="all stages in this process (deterministic order; no timing value; "
+                        "default off)")
+    g.add_argument("--timeout", type=positive(float), default=60.0,
+                   help="seconds without progress before a run is declared failed (default 60)")
+    w = run.add_argument_group("models, workload and output")
+    w.add_argument("--max-new-tokens", type=positive(), default=64,
+                   help="tokens generated per prompt at most (default 64)")
+    w.add_argument("--max-requests", type=positive(), default=None,
+                   help="use the first N prompts (default all)")
+    w.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the models run (default cpu)")
+    w.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations (bfloat16 for large models on GPUs; "
+                        "greedy output then matches the target only up to rounding: a tree "
+                        "batch sums in another order than one token at a time; default float32)")
+    w.add_argument("--out", type=Path, default=None,
+                   help="write summary.csv, requests.csv and outputs.jsonl here (default: "
+                        "print the table only)")
+    w.add_argument("--timeline", type=Path, default=None,
+                   help="Chrome/Perfetto JSON: commits, draft and LM-head work, and every "
+                        "batch and prune each stage computed (stages on the head's host; "
+                        "default none)")
+    w.add_argument("--record-events", type=Path, default=None,
+                   help="JSONL of every event fed to the strategy and the actions returned "
+                        "(default none)")
+    w.add_argument("--quiet", action="store_true", help="no progress on stderr (default off)")
     sub.add_parser("trace", add_help=False,
                    help="record a speculation trace (pipedec-real trace --help)")
     sub.add_parser("distill-draft", add_help=False,
                    help="train a draft model for a target (pipedec-real distill-draft --help)")
     prof = sub.add_parser("profile", help="measure a calibration profile for pipedec-sim")
-    prof.add_argument("--target", required=True)
-    prof.add_argument("--draft", required=True)
-    prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    prof.add_argument("--out", required=True, type=Path)
-    prof.add_argument("--quick", action="store_true", help="smaller grids, fewer repeats")
+    prof.add_argument("--target", required=True,
+                      help="tiny | smollm2 | an HF Llama-family folder (required)")
+    prof.add_argument("--draft", required=True,
+                      help="the draft model, as for pipedec-real run --draft (required)")
+    prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="where to measure (default cpu)")
+    prof.add_argument("--out", required=True, type=Path,
+                      help="profile JSON to write, for pipedec-sim run --profile (required)")
+    prof.add_argument("--quick", action="store_true",
+                      help="smaller grids, fewer repeats (default off)")
     return parser
 
 
@@ -110,8 +128,19 @@ def _check(args, target):
 
 
 def _knobs(args) -> dict:
-    return dict(width=args.width, topk=args.topk, floor=args.floor, coverage=args.coverage,
-                depth=args.depth, tree_topk=args.tree_topk, total=args.total)
+    """make_strategy's knobs from the flags, the window resolved (default stages + 1)."""
+    from pipedec_sim.protocol.knobs import STRATEGY_GROUPS, values_of
+    from pipedec_sim.protocol.pacing import window_for
+    knobs = values_of(args, STRATEGY_GROUPS)
+    knobs["window"] = window_for(args.stages, args.window)
+    return knobs
+
+
+def _stage_config(args):
+    from backends.torch.worker import StageConfig
+    return StageConfig(target=args.target, stages=args.stages, topology=args.topology,
+                       device=args.device, timeout_s=args.timeout, transport=args.transport,
+                       dtype=args.dtype, prune=args.prune, cancel=args.cancel)
 
 
 def _pipeline(args, recorder):
@@ -120,15 +149,13 @@ def _pipeline(args, recorder):
     from backends.torch.inline import InlinePipeline
     from backends.torch.models import load
     from backends.torch.runtime import DistributedPipeline
-    from backends.torch.worker import StageConfig
     draft = args.draft if any(s != "ar" for s in args.strategies) else None
     if args.inline:
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
-                              topology=args.topology, recorder=recorder, knobs=_knobs(args),
-                              device=args.device, dtype=getattr(torch, args.dtype))
-    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout,
-                      args.transport, args.dtype)
-    return DistributedPipeline(cfg, draft, knobs=_knobs(args), recorder=recorder,
+                              topology=args.topology, prune=args.prune, cancel=args.cancel,
+                              recorder=recorder, knobs=_knobs(args), device=args.device,
+                              dtype=getattr(torch, args.dtype))
+    return DistributedPipeline(_stage_config(args), draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
 
@@ -268,11 +295,9 @@ def _torchrun_head_signals() -> None:
 
 def _torchrun_stage(args) -> int:
     """A torchrun rank > 0: serve as that pipeline stage until the head says stop."""
-    from backends.torch.worker import StageConfig, stage_main
+    from backends.torch.worker import stage_main
     world = int(os.environ["WORLD_SIZE"])
-    cfg = StageConfig(args.target, args.stages, args.topology, args.device, args.timeout,
-                      args.transport, args.dtype)
-    stage_main(cfg, int(os.environ["RANK"]), world, "env://", "")
+    stage_main(_stage_config(args), int(os.environ["RANK"]), world, "env://", "")
     return 0
 
 

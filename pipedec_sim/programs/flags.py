@@ -1,12 +1,17 @@
 """Flags and output helpers shared by the programs of both CLIs: the one-line argparse
-error, value parsers, the policy flags, and the progress line."""
+error, value parsers, the knob flags (derived from pipedec_sim.protocol.knobs), and the
+progress line."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from pipedec_sim.protocol.knobs import Knob, PipeDecKnobs, PipelineKnobs, TreeSDKnobs, knobs_of
+from pipedec_sim.protocol.strategies import STRATEGIES
+
 DEFAULT_PROFILE = "analytic-llama70b-1b"
-STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
+DEFAULT_STAGES = 14             # pipedec-sim's pipeline, as in the paper
+STRATEGY_NAMES = tuple(STRATEGIES)
 
 
 class Parser(argparse.ArgumentParser):
@@ -19,28 +24,12 @@ def positive(kind=int):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a {kind.__name__}, got {text!r}") from None
         if v <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return v
     return parse
-
-
-def fraction(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return v
-
-
-def coverage(text):
-    v = positive(float)(text)
-    if v > 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return v
 
 
 def strategy_list(text):
@@ -52,23 +41,56 @@ def strategy_list(text):
     return names
 
 
-def add_policy_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tree policies")
-    g.add_argument("--width", type=positive(), default=16,
-                   help="PipeDec: nodes per tree layer, W (default 16)")
-    g.add_argument("--topk", type=positive(), default=16,
-                   help="PipeDec: children considered per frontier node, k (default 16)")
-    g.add_argument("--floor", type=fraction, default=0.0,
-                   help="PipeDec: drop nodes whose path probability is below this (default 0)")
-    g.add_argument("--coverage", type=coverage, default=None,
-                   help="PipeDec adaptive width: stop a layer once it holds this fraction of "
-                        "the frontier's probability (default off)")
-    g.add_argument("--depth", type=positive(), default=6,
-                   help="tree-SD (EAGLE-2): draft passes per tree (default 6)")
-    g.add_argument("--tree-topk", type=positive(), default=10,
-                   help="tree-SD: nodes expanded per level and children per node (default 10)")
-    g.add_argument("--total", type=positive(), default=60,
-                   help="tree-SD: nodes kept in the verified tree, total_token (default 60)")
+def knob_parser(k: Knob):
+    """The argparse type of knob `k`: its own checks, as one line naming the flag."""
+    def parse(text):
+        try:
+            return k.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = k.name
+    return parse
+
+
+def knob_flag_help(k: Knob) -> str:
+    """The help of knob `k`'s flag; a switch that is on by default is a --no- flag."""
+    if k.kind is bool and k.default:
+        return f"turn off {k.help} (default on)"
+    return k.help_text()
+
+
+def add_knob_flag(g, k: Knob) -> None:
+    """Knob `k` as a flag: `--name` (`--no-name` for a switch that is on by default)
+    with the knob's default, checks and help; the value lands in `args.<name>`."""
+    if k.kind is bool:
+        flag = "--no-" + k.flag[2:] if k.default else k.flag
+        g.add_argument(flag, dest=k.name, default=k.default, help=knob_flag_help(k),
+                       action="store_false" if k.default else "store_true")
+    elif k.choices:
+        g.add_argument(k.flag, dest=k.name, choices=k.choices, default=k.default,
+                       help=knob_flag_help(k))
+    else:
+        g.add_argument(k.flag, dest=k.name, type=knob_parser(k), default=k.default,
+                       help=knob_flag_help(k))
+
+
+def add_knob_flags(p: argparse.ArgumentParser, title: str, *groups):
+    """One flag per knob of `groups`, in an argument group `title` (returned)."""
+    g = p.add_argument_group(title)
+    for group in groups:
+        for k in knobs_of(group):
+            add_knob_flag(g, k)
+    return g
+
+
+def add_policy_flags(p: argparse.ArgumentParser):
+    """The strategies' knobs (PipeDecKnobs, TreeSDKnobs)."""
+    return add_knob_flags(p, "tree policies", PipeDecKnobs, TreeSDKnobs)
+
+
+def add_pipeline_flags(p: argparse.ArgumentParser):
+    """The pipeline's knobs (PipelineKnobs); callers add their own flags to the group."""
+    return add_knob_flags(p, "pipeline", PipelineKnobs)
 
 
 def progress_printer(label: str, quiet: bool = False):

@@ -7,6 +7,15 @@ from typing import Callable
 import pandas as pd
 
 from backends.simulated.oracle import TraceOracle
+from pipedec_sim.programs.flags import DEFAULT_STAGES, STRATEGY_NAMES
+from pipedec_sim.protocol.knobs import (
+    STRATEGY_GROUPS,
+    PipeDecKnobs,
+    PipelineKnobs,
+    TreeSDKnobs,
+    values_of,
+)
+from pipedec_sim.protocol.pacing import window_for
 from pipedec_sim.protocol.strategies import make_strategy
 from pipedec_sim.results.metrics import (
     RequestMetrics,
@@ -16,27 +25,20 @@ from pipedec_sim.results.metrics import (
 )
 
 
-@dataclass
-class SimConfig:
-    stages: int = 14
-    strategies: tuple[str, ...] = ("ar", "tree-sd", "pipedec")
-    width: int = 16             # PipeDec layer width W
-    topk: int = 16              # PipeDec children per frontier node
-    floor: float = 0.0          # PipeDec probability floor
-    coverage: float | None = None   # PipeDec adaptive width
-    depth: int = 6              # tree-SD (EAGLE-2) depth
-    tree_topk: int = 10         # tree-SD top_k
-    total: int = 60             # tree-SD total_token
-    topology: str = "A"
-    prune: str = "broadcast"
-    cancel: bool = True         # stages abandon batches whose rows all died
-    window: int | None = None   # PipeDec batches in flight at most (None: stages + 1)
+@dataclass(frozen=True)
+class SimConfig(PipelineKnobs, TreeSDKnobs, PipeDecKnobs):
+    """What `simulate` runs: every knob (PipeDecKnobs, TreeSDKnobs, PipelineKnobs, with
+    their defaults and checks) plus the pipeline's size, the strategies and the seed.
+    Built with keywords: SimConfig(stages=4, width=8, prune="piggyback")."""
+    stages: int = DEFAULT_STAGES
+    strategies: tuple[str, ...] = STRATEGY_NAMES
     seed: int = 0
 
     def knobs(self) -> dict:
-        return dict(width=self.width, topk=self.topk, floor=self.floor, coverage=self.coverage,
-                    depth=self.depth, tree_topk=self.tree_topk, total=self.total,
-                    window=self.window or self.stages + 1)
+        """make_strategy's knobs, the window resolved (None: stages + 1)."""
+        knobs = values_of(self, STRATEGY_GROUPS)
+        knobs["window"] = window_for(self.stages, self.window)
+        return knobs
 
 
 @dataclass

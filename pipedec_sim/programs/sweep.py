@@ -44,25 +44,37 @@ try:
 except ModuleNotFoundError:             # pragma: no cover (3.10: pip install tomli)
     import tomli as tomllib
 
-STRATEGY_NAMES = ("ar", "tree-sd", "pipedec")
-from pipedec_sim.programs.flags import DEFAULT_PROFILE
+from pipedec_sim.programs.flags import DEFAULT_PROFILE, DEFAULT_STAGES, STRATEGY_NAMES
+from pipedec_sim.protocol.knobs import (
+    KNOBS,
+    PipeDecKnobs,
+    PipelineKnobs,
+    TreeSDKnobs,
+    knobs_of,
+)
 
-# knob -> strategies it matters to
-PIPEDEC_KNOBS = ("width", "topk", "floor", "coverage")
-TREE_SD_KNOBS = ("depth", "tree_topk", "total")
+# The knobs' grid keys are their names (pipedec_sim.protocol.knobs); a strategy's
+# configurations vary only the knobs that matter to it.
+PIPEDEC_KNOBS = tuple(k.name for k in knobs_of(PipeDecKnobs))
+TREE_SD_KNOBS = tuple(k.name for k in knobs_of(TreeSDKnobs))
+POLICY_KNOBS = PIPEDEC_KNOBS + TREE_SD_KNOBS
+PIPELINE_KNOBS = tuple(k.name for k in knobs_of(PipelineKnobs))
 KNOBS_OF = {"ar": (), "tree-sd": TREE_SD_KNOBS, "pipedec": PIPEDEC_KNOBS}
-DEFAULTS: dict[str, Any] = dict(width=16, topk=16, floor=0.0, coverage=None, depth=6,
-                                tree_topk=10, total=60)
+DEFAULTS: dict[str, Any] = {k.name: k.default for k in KNOBS.values()}
 # settings that define a comparison group: every speedup is taken within one group
-GROUP_KEYS = ("stages", "topology", "prune", "cancel", "profile", "link_gbps",
-              "link_latency_ms", "trace", "seed", "max_requests", "max_new_tokens", "acceptance")
-AXES = ("strategies",) + PIPEDEC_KNOBS + TREE_SD_KNOBS + GROUP_KEYS
-ALIASES = {"strategy": "strategies", "tree-topk": "tree_topk", "link-gbps": "link_gbps",
+GROUP_KEYS = ("stages",) + PIPELINE_KNOBS + (
+    "profile", "link_gbps", "link_latency_ms", "trace", "seed", "max_requests",
+    "max_new_tokens", "acceptance")
+AXES = ("strategies",) + POLICY_KNOBS + GROUP_KEYS
+ALIASES = {"strategy": "strategies", "link-gbps": "link_gbps",
            "link-latency-ms": "link_latency_ms", "max-requests": "max_requests",
-           "max-new-tokens": "max_new_tokens", "profiles": "profile", "traces": "trace"}
+           "max-new-tokens": "max_new_tokens", "profiles": "profile", "traces": "trace",
+           **{k.flag[2:]: k.name for k in KNOBS.values() if k.flag[2:] != k.name}}
 PATH_KEYS = ("trace", "acceptance")
-CFG_COLUMNS = [f"cfg_{k}" for k in PIPEDEC_KNOBS + TREE_SD_KNOBS + GROUP_KEYS
-               if k != "stages"]
+CFG_COLUMNS = [f"cfg_{k}" for k in POLICY_KNOBS + GROUP_KEYS if k != "stages"]
+# Knobs added after sweeps were first run: at their default they stay out of config_id,
+# so the results of older grids keep their ids.
+LATER_KNOBS = ("window",)
 
 
 # --------------------------------------------------------------------------- values
@@ -112,35 +124,36 @@ def _check(key: str, v: Any, where: _Where) -> Any:
             raise bad(f"choose from {', '.join(map(str, options))}")
         return v
 
+    if key in KNOBS:
+        return _check_knob(KNOBS[key], v, bad)
     if key == "strategies":
         return choice(STRATEGY_NAMES)
-    if key in ("stages", "width", "topk", "depth", "tree_topk", "total", "max_new_tokens"):
+    if key in ("stages", "max_new_tokens"):
         return intval()
     if key == "max_requests":
         return None if v in (0, None) else intval()   # 0 = all requests
     if key == "seed":
         return intval(minimum=0)
-    if key == "floor":
-        return num(0.0, 1.0, hi_open=True)
-    if key == "coverage":
-        return None if v in (0, None) else num(0.0, 1.0, lo_open=True)   # 0 = off
     if key == "link_gbps":
         return None if v in (0, None) else num(0.0, lo_open=True)         # 0 = the profile's
     if key == "link_latency_ms":
         return None if v is None else num(0.0)
-    if key == "topology":
-        return choice(("A", "B"))
-    if key == "prune":
-        return choice(("broadcast", "piggyback"))
-    if key == "cancel":
-        if not isinstance(v, bool):
-            raise bad("expected true or false")
-        return v
     if key in ("profile", "trace", "acceptance"):
         if not isinstance(v, str) or not v:
             raise bad("expected a file name")
         return v
     raise where.fail(key, "unknown key")      # pragma: no cover (filtered earlier)
+
+
+def _check_knob(knob, v: Any, bad) -> Any:
+    """A grid value of a knob, by the knob's own checks. TOML has no null: 0 is the
+    default of a knob whose default is None (coverage 0 = off, window 0 = stages + 1)."""
+    if knob.optional and v == 0 and not isinstance(v, bool):
+        return None
+    msg = knob.problem(v)
+    if msg is not None:
+        raise bad(msg)
+    return float(v) if knob.kind is float else v
 
 
 @dataclass
@@ -160,7 +173,7 @@ class Grid:
             for s in strategies:
                 knobs = KNOBS_OF[s]
                 for kvals in itertools.product(*(self.axes[k] for k in knobs)):
-                    cfg = {"strategy": s, **{k: None for k in PIPEDEC_KNOBS + TREE_SD_KNOBS},
+                    cfg = {"strategy": s, **{k: None for k in POLICY_KNOBS},
                            **dict(zip(knobs, kvals)), **group}
                     cid = config_id(cfg)
                     out.setdefault(cid, {"config_id": cid, **cfg})
@@ -188,7 +201,8 @@ def _fingerprint(path: str | None) -> str | None:
 
 def config_id(cfg: dict) -> str:
     """A stable hash of a configuration and the contents of the files it reads."""
-    key = {k: cfg[k] for k in sorted(cfg) if k != "config_id"}
+    key = {k: cfg[k] for k in sorted(cfg)
+           if k != "config_id" and not (k in LATER_KNOBS and cfg[k] is None)}
     for k in ("trace", "profile", "acceptance"):
         key[f"{k}#"] = _fingerprint(cfg.get(k))
         key[k] = None if cfg.get(k) is None else os.path.basename(cfg[k])
@@ -247,7 +261,7 @@ def build_grid(grid_file: Path | None = None, overrides: dict[str, list] | None 
         raise InputError("no trace given: set `trace` in the grid file or pass --trace",
                          file=grid_file, field="trace")
     defaults = {**{k: [v] for k, v in DEFAULTS.items()}, "strategies": list(STRATEGY_NAMES),
-                "stages": [14], "topology": ["A"], "prune": ["broadcast"], "cancel": [True],
+                "stages": [DEFAULT_STAGES],
                 "profile": [DEFAULT_PROFILE], "link_gbps": [None], "link_latency_ms": [None],
                 "seed": [0], "max_requests": [None], "max_new_tokens": [256],
                 "acceptance": [None]}
@@ -344,10 +358,9 @@ def _trace(cfg: dict):
 
 def sim_config(cfg: dict):
     from pipedec_sim.programs.simulate import SimConfig
-    knobs = {k: (DEFAULTS[k] if cfg.get(k) is None else cfg[k])
-             for k in PIPEDEC_KNOBS + TREE_SD_KNOBS}
-    return SimConfig(stages=cfg["stages"], strategies=(cfg["strategy"],), topology=cfg["topology"],
-                     prune=cfg["prune"], cancel=cfg["cancel"], seed=cfg["seed"], **knobs)
+    knobs = {k: (DEFAULTS[k] if cfg.get(k) is None else cfg[k]) for k in POLICY_KNOBS}
+    return SimConfig(stages=cfg["stages"], strategies=(cfg["strategy"],), seed=cfg["seed"],
+                     **{k: cfg[k] for k in PIPELINE_KNOBS}, **knobs)
 
 
 def run_config(cfg: dict):
@@ -370,7 +383,8 @@ def run_config(cfg: dict):
     return df
 
 
-PRELOAD = ["pipedec_sim.programs.sweep", "pipedec_sim.programs.simulate", "backends.simulated.pipeline"]
+PRELOAD = ["pipedec_sim.programs.sweep", "pipedec_sim.programs.simulate",
+           "backends.simulated.pipeline"]
 
 
 def pool_context():
@@ -487,8 +501,8 @@ def merge(out: Path, configs: list[dict]) -> int:
     return len(frames)
 
 
-INT_CFG = ("cfg_width", "cfg_topk", "cfg_depth", "cfg_tree_topk", "cfg_total", "cfg_seed",
-           "cfg_max_requests", "cfg_max_new_tokens")
+INT_CFG = tuple(f"cfg_{k.name}" for k in KNOBS.values() if k.kind is int) + (
+    "cfg_seed", "cfg_max_requests", "cfg_max_new_tokens")
 
 
 def _int_columns(df):
@@ -557,19 +571,19 @@ def _bool(text: str) -> bool:
 
 _bool.__name__ = "true/false"
 
+
+def _knob_axis(knob) -> tuple[str, str, Callable[[str], Any], str]:
+    """A knob as a sweep axis: (flag, grid key, value parser, help with the default)."""
+    if knob.kind is bool:
+        return knob.flag, knob.name, _bool, knob.help_text("; true and/or false")
+    note = f"; 0 = {knob.none}" if knob.optional else ""
+    return knob.flag, knob.name, knob.kind, knob.help_text(note)
+
+
 FLAG_AXES = [  # (flag, key, type, help)
-    ("--stages", "stages", int, "pipeline stages S, e.g. 4,8,14"),
+    ("--stages", "stages", int, f"pipeline stages S, e.g. 4,8,14 (default {DEFAULT_STAGES})"),
     ("--strategies", "strategies", str, "subset of ar,tree-sd,pipedec (ar is always added)"),
-    ("--width", "width", int, "PipeDec layer widths W, e.g. 4,16,64"),
-    ("--topk", "topk", int, "PipeDec children per frontier node k"),
-    ("--floor", "floor", float, "PipeDec probability floors"),
-    ("--coverage", "coverage", float, "PipeDec adaptive-width coverage (0 = off)"),
-    ("--depth", "depth", int, "tree-SD draft passes per tree"),
-    ("--tree-topk", "tree_topk", int, "tree-SD top_k"),
-    ("--total", "total", int, "tree-SD nodes kept per tree"),
-    ("--topology", "topology", str, "A and/or B"),
-    ("--prune", "prune", str, "broadcast and/or piggyback"),
-    ("--cancel", "cancel", _bool, "true and/or false"),
+    *(_knob_axis(k) for k in KNOBS.values()),
     ("--profile", "profile", str, "calibration profiles (files or bundled names)"),
     ("--link-gbps", "link_gbps", float, "link bandwidths in Gbit/s (0 = the profile's)"),
     ("--link-latency-ms", "link_latency_ms", float, "per-hop link latencies in ms"),
@@ -611,8 +625,9 @@ def cmd_sweep(args) -> int:
     done = finished_ids(args.out) & {c["config_id"] for c in configs}
     if not args.quiet or args.dry_run:
         n = {s: sum(c["strategy"] == s for c in configs) for s in STRATEGY_NAMES}
-        print(f"grid: {len(configs)} configurations ({', '.join(f'{v} {k}' for k, v in n.items() if v)})"
-              f"; {len(done)} already finished in {args.out}", file=sys.stderr)
+        counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)
+        print(f"grid: {len(configs)} configurations ({counts}); {len(done)} already finished "
+              f"in {args.out}", file=sys.stderr)
     if args.dry_run:
         for c in configs:
             knobs = ", ".join(f"{k}={c[k]}" for k in KNOBS_OF[c["strategy"]])

@@ -3,8 +3,9 @@
 A coarse grid over width and top-k (powers of two around the defaults) first, then a
 local search: from the best point so far, try the neighbours along each knob (width and
 top-k by a factor, floor one rung up or down a ladder), move while TBT drops, and halve
-the step when nothing around is better. The default (W=16, k=16, floor=0) is always
-evaluated, so the answer is never worse than the default on the tuning requests.
+the step when nothing around is better. The default (PipeDecKnobs' width, topk and
+floor) is always evaluated, so the answer is never worse than the default on the tuning
+requests. The space is checked against the knobs' names and bounds (`check_space`).
 
 Tuning on a few requests can over-fit them; `--holdout N` re-measures the best and the
 default configurations on the next N requests of the trace.
@@ -20,12 +21,31 @@ from pathlib import Path
 from typing import Callable
 
 from pipedec_sim.errors import InputError
+from pipedec_sim.protocol.knobs import KNOBS, PipeDecKnobs, knobs_of
 
-DEFAULT = (16, 16, 0.0)
+# The search space: three of PipeDec's knobs (a point is their values, in this order).
+SPACE = ("width", "topk", "floor")
+DEFAULT = tuple(getattr(PipeDecKnobs(), k) for k in SPACE)
 FLOORS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 COARSE_WIDTHS = (4, 8, 16, 32, 64)
 COARSE_TOPKS = (4, 16)
-MAX_WIDTH, MAX_TOPK = 256, 64
+MIN_WIDTH, MIN_TOPK = int(KNOBS["width"].lo), int(KNOBS["topk"].lo)   # the knobs' bounds
+MAX_WIDTH, MAX_TOPK = 256, 64                                         # the search's caps
+
+
+def check_space() -> None:
+    """The search space lies within the knobs' bounds (ValueError naming the knob)."""
+    names = {k.name for k in knobs_of(PipeDecKnobs)}
+    if not set(SPACE) <= names:
+        raise ValueError(f"tuner knobs {', '.join(sorted(set(SPACE) - names))} are not "
+                         f"PipeDec knobs ({', '.join(sorted(names))})")
+    for name, values in (("width", COARSE_WIDTHS + (MIN_WIDTH, MAX_WIDTH)),
+                         ("topk", COARSE_TOPKS + (MIN_TOPK, MAX_TOPK)), ("floor", FLOORS)):
+        for v in values:
+            KNOBS[name].check(v)
+
+
+check_space()
 
 
 @dataclass
@@ -44,11 +64,11 @@ class Trial:
 
 def _evaluate(point: tuple[int, int, float], common: dict) -> dict:
     """Worker entry point: PipeDec at one point; module level so it pickles under spawn."""
-    from pipedec_sim.programs.sweep import run_config
+    from pipedec_sim.programs.sweep import POLICY_KNOBS, run_config
     from pipedec_sim.results.metrics import summarize
     w, k, f = point
-    cfg = {**common, "strategy": common.get("strategy", "pipedec"), "width": w, "topk": k,
-           "floor": f, "coverage": None, "depth": None, "tree_topk": None, "total": None,
+    cfg = {**common, "strategy": common.get("strategy", "pipedec"),
+           **{name: None for name in POLICY_KNOBS}, **dict(zip(SPACE, point)),
            "config_id": f"tune-{w}-{k}-{f}"}
     df = run_config(cfg)
     s = summarize(df[[c for c in df.columns if not c.startswith("cfg_") and c != "config_id"]])
@@ -105,11 +125,11 @@ def _neighbours(p: tuple[int, int, float], step: float) -> list[tuple[int, int, 
     w, k, f = p
     out = []
     for nw in (round(w * step), round(w / step)):
-        nw = min(max(nw, 1), MAX_WIDTH)
+        nw = min(max(nw, MIN_WIDTH), MAX_WIDTH)
         if nw != w:
             out.append((nw, k, f))
     for nk in (round(k * step), round(k / step)):
-        nk = min(max(nk, 1), MAX_TOPK)
+        nk = min(max(nk, MIN_TOPK), MAX_TOPK)
         if nk != k:
             out.append((w, nk, f))
     i = FLOORS.index(f) if f in FLOORS else 0
@@ -125,7 +145,7 @@ def tune(common: dict, *, budget: int = 30, workers: int = 1,
     if budget < 1:
         raise ValueError("budget must be >= 1")
     with Evaluator(common, budget, workers, progress) as ev:
-        coarse = [DEFAULT] + [(w, k, 0.0) for k in COARSE_TOPKS for w in COARSE_WIDTHS]
+        coarse = [DEFAULT] + [(w, k, FLOORS[0]) for k in COARSE_TOPKS for w in COARSE_WIDTHS]
         ev.run(coarse)
         step = 2.0
         while ev.left > 0 and step > 1.05:
@@ -144,13 +164,19 @@ def tune(common: dict, *, budget: int = 30, workers: int = 1,
 # --------------------------------------------------------------------------- CLI
 
 def add_parser(sub) -> None:
-    from pipedec_sim.programs.flags import DEFAULT_PROFILE, positive
+    from pipedec_sim.programs.flags import (
+        DEFAULT_PROFILE,
+        DEFAULT_STAGES,
+        add_pipeline_flags,
+        positive,
+    )
     p = sub.add_parser("tune", help="search PipeDec width/top-k/floor for the lowest TBT",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", required=True, type=Path, help="speculation trace or prompt file")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"calibration profile file or bundled name (default {DEFAULT_PROFILE})")
-    p.add_argument("--stages", type=positive(), default=14, help="pipeline stages S (default 14)")
+    p.add_argument("--stages", type=positive(), default=DEFAULT_STAGES,
+                   help=f"pipeline stages S (default {DEFAULT_STAGES})")
     p.add_argument("--budget", type=positive(), default=16,
                    help="most configurations to simulate (default 16: about 2 minutes at "
                         "S=14 on 8 requests with 2 workers)")
@@ -161,13 +187,14 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="also show the cheapest tree (fewest wasted rows) within this fraction "
                         "of the best TBT (default 0.02)")
-    p.add_argument("--topology", choices=("A", "B"), default="A")
-    p.add_argument("--prune", choices=("broadcast", "piggyback"), default="broadcast")
-    p.add_argument("--link-gbps", type=positive(float), default=None,
-                   help="override the profile's link bandwidth (Gbit/s)")
-    p.add_argument("--max-new-tokens", type=positive(), default=256)
-    p.add_argument("--acceptance", type=Path, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    g = add_pipeline_flags(p)
+    g.add_argument("--link-gbps", type=positive(float), default=None,
+                   help="override the profile's link bandwidth (Gbit/s; default the profile's)")
+    p.add_argument("--max-new-tokens", type=positive(), default=256,
+                   help="output length for prompt files (default 256)")
+    p.add_argument("--acceptance", type=Path, default=None,
+                   help="acceptance model JSON for prompt files (default: by data set)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--workers", type=positive(), default=os.cpu_count() or 1,
                    help="worker processes (default: one per CPU)")
     p.add_argument("--out", type=Path, default=None, help="write every trial to this CSV")
@@ -176,20 +203,20 @@ def add_parser(sub) -> None:
 
 def cmd_tune(args) -> int:
     from pipedec_sim.programs.flags import progress_printer
-    from pipedec_sim.programs.sweep import build_grid
+    from pipedec_sim.programs.sweep import PIPELINE_KNOBS, POLICY_KNOBS, build_grid
     if args.holdout < 0:
         raise InputError("must be >= 0", field="--holdout")
     if not 0 <= args.tolerance < 1:
         raise InputError("must be in [0, 1)", field="--tolerance")
     overrides = {"trace": [str(args.trace)], "profile": [args.profile], "stages": [args.stages],
-                 "topology": [args.topology], "prune": [args.prune],
+                 **{k: [getattr(args, k)] for k in PIPELINE_KNOBS},
                  "link_gbps": [args.link_gbps], "max_requests": [args.max_requests],
                  "max_new_tokens": [args.max_new_tokens], "seed": [args.seed],
                  "acceptance": [None if args.acceptance is None else str(args.acceptance)],
                  "strategies": ["pipedec"]}
     grid = build_grid(None, overrides)               # validates files and flags
     common = {k: v[0] for k, v in grid.axes.items() if k != "strategies"}
-    for k in ("width", "topk", "floor", "coverage", "depth", "tree_topk", "total"):
+    for k in POLICY_KNOBS:
         common.pop(k, None)
     t0 = time.perf_counter()
     best, default, trials = tune(common, budget=args.budget, workers=args.workers,
@@ -208,7 +235,8 @@ def cmd_tune(args) -> int:
     margin = (default.tbt_ms - best.tbt_ms) / default.tbt_ms
     print(f"best: --width {best.width} --topk {best.topk} --floor {best.floor:g}: "
           f"TBT {best.tbt_ms:.2f} ms vs {default.tbt_ms:.2f} ms for the default "
-          f"(W=16, k=16, floor=0): {margin:.1%} lower, {default.tbt_ms / best.tbt_ms:.3f}x")
+          f"(W={DEFAULT[0]}, k={DEFAULT[1]}, floor={DEFAULT[2]:g}): {margin:.1%} lower, "
+          f"{default.tbt_ms / best.tbt_ms:.3f}x")
     near = [t for t in trials if t.tbt_ms <= best.tbt_ms * (1 + args.tolerance)]
     cheap = min(near, key=lambda t: (t.wasted_per_token, t.tbt_ms))
     if cheap is not best:

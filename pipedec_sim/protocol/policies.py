@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Iterable
 
+from pipedec_sim.protocol.knobs import KNOBS, PipeDecKnobs, TreeSDKnobs
 from pipedec_sim.protocol.tree import Node
 
 Candidate = tuple[float, Node, int, float]   # (score, parent, token, logp)
@@ -39,21 +40,22 @@ def merge_best(parents: list[Node], topk: int, n: int) -> list[Candidate]:
     """`best(candidates(parents, topk), n)` without building every candidate: each
     parent's proposals are sorted, so a heap over the parents' next proposals yields the
     winners in order (ties: parent order, then rank, exactly as `best`)."""
-    heap = []
+    heap: list[tuple[float, int, int]] = []
     for i, p in enumerate(parents):
         j = _next_free(p, 0, topk)
-        if j is not None:
-            heap.append((-(p.score + p.proposals[j][1]), i, j))
+        if j is not None:               # then p has proposals
+            heap.append((-(p.score + (p.proposals or ())[j][1]), i, j))
     heapq.heapify(heap)
-    out = []
+    out: list[Candidate] = []
     while heap and len(out) < n:
         neg, i, j = heapq.heappop(heap)
         p = parents[i]
-        token, logp = p.proposals[j]
+        props = p.proposals or ()
+        token, logp = props[j]
         out.append((-neg, p, token, logp))
         j = _next_free(p, j + 1, topk)
         if j is not None:
-            heapq.heappush(heap, (-(p.score + p.proposals[j][1]), i, j))
+            heapq.heappush(heap, (-(p.score + props[j][1]), i, j))
     return out
 
 
@@ -68,6 +70,10 @@ def _next_free(p: Node, j: int, topk: int) -> int | None:
     return None
 
 
+# The defaults live in the knob groups (pipedec_sim.protocol.knobs).
+_PIPEDEC, _TREE_SD = PipeDecKnobs(), TreeSDKnobs()
+
+
 @dataclass(frozen=True)
 class LayerPolicy:
     """PipeDec: the next layer is the `width` best children over the whole frontier.
@@ -76,18 +82,19 @@ class LayerPolicy:
     coverage: adaptive width; stop once the chosen nodes hold this fraction of the
     frontier's path probability (None: always fill `width`).
     """
-    width: int = 16
-    topk: int = 16
-    floor: float = 0.0
-    coverage: float | None = None
+    width: int = _PIPEDEC.width
+    topk: int = _PIPEDEC.topk
+    floor: float = _PIPEDEC.floor
+    coverage: float | None = _PIPEDEC.coverage
 
     def __post_init__(self):
-        if self.width < 1 or self.topk < 1:
-            raise ValueError("width and topk must be >= 1")
-        if not 0.0 <= self.floor < 1.0:
-            raise ValueError("floor must be in [0, 1)")
-        if self.coverage is not None and not 0.0 < self.coverage <= 1.0:
-            raise ValueError("coverage must be in (0, 1]")
+        for name in ("width", "topk", "floor", "coverage"):
+            KNOBS[name].check(getattr(self, name))
+
+    @classmethod
+    def of(cls, knobs: PipeDecKnobs) -> LayerPolicy:
+        return cls(width=knobs.width, topk=knobs.topk, floor=knobs.floor,
+                   coverage=knobs.coverage)
 
     def select(self, frontier: list[Node]) -> list[Candidate]:
         chosen = merge_best(frontier, self.topk, self.width)
@@ -95,11 +102,13 @@ class LayerPolicy:
             log_floor = math.log(self.floor)
             chosen = [c for c in chosen if c[0] >= log_floor]
         if self.coverage is not None:
-            chosen = self._adaptive(frontier, chosen)
+            chosen = self._adaptive(frontier, chosen, self.coverage)
         return chosen
 
-    def _adaptive(self, frontier: list[Node], chosen: list[Candidate]) -> list[Candidate]:
-        goal = self.coverage * sum(math.exp(n.score) for n in frontier)
+    @staticmethod
+    def _adaptive(frontier: list[Node], chosen: list[Candidate],
+                  coverage: float) -> list[Candidate]:
+        goal = coverage * sum(math.exp(n.score) for n in frontier)
         mass, out = 0.0, []
         for c in chosen:
             out.append(c)
@@ -114,13 +123,18 @@ class Eagle2Policy:
     """EAGLE-2 dynamic tree: `depth` draft passes; each expands the `topk` best nodes of
     the newest level; finally the `total` best nodes of everything proposed are kept
     (cumulative scores only fall along a path, so the kept set includes its ancestors)."""
-    depth: int = 6
-    topk: int = 10
-    total: int = 60
+    depth: int = _TREE_SD.depth
+    topk: int = _TREE_SD.tree_topk
+    total: int = _TREE_SD.total
 
     def __post_init__(self):
-        if self.depth < 1 or self.topk < 1 or self.total < 1:
-            raise ValueError("depth, topk and total must be >= 1")
+        KNOBS["depth"].check(self.depth)
+        KNOBS["tree_topk"].check(self.topk, "topk")
+        KNOBS["total"].check(self.total)
+
+    @classmethod
+    def of(cls, knobs: TreeSDKnobs) -> Eagle2Policy:
+        return cls(depth=knobs.depth, topk=knobs.tree_topk, total=knobs.total)
 
     def expand(self, level: list[Candidate]) -> list[Candidate]:
         return best(level, self.topk)
