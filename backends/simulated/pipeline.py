@@ -1,9 +1,10 @@
 """SimPy model of the pipeline: a head (strategy + draft), S stages, links, a verifier.
 
 Durations come from a calibration profile; proposals and target tokens from a trace
-oracle. The strategy object is the shared sans-IO one and the pacing rules (EntryFree,
-the window, empty batches, prune delivery, dispatch) are the core's
-(`pipedec_sim.protocol.pacing`): this module only executes actions and reports facts.
+oracle (`Replay`), or from real models (the torch inline driver's compute). The strategy
+object is the shared sans-IO one and the pacing rules (EntryFree, the window, empty
+batches, prune delivery, dispatch) are the core's (`pipedec_sim.protocol.pacing`): this
+module only executes actions and reports facts.
 
 Topologies:
   A  the head is its own device before stage 1: it runs the draft and the LM head; the
@@ -26,8 +27,15 @@ import simpy
 from backends.simulated.cores import CorePool
 from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Hop, Inbox
 from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
-from pipedec_sim.protocol.pacing import (DEFAULT_CANCEL, DEFAULT_PRUNE, Pacer, cancels,
-                                         check_prune, stage_output, verify_rows)
+from pipedec_sim.protocol.pacing import (
+    DEFAULT_CANCEL,
+    DEFAULT_PRUNE,
+    Pacer,
+    cancels,
+    check_prune,
+    stage_output,
+    verify_rows,
+)
 from pipedec_sim.protocol.stage_state import StageState
 
 
@@ -42,11 +50,49 @@ class RequestRun:
     timeline: list[dict] = field(default_factory=list)
 
 
+class Replay:
+    """The simulator's compute: KV bookkeeping only, with the draft's proposals and the
+    target's tokens from a trace oracle. Another compute (the torch inline driver's real
+    models) can stand in: the same calls at the same simulated moments."""
+
+    def __init__(self, oracle):
+        self.oracle = oracle
+        self.states: dict = {}
+
+    def state(self, actor) -> StageState:
+        """The KV bookkeeping of one holder: stage j, "draft" or "verify"."""
+        return self.states.setdefault(actor, StageState())
+
+    def apply(self, actor, update: Update) -> bool:
+        """Apply a prune notice; True if KV rows were compacted."""
+        return self.states[actor].apply(update, keep=False) is not None
+
+    def observe(self, rows) -> None:
+        self.oracle.observe(rows)
+
+    def stage(self, j: int, batch: Batch, rows) -> None:
+        """Stage j computed `rows` (the live rows of `batch`)."""
+        self.states[j].append(rows, batch.committed)
+
+    def verify(self, batch: Batch, rows) -> dict[int, int]:
+        """The target's next token after each verified row."""
+        target = self.oracle.target
+        return {r.id: target(r) for r in rows}
+
+    def draft(self, request: Draft, rows) -> dict:
+        """The draft computed `rows` (live rows of `request`): proposals of the wanted ones."""
+        self.states["draft"].append(rows, request.committed)
+        alive = {r.id: r for r in rows}
+        propose = self.oracle.propose
+        return {i: propose(alive[i], request.k) for i in request.want if i in alive}
+
+
 class Holder:
     """A KV holder's inbox of prune notices, applied lazily when work starts."""
 
-    def __init__(self, latency_ms: float):
-        self.state = StageState()
+    def __init__(self, actor, compute, latency_ms: float):
+        self.actor, self.compute = actor, compute
+        self.state = compute.state(actor)
         self.latency = latency_ms
         self.notices: deque[tuple[float, Update]] = deque()
 
@@ -55,7 +101,7 @@ class Holder:
         compacted = False
         q = self.notices
         while q and q[0][0] <= now:
-            compacted |= self.state.apply(q.popleft()[1], keep=False) is not None
+            compacted |= self.compute.apply(self.actor, q.popleft()[1])
         return compacted
 
 
@@ -76,30 +122,33 @@ class Pipeline:
         # changes): durations then scale by core_share[n-1] / profile.core_share[0].
         self.core_share = core_share
 
-    def run(self, strategy, oracle) -> RequestRun:
-        return RequestSim(self, strategy, oracle).run()
+    def run(self, strategy, oracle=None, *, compute=None, recorder=None) -> RequestRun:
+        """Simulate one request: `compute` does the work (default: `Replay(oracle)`);
+        `recorder` sees every event and the actions it gave (pacing.Pacer)."""
+        return RequestSim(self, strategy, compute or Replay(oracle), recorder).run()
 
 
 class RequestSim:
     """One request on a fresh SimPy calendar: the actors, their inboxes and KV holders.
     It is the `Dispatch` of the request's pacer."""
 
-    def __init__(self, pipe: Pipeline, strategy, oracle):
-        self.pipe, self.oracle = pipe, oracle
+    def __init__(self, pipe: Pipeline, strategy, compute, recorder=None):
+        self.pipe, self.compute = pipe, compute
         self.profile, self.S, self.layers = pipe.profile, pipe.S, pipe.layers
         self.A = pipe.topology == "A"
         self.record = pipe.record
         self.env = env = simpy.Environment()
         self.out = RequestRun()
         self.done = env.event()
-        self.pacer = Pacer(strategy, self, prune=pipe.prune)
+        self.pacer = Pacer(strategy, self, prune=pipe.prune, recorder=recorder)
         self._devices()
         self._links()
         S, hop = self.S, self.profile.link.latency_ms
-        self.holders: dict = {j: Holder(hop if (self.A or j > 1) else 0.0)
+        self.holders: dict = {j: Holder(j, compute, hop if (self.A or j > 1) else 0.0)
                               for j in range(1, S + 1)}
-        self.holders["draft"] = Holder(0.0)
-        self.holders["verify"] = Holder(0.0)          # topology A: the LM head on the head
+        self.holders["draft"] = Holder("draft", compute, 0.0)
+        if self.A:                                    # the LM head on the head
+            self.holders["verify"] = Holder("verify", compute, 0.0)
         self.inbox = {j: Inbox(env) for j in range(1, S + 1)}
         self.draft_box = Inbox(env)
         self.verify_box = Inbox(env) if self.A else None
@@ -252,7 +301,7 @@ class RequestSim:
         self.busy[j] = None
         if not done:
             return []                             # abandoned: every row died meanwhile
-        holder.state.append(rows, batch.committed)
+        self.compute.stage(j, batch, rows)
         return rows
 
     def _pass_on(self, j: int, out: Batch, notices) -> None:
@@ -309,8 +358,8 @@ class RequestSim:
             self._verified(Batch(batch.id, tuple(rows), batch.kind))
 
     def _verified(self, batch: Batch) -> None:
-        target = self.oracle.target
-        self._event(self.pacer.verified(batch.id, {r.id: target(r) for r in verify_rows(batch)}))
+        tokens = self.compute.verify(batch, verify_rows(batch)) if batch.rows else {}
+        self._event(self.pacer.verified(batch.id, tokens))
 
     def _draft(self):
         env, holder, p = self.env, self.holders["draft"], self.profile
@@ -322,11 +371,8 @@ class RequestSim:
                 ms = p.draft_step(len(rows), holder.state.context)
                 ms += p.kv_compact_ms if compacted else 0.0
                 yield from self._compute("draft", self.head_dev, ms, "draft", len(rows))
-                holder.state.append(rows, d.committed)
-            alive = {r.id: r for r in rows}
-            propose = self.oracle.propose
-            self._event(self.pacer.drafted(
-                d.ticket, {i: propose(alive[i], d.k) for i in d.want if i in alive}))
+            proposals = self.compute.draft(d, rows) if rows else {}
+            self._event(self.pacer.drafted(d.ticket, proposals))
 
     # ---- the head -----------------------------------------------------------------------
     def _event(self, event) -> None:
@@ -353,7 +399,7 @@ class RequestSim:
 
     # ---- pacing.Dispatch: what the head's actions do -----------------------------------
     def inject(self, batch: Batch, notices) -> None:
-        self.oracle.observe(batch.rows)
+        self.compute.observe(batch.rows)
         self.out.batches += 1
         self._into_stage1((batch, list(notices)), len(batch.rows) * 4 * TOKEN_BYTES)
 
@@ -367,13 +413,14 @@ class RequestSim:
             self.inbox[1].put(item)
 
     def draft(self, request: Draft) -> None:
-        self.oracle.observe(request.rows)
+        self.compute.observe(request.rows)
         self.draft_box.put(request)
 
     def prune(self, update: Update) -> None:
         now = self.env.now
         for key in ("draft", "verify"):
-            self.holders[key].notices.append((now, update))
+            if key in self.holders:
+                self.holders[key].notices.append((now, update))
 
     def broadcast(self, update: Update) -> None:
         now = self.env.now

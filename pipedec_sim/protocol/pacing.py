@@ -118,10 +118,14 @@ class Pacer:
     take what was sent.
     """
 
-    def __init__(self, strategy, backend: Dispatch, *, prune: str = DEFAULT_PRUNE):
+    def __init__(self, strategy, backend: Dispatch, *, prune: str = DEFAULT_PRUNE,
+                 recorder=None):
+        """recorder: optional, told `start(actions)` and `step(event, actions)` (the
+        torch backend's `--record-events`)."""
         self.strategy = strategy
         self.backend = backend
         self.prune = check_prune(prune)
+        self.recorder = recorder
         self.injected = 0           # batches dispatched into stage 1
         self.taken = 0              # batches stage 1 has reported taking
         self.free_fed = True        # EntryFree given since the last injection
@@ -132,13 +136,19 @@ class Pacer:
         return self.strategy.done
 
     def start(self) -> list[Action]:
-        return self.strategy.start()
+        actions = self.strategy.start()
+        if self.recorder is not None:
+            self.recorder.start(actions)
+        return actions
 
     def feed(self, event: Event) -> list[Action]:
         """The strategy's answer to one event (nothing once the request is done)."""
         if self.strategy.done:
             return []
-        return self.strategy.on(event)
+        actions = self.strategy.on(event)
+        if self.recorder is not None:
+            self.recorder.step(event, actions)
+        return actions
 
     # ---- facts a backend reports ---------------------------------------------------
     def entry_taken(self) -> EntryFree | None:
