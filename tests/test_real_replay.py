@@ -80,8 +80,10 @@ def test_backends_share_strategy_classes():
 
 
 def test_timeline_has_every_stage_batch(recorded):
-    """Per-stage slices: each stage computed every pipedec batch the head injected (none
-    die on the way at S=2 with in-band prunes behind them), inside the request's span."""
+    """Per-stage slices: each stage handled every pipedec batch the head injected, inside
+    the request's span. With broadcast prunes (the default) some batches die on the way or
+    are cancelled at stage 2, but a dead batch still travels on (header only) and gets a
+    slice (empty, or "layer (cancelled)"), so every stage has one per batch."""
     import json
     _, d = recorded
     events = json.loads((d / "timeline.json").read_text())["traceEvents"]

@@ -1,9 +1,12 @@
-"""The head: the shared strategy object, the draft, the verifier, and the clock.
+"""The head: one request's strategy behind the shared pacer, the draft, the verifier, the clock.
 
-The head only *executes* actions and feeds events back (as the SimPy backend does);
-every decision is the strategy's. Where batches go and when results come back is the
+The head only *executes* actions and feeds events back (as the SimPy backend does): the
+strategy decides, `pipedec_sim.protocol.pacing.Pacer` applies the pipeline rules every
+driver shares (EntryFree gate, prune delivery) and turns actions into calls of the
+`Dispatch` protocol, which the head implements. What concerns the head's own KV holders
+(draft, verifier), commits and the end it does itself; where batches and notices go is the
 transport's business (`inline.py` in one process, `runtime.py` across processes), which
-hands the head two callbacks: `inject(batch)` and `notify(update)`.
+gives the head three calls: `inject(batch, notices)`, `broadcast(update)`, `inband(update)`.
 """
 from __future__ import annotations
 
@@ -12,15 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from backends.torch.eventlog import Recorder
-from pipedec_sim.protocol.messages import (
-    Commit,
-    Draft,
-    Drafted,
-    Finish,
-    Inject,
-    Update,
-    Verified,
-)
+from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
+from pipedec_sim.protocol.pacing import DEFAULT_PRUNE, Pacer, check_prune
 from pipedec_sim.protocol.strategies import make_strategy
 
 
@@ -42,92 +38,96 @@ class RunRecord:
     busy_ms: dict[str, float] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     batches: int = 0
+    cancelled: int = 0       # batches a stage abandoned mid-compute (broadcast + cancel)
     # (actor, start ms, duration ms, label, rows): the head's own work and, from the
     # stages' reports, every batch and prune they computed (one host's monotonic clock)
     slices: list[tuple[str, float, float, str, int]] = field(default_factory=list)
 
 
+@dataclass
+class Flight:
+    """One request in the pipeline: everything that lives from its start to its end."""
+    seq: int                    # the request's sequence number (wire slot REQ)
+    pacer: Pacer                # its strategy behind the pacing rules
+    record: RunRecord
+    t0: float                   # perf_counter() at its start
+    drafts: deque = field(default_factory=deque)     # Draft actions not yet run
+    kinds: dict[int, str] = field(default_factory=dict)   # batch id -> kind (slice labels)
+
+
 class Head:
-    def __init__(self, draft, verifier, *, inject, notify, recorder: Recorder | None = None,
-                 eos: int | None = None, knobs: dict | None = None):
-        self.draft, self.verifier = draft, verifier
-        self._inject, self._notify = inject, notify
+    def __init__(self, draft_model, verifier, transport, *, prune: str = DEFAULT_PRUNE,
+                 recorder: Recorder | None = None, eos: int | None = None,
+                 knobs: dict | None = None):
+        self.draft_model, self.verifier = draft_model, verifier
+        self.holders = [h for h in (draft_model, verifier) if h is not None]
+        self.transport = transport
+        self.prune_mode = check_prune(prune)
         self.recorder = recorder or Recorder()
         self.eos, self.knobs = eos, dict(knobs or {})
-        self.drafts: deque[Draft] = deque()
-        self.strategy = None
+        self.flight: Flight | None = None
 
     # ---- a request -----------------------------------------------------------------
-    def begin(self, name: str, req: Request) -> None:
-        self.strategy = make_strategy(name, req.prompt_ids, req.max_new_tokens, eos=self.eos,
-                                      **self.knobs)
-        self.run = RunRecord(name, req)
-        self.drafts.clear()
-        for holder in (self.draft, self.verifier):
-            if holder is not None:
-                holder.reset()
+    def begin(self, name: str, req: Request, seq: int = 0) -> Flight:
+        strategy = make_strategy(name, req.prompt_ids, req.max_new_tokens, eos=self.eos,
+                                 **self.knobs)
+        for holder in self.holders:
+            holder.reset()
         self.recorder.request(strategy=name, id=req.id, prompt_ids=list(req.prompt_ids),
                               max_new_tokens=req.max_new_tokens, eos=self.eos, knobs=self.knobs)
-        self.t0 = time.perf_counter()
-        actions = self.strategy.start()
-        self.recorder.start(actions)
-        self.dispatch(actions)
+        pacer = Pacer(strategy, self, prune=self.prune_mode, recorder=self.recorder)
+        f = self.flight = Flight(seq, pacer, RunRecord(name, req), time.perf_counter())
+        pacer.dispatch(pacer.start())          # the pacer records what it is told and says
+        return f
 
     @property
     def done(self) -> bool:
-        return self.strategy.done
+        return self.flight.pacer.done
+
+    @property
+    def t0(self) -> float:
+        return self.flight.t0
 
     def now_ms(self) -> float:
-        return (time.perf_counter() - self.t0) * 1e3
+        return (time.perf_counter() - self.flight.t0) * 1e3
 
     def busy(self, actor: str, since: float, rows: int, label: str = "") -> None:
         """`actor` computed `rows` from perf_counter() `since` until now."""
-        r = self.run
+        r = self.flight.record
         ms = (time.perf_counter() - since) * 1e3
         r.busy_ms[actor] = r.busy_ms.get(actor, 0.0) + ms
         r.rows[actor] = r.rows.get(actor, 0) + rows
-        r.slices.append((actor, (since - self.t0) * 1e3, ms, label or actor, rows))
+        r.slices.append((actor, (since - self.flight.t0) * 1e3, ms, label or actor, rows))
 
-    def finish(self) -> RunRecord:
-        self.run.output = list(self.strategy.output)
-        if not self.run.end_ms:
-            self.run.end_ms = self.now_ms()
-        return self.run
+    def result(self) -> RunRecord:
+        """The request's record, once it is done."""
+        r = self.flight.record
+        r.output = list(self.flight.pacer.strategy.output)
+        if not r.end_ms:
+            r.end_ms = self.now_ms()
+        return r
 
-    # ---- events in, actions out ----------------------------------------------------
+    # ---- facts in: events to the strategy --------------------------------------------
     def feed(self, event) -> None:
-        if self.strategy.done:
-            return
-        actions = self.strategy.on(event)
-        self.recorder.step(event, actions)
-        self.dispatch(actions)
+        pacer = self.flight.pacer
+        pacer.dispatch(pacer.feed(event))      # nothing once the request is done
 
-    def dispatch(self, actions) -> None:
-        for a in actions:
-            if isinstance(a, Inject):
-                self.run.batches += 1
-                self._inject(a.batch)
-            elif isinstance(a, Draft):
-                self.drafts.append(a)
-            elif isinstance(a, Update):
-                for holder in (self.draft, self.verifier):
-                    if holder is not None:
-                        holder.apply(a)
-                self._notify(a)
-            elif isinstance(a, Commit):
-                self.run.commits.append((self.now_ms(), len(a.tokens), a.drafted, a.outcome))
-            elif isinstance(a, Finish):
-                self.run.end_ms = self.now_ms()
+    def entry_taken(self) -> None:
+        """Stage 1 took a batch (its ack, or the inline driver's tick)."""
+        event = self.flight.pacer.entry_taken()
+        if event is not None:
+            self.feed(event)
 
     def draft_step(self) -> bool:
         """Run one queued draft request; False if there was none."""
-        if not self.drafts or self.strategy.done:
+        f = self.flight
+        if not f.drafts or f.pacer.done:
             return False
-        d = self.drafts.popleft()
+        d = f.drafts.popleft()
         t = time.perf_counter()
-        props = self.draft.propose(d.rows, d.want, d.k, d.committed)
+        props = self.draft_model.propose(d.rows, d.want, d.k, d.committed)
         self.busy("draft", t, len(d.rows))
-        self.feed(Drafted(d.ticket, props))
+        self.feed(f.pacer.drafted(d.ticket, props))
         return True
 
     def verify(self, batch_id: int, rows, verify_from: int, hidden) -> None:
@@ -137,8 +137,35 @@ class Head:
             t = time.perf_counter()
             tokens = self.verifier.verify(rows, verify_from, hidden)
             self.busy("lm_head", t, len(tokens))
-        self.feed(Verified(batch_id, tokens))
+        self.verified(batch_id, tokens)
 
     def verified(self, batch_id: int, tokens: dict[int, int]) -> None:
-        """Topology B: tokens computed on the last stage (none if every row died)."""
-        self.feed(Verified(batch_id, tokens))
+        """Tokens for a batch back at the head (none if every row died)."""
+        self.feed(self.flight.pacer.verified(batch_id, tokens))
+
+    # ---- actions out: the pacer's Dispatch protocol ------------------------------------
+    def inject(self, batch: Batch, notices: tuple[Update, ...]) -> None:
+        f = self.flight
+        f.record.batches += 1
+        f.kinds[batch.id] = batch.kind
+        self.transport.inject(batch, notices)
+
+    def draft(self, request: Draft) -> None:
+        self.flight.drafts.append(request)     # run by draft_step, between transport polls
+
+    def prune(self, update: Update) -> None:
+        for holder in self.holders:
+            holder.apply(update)
+
+    def broadcast(self, update: Update) -> None:
+        self.transport.broadcast(update)
+
+    def inband(self, update: Update) -> None:
+        self.transport.inband(update)
+
+    def commit(self, commit: Commit) -> None:
+        self.flight.record.commits.append((self.now_ms(), len(commit.tokens), commit.drafted,
+                                           commit.outcome))
+
+    def finish(self) -> None:
+        self.flight.record.end_ms = self.now_ms()

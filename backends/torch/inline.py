@@ -1,9 +1,14 @@
 """All stages in one process, stepped in a fixed order: the deterministic reference driver.
 
 Each tick: the draft runs one queued request, then every stage, last first, takes one
-batch from its inbox, so a batch moves one stage per tick, as in a pipeline where all
-stages take equally long. Prune notices reach every KV holder at once (the simulator's
-`--prune broadcast` with zero latency). Used by the lossless tests and `--inline`.
+item from its inbox, so a batch moves one stage per tick, as in a pipeline where all
+stages take equally long. Prune notices (`pacing.PRUNE_MODES`) reach the stages
+  - `broadcast`: every holder at once (the simulator's broadcast with zero latency);
+  - `inband` / `piggyback`: as an item in stage 1's inbox (at once, or just ahead of the
+    next injected batch), which each stage takes in order on its tick, applies and passes
+    on, as the distributed runtime's stages do.
+`cancel` has nothing to do here: a tick computes a batch atomically, so no notice can
+arrive while a stage is computing. Used by the lossless tests and `--inline`.
 """
 from __future__ import annotations
 
@@ -11,9 +16,17 @@ import time
 from collections import deque
 
 from backends.torch.head import Head, Request, RunRecord
-from backends.torch.shard import Draft, Shard, Verifier
+from backends.torch.shard import DraftModel, Shard, Verifier
 from pipedec_sim.inputs.profile import split_layers
-from pipedec_sim.protocol.messages import Batch, EntryFree
+from pipedec_sim.protocol.messages import Batch, Update
+from pipedec_sim.protocol.pacing import (
+    DEFAULT_CANCEL,
+    DEFAULT_PRUNE,
+    check_prune,
+    stage_output,
+    verify_rows,
+    window_for,
+)
 
 
 def stage_bounds(n_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -25,21 +38,30 @@ def stage_bounds(n_layers: int, stages: int) -> list[tuple[int, int]]:
     return out
 
 
-def run_stage(shard: Shard, batch: Batch, hidden):
-    """A stage's work on one batch: drop dead rows, compute the rest. Returns the batch
-    of surviving rows and their hidden states (None if every row died)."""
-    if not batch.rows:
-        return None, None
-    rows, hidden = shard.admit(batch.rows, hidden)
+def run_stage(shard: Shard, batch: Batch, hidden, between=None):
+    """A stage's work on one batch: drop dead rows, compute the rest. Returns what goes on
+    (`stage_output`: empty if every row died, before or, with `between`, during the
+    compute: see Shard.forward) and its hidden states (None if empty)."""
+    rows, hidden = shard.admit(batch.rows, hidden) if batch.rows else ((), None)
+    if rows:
+        hidden = shard.forward(rows, batch.committed, hidden, between=between)
+        if hidden is None:
+            rows = ()                      # abandoned between layers
+    return stage_output(batch, rows), (hidden if rows else None)
+
+
+def lm_head(shard: Shard, batch: Batch, hidden) -> dict[int, int]:
+    """Topology B's last stage: the target's token after each row to verify."""
+    rows = verify_rows(batch)
     if not rows:
-        return None, None
-    out = shard.forward(rows, batch.committed, hidden)
-    # Only speculative rows die and they follow verify_from: the indices still hold.
-    return Batch(batch.id, tuple(rows), batch.kind, batch.verify_from, batch.committed), out
+        return {}
+    toks = shard.greedy(hidden[:, batch.verify_from:]).tolist()
+    return {r.id: t for r, t in zip(rows, toks)}
 
 
 class InlinePipeline:
     def __init__(self, target, draft=None, stages: int = 2, *, topology: str = "A",
+                 prune: str = DEFAULT_PRUNE, cancel: bool = DEFAULT_CANCEL,
                  recorder=None, knobs=None, device="cpu", dtype=None):
         model = target.model.to(device, dtype)
         bounds = stage_bounds(model.config.num_hidden_layers, stages)
@@ -47,23 +69,31 @@ class InlinePipeline:
         self.shards = [Shard(model, lo, hi, embed=(j == 0), head=(j == S - 1), device=device)
                        for j, (lo, hi) in enumerate(bounds)]
         self.topology = topology
+        self.prune = check_prune(prune)
+        self.cancel = cancel            # accepted for symmetry; nothing to cancel here
         self.verifier = Verifier(self.shards[-1]) if topology == "A" else None
-        self.draft = (Draft(draft.model.to(device, dtype), device) if draft is not None
+        self.draft = (DraftModel(draft.model.to(device, dtype), device) if draft is not None
                       else None)
-        knobs = {"window": S + 1, **(knobs or {})}        # as the simulator's default
-        self.head = Head(self.draft, self.verifier, inject=self._inject, notify=self._notify,
-                         recorder=recorder, eos=target.eos, knobs=knobs)
+        knobs = dict(knobs or {})
+        knobs["window"] = window_for(S, knobs.get("window"))     # as the simulator's default
+        self.head = Head(self.draft, self.verifier, self, prune=prune, recorder=recorder,
+                         eos=target.eos, knobs=knobs)
+        # Per stage: (batch, hidden) to compute, or (notice, None) to apply and pass on.
         self.inbox: list[deque] = [deque() for _ in self.shards]
 
-    def _inject(self, batch: Batch) -> None:
+    # ---- the head's transport --------------------------------------------------------
+    def inject(self, batch: Batch, notices: tuple[Update, ...]) -> None:
+        self.inbox[0].extend((u, None) for u in notices)
         self.inbox[0].append((batch, None))
 
-    def _notify(self, update) -> None:
-        for s in self.shards:
-            t = time.perf_counter()
-            if s.apply(update):
-                self.head.busy(f"stage{self.shards.index(s) + 1}", t, 0, "prune")
+    def inband(self, update: Update) -> None:
+        self.inbox[0].append((update, None))
 
+    def broadcast(self, update: Update) -> None:
+        for j in range(len(self.shards)):
+            self._apply(j, update)
+
+    # ---- a request -------------------------------------------------------------------
     def run(self, name: str, req: Request) -> RunRecord:
         head = self.head
         for s in self.shards:
@@ -79,35 +109,44 @@ class InlinePipeline:
                 progressed |= self._stage_tick(j)
             if not progressed and not head.done:
                 raise RuntimeError(f"{name}: the strategy stalled (no work queued, not done)")
-        return head.finish()
+        return head.result()
 
     def _stage_tick(self, j: int) -> bool:
-        box = self.inbox[j]
-        if not box:
+        if not self.inbox[j]:
             return False
-        batch, hidden = box.popleft()
-        head, S = self.head, len(self.shards)
-        if j == 0 and not box:
-            head.feed(EntryFree())
-        t = time.perf_counter()
-        out, hidden = run_stage(self.shards[j], batch, hidden)
-        if out is not None and j == S - 1 and self.topology == "B":
-            tokens = self._lm_head(out, hidden)
-        head.busy(f"stage{j + 1}", t, len(out.rows) if out else 0, batch.kind or "batch")
-        if out is None:          # every row died: the batch goes on empty, so that the
-            out = Batch(batch.id, (), batch.kind)    # head learns it left the pipeline
-            tokens = {}
-        if j < S - 1:
-            self.inbox[j + 1].append((out, hidden))
-        elif self.topology == "A":
-            head.verify(out.id, out.rows, out.verify_from, hidden)
+        item, hidden = self.inbox[j].popleft()
+        if isinstance(item, Update):
+            self._apply(j, item)
+            self._pass_on(j, item, None)
         else:
-            head.verified(out.id, tokens)
+            self._compute(j, item, hidden)
         return True
 
-    def _lm_head(self, batch: Batch, hidden) -> dict[int, int]:
-        rows = batch.rows[batch.verify_from:]
-        if not rows:
-            return {}
-        toks = self.shards[-1].greedy(hidden[:, batch.verify_from:]).tolist()
-        return {r.id: t for r, t in zip(rows, toks)}
+    def _apply(self, j: int, update: Update) -> None:
+        t = time.perf_counter()
+        if self.shards[j].apply(update):
+            self.head.busy(f"stage{j + 1}", t, 0, "prune")
+
+    def _compute(self, j: int, batch: Batch, hidden) -> None:
+        head = self.head
+        if j == 0:
+            head.entry_taken()
+        t = time.perf_counter()
+        out, hidden = run_stage(self.shards[j], batch, hidden)
+        tokens = None
+        if j == len(self.shards) - 1 and self.topology == "B":
+            tokens = lm_head(self.shards[j], out, hidden)
+        head.busy(f"stage{j + 1}", t, len(out.rows), batch.kind or "batch")
+        self._pass_on(j, out, hidden, tokens)
+
+    def _pass_on(self, j: int, item, hidden, tokens=None) -> None:
+        """To the next stage's inbox; from the last stage, a batch goes to the verifier
+        (topology A) or its tokens to the head (B), and a notice ends there."""
+        if j < len(self.shards) - 1:
+            self.inbox[j + 1].append((item, hidden))
+        elif isinstance(item, Update):
+            return
+        elif self.topology == "A":
+            self.head.verify(item.id, item.rows, item.verify_from, hidden)
+        else:
+            self.head.verified(item.id, tokens)

@@ -6,11 +6,12 @@ LM head and sends token ids back. Transport is torch.distributed point-to-point 
 for control; activations between stages go GPU to GPU over NCCL where every stage has a GPU
 of its own, else through host memory over gloo (`link.py`).
 
-Prune notices travel in-band: the head sends an UPDATE into stage 1 right away and each
-stage applies it, then forwards it, in arrival order behind earlier batches. This is the
-simulator's `--prune piggyback` family (the notice shares the batch stream; ours leaves
-at once rather than waiting for the next injected batch) with `--no-cancel` (a stage
-never abandons a batch it started). EntryFree comes from stage 1's ACK per batch taken.
+Pacing is the shared core's (`pipedec_sim.protocol.pacing`): EntryFree comes from stage 1's
+ACK per batch taken, through `Pacer.entry_taken`. Prune notices (`cfg.prune`, default
+broadcast) go straight to every stage on the control tag (`broadcast`), into stage 1's
+batch stream at once (`inband`), or just ahead of the next injected batch (`piggyback`);
+with `cfg.cancel` (broadcast only) a stage abandons a batch whose rows all died at the next
+layer boundary (worker.py). Each RESET tells the stages the request's mode.
 
 Never hang: every wait polls the stage processes' liveness and a no-progress deadline; a
 dead or raising stage ends the run with `StageFailed` naming it, and `close()` reaps every
@@ -36,10 +37,17 @@ from backends.torch.checkpoint import load_stage
 from backends.torch.head import Head, Request, RunRecord
 from backends.torch.link import connect, rank_device
 from backends.torch.models import load
-from backends.torch.shard import Draft, Shard, Verifier, rows_tensor, tensor_rows
-from backends.torch.worker import IDLE_TIMEOUT, SLICE_PRUNE, StageConfig, stage_main
+from backends.torch.shard import DraftModel, Shard, Verifier, rows_tensor, tensor_rows
+from backends.torch.worker import (
+    IDLE_TIMEOUT,
+    SLICE_CANCEL,
+    SLICE_PRUNE,
+    StageConfig,
+    stage_main,
+)
 from pipedec_sim.errors import InputError
-from pipedec_sim.protocol.messages import EntryFree
+from pipedec_sim.protocol.messages import Batch, Update
+from pipedec_sim.protocol.pacing import window_for
 
 
 class StageFailed(RuntimeError):
@@ -70,15 +78,20 @@ class DistributedPipeline:
         if cfg.topology == "A":
             self.verifier = Verifier(Shard(target.model, 0, 0, embed=False, head=True,
                                            device=self.device))
-        draft = (Draft(load(draft_spec).model.to(self.device, self.dtype), self.device)
+        draft = (DraftModel(load(draft_spec).model.to(self.device, self.dtype), self.device)
                  if draft_spec else None)
         self.hidden_size = target.config.hidden_size
-        self.head = Head(draft, self.verifier, inject=self._inject, notify=self._notify,
-                         recorder=recorder, eos=self.eos,
-                         knobs={"window": cfg.stages + 1, **(knobs or {})})
+        knobs = dict(knobs or {})
+        knobs["window"] = window_for(self.S, knobs.get("window"))
+        self.head = Head(draft, self.verifier, self, prune=cfg.prune, recorder=recorder,
+                         eos=self.eos, knobs=knobs)
+        # Lifecycle (start .. close); a request's own state is the head's Flight.
         self.procs: list = []
-        self.seq = 0
-        self.started = False
+        self.seq = 0                  # the last request's sequence number
+        self.started = self.joined = False
+        self.control_open = False     # stages listen on CTRL (a broadcast RESET was sent)
+        self.err_dir = self.links = self.out = self.inbox = None
+        self.readers: list[threading.Thread] = []
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> "DistributedPipeline":
@@ -102,7 +115,7 @@ class DistributedPipeline:
             self.close(clean=False)       # reap the stages we spawned
             raise
         self.out = wire.Outbox()
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox = queue.Queue()
         self.readers = [threading.Thread(target=self._reader, args=(f, peer), daemon=True)
                         for f, peer in ((self._read_data, self.S), (self._read_ack, 1))]
         for t in self.readers:
@@ -149,8 +162,11 @@ class DistributedPipeline:
         if not self.started:
             return
         self.started = False
-        if clean and getattr(self, "joined", False):
+        if clean and self.joined:
             try:
+                if self.control_open:        # end the stages' control readers first
+                    for j in range(1, self.S + 1):
+                        self.out.send([wire.header(wire.STOP, self.seq)], j, wire.TAG_CTRL)
                 self.out.send([wire.header(wire.STOP, self.seq)], 1)
                 self.out.flush(5.0)
             except Exception:
@@ -164,9 +180,9 @@ class DistributedPipeline:
             if p.is_alive():
                 p.kill()
                 p.join()
-        for t in getattr(self, "readers", ()):
+        for t in self.readers:
             t.join(2.0 if clean else 0.0)   # they end on STOP, or when the links close
-        if getattr(self, "joined", False):
+        if self.joined:
             try:
                 dist.destroy_process_group()
             except Exception:
@@ -212,9 +228,10 @@ class DistributedPipeline:
         if kind == wire.REPORT:
             table = wire.recv((self.S, 2), torch.int64, self.S)
             return ("report", seq, table, wire.recv((n, 6), torch.float64, self.S) if n else None)
-        if n == 0:                               # a batch whose rows all died on the way
-            return ("tokens" if kind == wire.TOKENS else "hidden", seq, int(h[wire.ID]), (),
-                    None)
+        if n == 0:                   # a batch whose rows all died on the way (header only)
+            if kind == wire.TOKENS:
+                return ("tokens", seq, int(h[wire.ID]), (), [])
+            return ("hidden", seq, int(h[wire.ID]), (), None)
         rows = tensor_rows(wire.recv((n, 4), torch.int64, self.S))
         if kind == wire.TOKENS:
             return ("tokens", seq, int(h[wire.ID]), rows,
@@ -240,42 +257,42 @@ class DistributedPipeline:
             raise StageFailed(f"lost the link from stage {peer} (rank {peer}): {why}")
         return item
 
-    # ---- actions out -----------------------------------------------------------------------
-    def _inject(self, batch) -> None:
-        self.injected += 1
-        self.kinds[batch.id] = batch.kind
-        self.free_fed = False
-        h = wire.header(wire.BATCH, self.seq, id=batch.id, n=len(batch.rows),
-                        vfrom=batch.verify_from, committed=batch.committed)
-        self.out.send([h, rows_tensor(batch.rows)], 1)
+    # ---- the head's transport ----------------------------------------------------------
+    def inject(self, batch: Batch, notices: tuple[Update, ...]) -> None:
+        for u in notices:                 # piggyback: just ahead of the batch
+            self.inband(u)
+        self.out.send([wire.batch_header(wire.BATCH, self.seq, batch),
+                       rows_tensor(batch.rows)], 1)
 
-    def _notify(self, update) -> None:
-        ids = list(update.commit) + list(update.kill)
-        if ids:
-            h = wire.header(wire.UPDATE, self.seq, n=len(update.commit), n2=len(update.kill))
-            self.out.send([h, torch.tensor(ids, dtype=torch.int64)], 1)
+    def inband(self, update: Update) -> None:
+        if wire.has_ids(update):
+            self.out.send(wire.update_tensors(self.seq, update), 1)
+
+    def broadcast(self, update: Update) -> None:
+        if wire.has_ids(update):
+            for j in range(1, self.S + 1):
+                self.out.send(wire.update_tensors(self.seq, update), j, wire.TAG_CTRL)
 
     # ---- one request -------------------------------------------------------------------------
     def run(self, name: str, req: Request) -> RunRecord:
         self.seq += 1
-        self.injected = self.acked = 0
-        self.kinds: dict[int, str] = {}
-        self.free_fed = False
-        self.out.send([wire.header(wire.RESET, self.seq)], 1)
+        cfg = self.cfg
+        self.out.send([wire.reset(self.seq, cfg.prune, cfg.cancel)], 1)
+        self.control_open |= cfg.prune == "broadcast"
         head = self.head
-        head.begin(name, req)
+        head.begin(name, req, self.seq)
         last = time.monotonic()
         while not head.done:
-            item = self._next(block=not head.drafts)
+            item = self._next(block=not head.flight.drafts)
             if item is not None:
                 self._handle(item)
             elif not head.draft_step():
                 self.check_alive()
-                if time.monotonic() - last > self.cfg.timeout_s:
-                    raise StageFailed(f"{name}: no progress for {self.cfg.timeout_s:.0f} s")
+                if time.monotonic() - last > cfg.timeout_s:
+                    raise StageFailed(f"{name}: no progress for {cfg.timeout_s:.0f} s")
                 continue
             last = time.monotonic()
-        run = head.finish()
+        run = head.result()
         self._collect_report(run)
         return run
 
@@ -284,10 +301,7 @@ class DistributedPipeline:
         if seq != self.seq or self.head.done:
             return                               # a finished request's leftovers
         if kind == "ack":
-            self.acked += 1
-            if not self.free_fed and self.acked == self.injected:
-                self.free_fed = True              # once per injection
-                self.head.feed(EntryFree())
+            self.head.entry_taken()
         elif kind == "tokens":                    # rows may be empty: they all died
             _, _, bid, rows, toks = item
             self.head.verified(bid, {r.id: t for r, t in zip(rows, toks)})
@@ -312,10 +326,15 @@ class DistributedPipeline:
         for j, (us, rows) in enumerate(item[2].tolist(), 1):
             run.busy_ms[f"stage{j}"] = us / 1e3
             run.rows[f"stage{j}"] = rows
-        if item[3] is None or not self.links.one_host:
+        slices = [] if item[3] is None else item[3].tolist()
+        run.cancelled = sum(1 for s in slices if s[1] == SLICE_CANCEL)
+        if not self.links.one_host:
             return                       # other hosts' monotonic clocks are not ours
         t0 = self.head.t0                # one host: one monotonic clock for all ranks
-        for j, kind, bid, start, end, rows in item[3].tolist():
-            label = "prune" if kind == SLICE_PRUNE else self.kinds.get(int(bid), "batch")
+        kinds = self.head.flight.kinds
+        for j, kind, bid, start, end, rows in slices:
+            label = "prune" if kind == SLICE_PRUNE else kinds.get(int(bid), "batch")
+            if kind == SLICE_CANCEL:
+                label += " (cancelled)"  # as the simulator's timeline says
             run.slices.append((f"stage{int(j)}", (start - t0) * 1e3, (end - start) * 1e3,
                                label, int(rows)))

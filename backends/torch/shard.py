@@ -4,8 +4,8 @@
 + LM head (where verification happens). Its KV cache is keyed by node id through the
 shared `StageState`: prune notices become `index_select` on the cache, and the state's
 boolean ancestry mask becomes a float additive mask (bool masks are silently wrong on
-the eager path, see ENV.md). `Draft` is a whole small model as one shard that proposes
-top-k children with log-probabilities.
+the eager path, see ENV.md). `DraftModel` is a whole small model as one shard that
+proposes top-k children with log-probabilities.
 """
 from __future__ import annotations
 
@@ -72,10 +72,16 @@ class Shard:
         return live, hidden
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row], committed: int, hidden: torch.Tensor | None = None):
+    def forward(self, rows: list[Row], committed: int, hidden: torch.Tensor | None = None,
+                *, between=None):
         """Compute live `rows` (hidden [1, n, H] unless this shard embeds); returns the
-        output hidden states [1, n, H] and records the rows' KV."""
+        output hidden states [1, n, H] and records the rows' KV.
+
+        `between(ids)`, if given, is asked after each decoder layer whether to abandon the
+        rows (ids: theirs); if it says so, the KV the finished layers appended is dropped,
+        nothing is recorded, and forward returns None."""
         assert self.kv_len() == self.state.context, "KV cache and bookkeeping disagree"
+        row_ids = frozenset(r.id for r in rows) if between is not None else None
         n = len(rows)
         if self.has_embed:
             ids = torch.tensor([[r.token for r in rows]], device=self.device)
@@ -87,13 +93,24 @@ class Shard:
         fmask = fmask.view(1, 1, n, -1)
         pos = torch.tensor([[r.pos for r in rows]], device=self.device)
         pe = self.model.model.rotary_emb(hidden, pos)
-        for layer in self.layers:
+        for k, layer in enumerate(self.layers):
             hidden = layer(hidden, attention_mask=fmask, position_ids=pos, use_cache=True,
                            position_embeddings=pe, **with_cache(self.cache))
             if isinstance(hidden, tuple):          # older transformers return (hidden, ...)
                 hidden = hidden[0]
+            if between is not None and between(row_ids):
+                self._crop(self.lo + k + 1)
+                return None
         self.state.append(rows, committed)
         return hidden
+
+    def _crop(self, upto: int) -> None:
+        """Layers lo..upto-1 appended rows that will not be recorded: cut their KV back
+        to the bookkeeping's length (DynamicCache.crop would cut every layer)."""
+        n = self.state.context
+        for i in range(self.lo, upto):
+            layer = self.cache.layers[i]
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -133,7 +150,7 @@ class Verifier:
         return {r.id: t for r, t in zip(live, tokens)}
 
 
-class Draft:
+class DraftModel:
     """The draft model: one shard over all its layers, with its own tree KV cache."""
 
     def __init__(self, model, device="cpu"):

@@ -5,27 +5,33 @@ tensor send over gloo, see ENV.md); the header says which tensors follow and the
 
   BATCH   rows int64 [n, 4] (id, parent, token, pos), then hidden [n, H] unless it comes
           from the head (float32 over gloo, or the model's dtype over NCCL: see link.py);
-          slots: batch id, n, verify_from, committed
+          slots: batch id, n, verify_from, committed. n = 0: header only (every row died
+          on the way; the next stage and the head still count it)
   TOKENS  (topology B, last stage -> head) rows int64 [n, 4] + argmax tokens int64 [n]
-          n = 0: header only (every row died on the way; the head still counts it back)
-  UPDATE  ids int64 [n_commit + n_kill] (a prune notice, in-band: see runtime.py)
-  RESET   a new request: empty every KV cache (slot REQ is the request's sequence number)
+          n = 0: header only
+  UPDATE  ids int64 [n_commit + n_kill] (a prune notice; slots n, n2 = the two counts)
+  RESET   a new request: empty every KV cache (slot REQ is the request's sequence number);
+          slots n, n2 say how this request's notices travel (`reset`, `reset_mode`)
   REPORT  per-stage busy microseconds and rows computed, int64 [S, 2], filled on the way;
           then, if n > 0, the stages' timeline slices float64 [n, 6] (stage, kind, batch id,
           start, end on the host's monotonic clock, rows), each stage appending its own
   STOP    shut down cleanly
-Tags keep the head's two inbound streams apart: DATA (results from the last stage) and
-ACK (stage 1 took a batch: the head's EntryFree).
+Tags keep streams apart: DATA (the batch stream: head -> stage 1 -> ... -> stage S -> head),
+ACK (stage 1 took a batch: the head's EntryFree) and CTRL (head -> every stage: broadcast
+prune notices, UPDATE with slot REQ = the request they belong to, then one STOP).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from pipedec_sim.protocol.messages import Batch, Update
+from pipedec_sim.protocol.pacing import PRUNE_MODES
+
 HEADER_LEN = 8
 BATCH, TOKENS, UPDATE, RESET, REPORT, STOP = 1, 2, 3, 4, 5, 6
 KIND, REQ, ID, N, VFROM, COMMITTED, N2 = 0, 1, 2, 3, 4, 5, 6   # header slots
-TAG_DATA, TAG_ACK = 1, 2
+TAG_DATA, TAG_ACK, TAG_CTRL = 1, 2, 3
 
 
 def header(kind: int, req: int, *, id: int = 0, n: int = 0, vfrom: int = 0,
@@ -34,6 +40,43 @@ def header(kind: int, req: int, *, id: int = 0, n: int = 0, vfrom: int = 0,
     h[KIND], h[REQ], h[ID], h[N], h[VFROM], h[COMMITTED], h[N2] = (
         kind, req, id, n, vfrom, committed, n2)
     return h
+
+
+def batch_header(kind: int, req: int, batch: Batch) -> torch.Tensor:
+    return header(kind, req, id=batch.id, n=len(batch.rows), vfrom=batch.verify_from,
+                  committed=batch.committed)
+
+
+def reset(req: int, prune: str, cancel: bool) -> torch.Tensor:
+    """RESET for request `req`, saying how its prune notices travel. The stages take the
+    mode from here rather than from their own flags, so a torchrun rank started with
+    other flags cannot disagree with the head."""
+    return header(RESET, req, n=PRUNE_MODES.index(prune) + 1, n2=int(cancel))
+
+
+def reset_mode(h: torch.Tensor) -> tuple[str | None, bool]:
+    """(prune mode, cancel) of a RESET; (None, False) from a sender that states none
+    (the profiler's hand-made head: its notices come in-band)."""
+    code = int(h[N])
+    return (PRUNE_MODES[code - 1] if code else None), bool(int(h[N2]))
+
+
+def update_tensors(req: int, update: Update) -> list[torch.Tensor]:
+    """An UPDATE message. Callers send only notices with ids (`has_ids`)."""
+    ids = list(update.commit) + list(update.kill)
+    return [header(UPDATE, req, n=len(update.commit), n2=len(update.kill)),
+            torch.tensor(ids, dtype=torch.int64)]
+
+
+def has_ids(update: Update) -> bool:
+    return bool(update.commit or update.kill)
+
+
+def recv_update(h: torch.Tensor, src: int, tag: int = TAG_DATA) -> Update:
+    """The ids that follow an UPDATE header `h`."""
+    nc, nk = int(h[N]), int(h[N2])
+    ids = recv(nc + nk, torch.int64, src, tag).tolist()
+    return Update(tuple(ids[:nc]), tuple(ids[nc:]))
 
 
 class Outbox:

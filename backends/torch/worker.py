@@ -1,13 +1,19 @@
 """A pipeline stage process: receive, drop dead rows, compute, pass on.
 
-Rank j (1..S) holds stage j's decoder layers; rank 0 is the head. Messages are handled in
-arrival order, so a prune notice (UPDATE) reaches a stage after every batch injected
-before it: in-band pruning, the simulator's `--prune piggyback` family (see runtime.py).
+Rank j (1..S) holds stage j's decoder layers; rank 0 is the head. Data messages (the batch
+stream, tag DATA) are handled in arrival order; an UPDATE among them (prune `inband` or
+`piggyback`) is applied, then passed on, behind the batches before it. With prune
+`broadcast` the head sends every notice straight to each stage (tag CTRL, read by a thread
+into a queue): the stage applies the notices that have arrived when it starts its next
+message, and with `cancel` it also looks between decoder layers and abandons a batch
+whose rows have all died (`pacing.cancels`). Each RESET says which mode a request uses.
 """
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -18,13 +24,20 @@ import torch.distributed as dist
 
 from backends.torch import wire
 from backends.torch.checkpoint import load_stage, num_layers
-from backends.torch.inline import run_stage, stage_bounds
+from backends.torch.inline import lm_head, run_stage, stage_bounds
 from backends.torch.link import Links, connect, rank_device
 from backends.torch.shard import Shard, rows_tensor, tensor_rows
 from pipedec_sim.protocol.messages import Batch, Update
+from pipedec_sim.protocol.pacing import (
+    DEFAULT_CANCEL,
+    DEFAULT_PRUNE,
+    cancels,
+    check_prune,
+    verify_rows,
+)
 
 IDLE_TIMEOUT = timedelta(days=1)
-SLICE_BATCH, SLICE_PRUNE = 0, 1  # what a stage's timeline slice was
+SLICE_BATCH, SLICE_PRUNE, SLICE_CANCEL = 0, 1, 2   # what a stage's timeline slice was
 FAULT_ENV = "PIPEDEC_FAULT"     # "stage=J,request=R[,mode=raise|exit]": test hook
 
 
@@ -37,6 +50,11 @@ class StageConfig:
     timeout_s: float = 60.0
     transport: str = "auto"      # stage-to-stage activations: auto | gloo | nccl (link.py)
     dtype: str = "float32"       # weights and activations, a torch dtype name
+    prune: str = DEFAULT_PRUNE   # how prune notices reach the stages (pacing.PRUNE_MODES)
+    cancel: bool = DEFAULT_CANCEL    # broadcast: abandon a batch whose rows all died
+
+    def __post_init__(self):
+        check_prune(self.prune)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -61,6 +79,40 @@ def _fault(j: int):
     return (int(kv["request"]), kv.get("mode", "raise")) if int(kv["stage"]) == j else None
 
 
+class Control:
+    """The head's broadcast notices (tag CTRL), read by a thread into a queue. A gloo
+    receive cannot be polled: `is_completed()` stays False even after the data has landed
+    (measured, torch 2.13) and a timed `wait()` breaks the link; so a blocking reader
+    feeds a queue that the stage polls between messages and between layers."""
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._read, name="control", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                h = wire.recv(wire.HEADER_LEN, torch.int64, 0, wire.TAG_CTRL)
+                if int(h[wire.KIND]) == wire.STOP:
+                    return
+                self.queue.put((int(h[wire.REQ]), wire.recv_update(h, 0, wire.TAG_CTRL)))
+        except Exception as e:             # the head is gone: say so on the next poll
+            self.queue.put(("error", e))
+
+    def arrived(self) -> list[tuple[int, Update]]:
+        """The (request, notice) pairs that came since the last call, in order."""
+        out = []
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return out
+            if item[0] == "error":
+                raise item[1]
+            out.append(item)
+
+
 class Stage:
     def __init__(self, cfg: StageConfig, j: int, shard: Shard, links: Links):
         self.cfg, self.j, self.shard, self.links = cfg, j, shard, links
@@ -69,6 +121,10 @@ class Stage:
         self.next = j + 1 if j < self.S else 0        # the last stage feeds the head
         self.out = wire.Outbox()
         self.req = -1
+        self.cancel = False           # this request's: broadcast + cancel (from its RESET)
+        self.control: Control | None = None    # started by the first broadcast RESET
+        self.notices: list[tuple[int, Update]] = []    # arrived broadcast notices, unapplied
+        self.abandoned = False        # the batch being computed was cancelled
         self.busy_us = 0
         self.rows = 0
         self.slices: list[tuple] = []     # (stage, kind, batch id, start, end, rows) per job
@@ -78,16 +134,61 @@ class Stage:
         while True:
             h = wire.recv(wire.HEADER_LEN, torch.int64, self.prev)
             kind = int(h[wire.KIND])
-            if kind == wire.STOP:        # pass it on (the last stage: back to the head)
-                self.out.send([h], self.next)
-                if self.j == 1:              # and end the head's ACK reader
-                    self.out.send([torch.tensor([-1, 0])], 0, wire.TAG_ACK)
-                self.out.flush()
+            if kind == wire.STOP:
+                self._stop(h)
                 return
+            self._catch_up()
             getattr(self, f"on_{('', 'batch', 'tokens', 'update', 'reset', 'report')[kind]}")(h)
 
+    def _stop(self, h) -> None:
+        """Pass STOP on (the last stage: back to the head); stage 1 also ends the head's
+        ACK reader. The control reader ends on the STOP the head sent it first."""
+        self.out.send([h], self.next)
+        if self.j == 1:
+            self.out.send([torch.tensor([-1, 0])], 0, wire.TAG_ACK)
+        self.out.flush()
+        if self.control is not None:
+            self.control.thread.join(self.cfg.timeout_s)
+
+    # ---- broadcast notices -------------------------------------------------------------
+    def _collect(self) -> None:
+        """Move arrived notices to `notices`: a newer request's wait for its RESET, an
+        older request's are dropped."""
+        if self.control is not None:
+            self.notices += [(r, u) for r, u in self.control.arrived() if r >= self.req]
+
+    def _catch_up(self) -> None:
+        """Apply this request's arrived notices, in order (before the next message)."""
+        self._collect()
+        if not self.notices:
+            return
+        now = [u for r, u in self.notices if r == self.req]
+        self.notices = [(r, u) for r, u in self.notices if r > self.req]
+        for u in now:
+            self._apply(u)
+
+    def _between(self, ids: frozenset) -> bool:
+        """Between decoder layers (cancel): abandon the batch if a notice that has arrived
+        kills every row of it. Applied later, with the others (`_catch_up`)."""
+        self._collect()
+        if any(r == self.req and cancels(ids, u) for r, u in self.notices):
+            self.abandoned = True
+        return self.abandoned
+
+    def _apply(self, update: Update) -> None:
+        t = time.perf_counter()
+        if self.shard.apply(update):
+            self._slice(SLICE_PRUNE, -1, t, 0)
+        self.busy_us += int((time.perf_counter() - t) * 1e6)
+
+    # ---- messages ------------------------------------------------------------------------
     def on_reset(self, h) -> None:
         self.req = int(h[wire.REQ])
+        prune, cancel = wire.reset_mode(h)
+        self.cancel = cancel and prune == "broadcast"
+        if prune == "broadcast" and self.control is None:
+            self.control = Control()
+        self.notices = [(r, u) for r, u in self.notices if r >= self.req]
         self.shard.reset()
         self.busy_us = self.rows = 0
         self.slices = []
@@ -95,14 +196,11 @@ class Stage:
             self.out.send([h], self.next)
 
     def on_update(self, h) -> None:
-        nc, nk = int(h[wire.N]), int(h[wire.N2])
-        ids = wire.recv(nc + nk, torch.int64, self.prev).tolist()
-        t = time.perf_counter()
-        if self.shard.apply(Update(tuple(ids[:nc]), tuple(ids[nc:]))):
-            self._slice(SLICE_PRUNE, -1, t, 0)
-        self.busy_us += int((time.perf_counter() - t) * 1e6)
+        """An in-band notice (inband / piggyback): apply it, then pass it on."""
+        update = wire.recv_update(h, self.prev)
+        self._apply(update)
         if self.next != 0:
-            self.out.send([h, torch.tensor(ids, dtype=torch.int64)], self.next)
+            self.out.send(wire.update_tensors(int(h[wire.REQ]), update), self.next)
 
     def on_report(self, h) -> None:
         """Fill in this stage's busy time and rows, append its slices to those of the
@@ -129,45 +227,39 @@ class Stage:
             self._crash()
         batch = Batch(int(h[wire.ID]), rows, "", int(h[wire.VFROM]), int(h[wire.COMMITTED]))
         t = time.perf_counter()
-        out, hidden = run_stage(self.shard, batch, hidden)
+        self.abandoned = False
+        out, hidden = run_stage(self.shard, batch, hidden,
+                                between=self._between if self.cancel else None)
         tokens = None
-        if out is not None and self.next == 0 and self.cfg.topology == "B":
-            tokens = self._lm_head(out, hidden)
-        self.busy_us += int((time.perf_counter() - t) * 1e6)
-        self._slice(SLICE_BATCH, batch.id, t, 0 if out is None else len(out.rows))
-        if out is None:            # every row died: an empty batch (header only) goes on,
-            self._send_empty(h)    # so that the head learns the batch left the pipeline
-            return
-        self.rows += len(out.rows)
-        self._send_on(h, out, hidden, tokens)
-
-    def _send_empty(self, h) -> None:
-        h = h.clone()
-        h[wire.N], h[wire.VFROM] = 0, 0
         if self.next == 0 and self.cfg.topology == "B":
-            h[wire.KIND] = wire.TOKENS
-        self.out.send([h], self.next)
+            tokens = lm_head(self.shard, out, hidden)
+        self.busy_us += int((time.perf_counter() - t) * 1e6)
+        self.rows += len(out.rows)
+        self._slice(SLICE_CANCEL if self.abandoned else SLICE_BATCH, batch.id, t,
+                    len(out.rows))
+        self._send_on(int(h[wire.REQ]), out, hidden, tokens)
 
-    def _send_on(self, h, out: Batch, hidden, tokens) -> None:
-        h = h.clone()
-        h[wire.N] = len(out.rows)
-        if self.next == 0 and not out.rows[out.verify_from:]:
-            self._send_empty(h)                    # nothing to verify: header only
-        elif tokens is not None:
-            vrows = out.rows[out.verify_from:]
-            h[wire.KIND], h[wire.N] = wire.TOKENS, len(vrows)
-            self.out.send([h, rows_tensor(vrows), tokens], 0)
-        elif self.next == 0:                       # topology A: only verified rows go back
-            vrows = out.rows[out.verify_from:]
-            h[wire.N], h[wire.VFROM] = len(vrows), 0
-            self.out.send([h, rows_tensor(vrows)], 0)
+    def _send_on(self, req: int, out: Batch, hidden, tokens) -> None:
+        """The stage's output (`stage_output`: header only if every row died) to the next
+        stage; from the last stage only the verified rows go back to the head, with their
+        hidden states (topology A) or their tokens (B)."""
+        if self.next != 0:
+            msg = [wire.batch_header(wire.BATCH, req, out)]
+            self.out.send(msg + ([rows_tensor(out.rows)] if out.rows else []), self.next)
+            if out.rows:
+                self.links.send(self.out, hidden[0], self.next)
+            return
+        vrows = verify_rows(out)
+        back = Batch(out.id, vrows, out.kind)
+        if tokens is not None:
+            h = wire.batch_header(wire.TOKENS, req, back)
+            toks = torch.tensor([tokens[r.id] for r in vrows], dtype=torch.int64)
+            self.out.send([h] + ([rows_tensor(vrows), toks] if vrows else []), 0)
+            return
+        self.out.send([wire.batch_header(wire.BATCH, req, back)]
+                      + ([rows_tensor(vrows)] if vrows else []), 0)
+        if vrows:
             self.links.send(self.out, hidden[0, out.verify_from:], 0)
-        else:
-            self.out.send([h, rows_tensor(out.rows)], self.next)
-            self.links.send(self.out, hidden[0], self.next)
-
-    def _lm_head(self, batch: Batch, hidden) -> torch.Tensor:
-        return self.shard.greedy(hidden[:, batch.verify_from:])
 
     def _crash(self) -> None:
         if self.fault[1] == "exit":

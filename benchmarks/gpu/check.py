@@ -47,7 +47,7 @@ from backends.torch.profiler import (  # noqa: E402
     _tree,
     measure_head_overhead,
 )
-from backends.torch.shard import Draft, Shard  # noqa: E402
+from backends.torch.shard import DraftModel, Shard  # noqa: E402
 from pipedec_sim.protocol.messages import Row, Update  # noqa: E402
 
 # Llama-3.1-70B and Llama-3.2-1B (their config.json); layers = how many the profile reports.
@@ -280,7 +280,7 @@ def time_grid(step, shard, grid, device, reps, kernels=False) -> list[list[float
                 step(rows)
                 live.append(rows)
             ts = []
-            for k in range(reps + 2):
+            for _ in range(reps + 2):
                 if kernels:
                     ts.append(kernel_ms(once, device))
                 else:
@@ -327,11 +327,11 @@ def build_profile(device, smoke: bool, command: str, kernels: bool = False) -> d
         torch.randint(1, 500, (1, n), device=device)), device, reps, timed)
         for n in grid["tokens"]]
     compact = _compact_ms(stage, grid["context"][-1], device, reps)
-    del stage, target
+    stage = target = None           # free them: the closures above are done with them
     if device != "cpu":
         torch.cuda.empty_cache()
     draft_model = random_llama(dspec, dspec["layers"], device, dtype)
-    d = Draft(draft_model, device)
+    d = DraftModel(draft_model, device)
     draft = time_grid(lambda rows: d.propose(rows, [r.id for r in rows], 16, 0), d.shard,
                       grid, device, reps, kernels)
     head_ms, head_details = measure_head_overhead(600)
@@ -346,7 +346,8 @@ def build_profile(device, smoke: bool, command: str, kernels: bool = False) -> d
             "kind": "measured", "device": _device_name(device), "date": date.today().isoformat(),
             "command": command,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "notes": ((KERNEL_NOTE if kernels else WALL_NOTE) + f" Random-weight {str(dtype).split('.')[-1]} models with the Llama-3.1-70B "
+            "notes": ((KERNEL_NOTE if kernels else WALL_NOTE)
+                      + f" Random-weight {str(dtype).split('.')[-1]} models with the Llama-3.1-70B "
                       f"and Llama-3.2-1B shapes, eager PyTorch (sdpa), through the backend's "
                       f"Shard code (tree mask built on the host, copied per batch). layer = one "
                       f"70B-shaped decoder layer, the mean over {STAGE_LAYERS} layers run in "
