@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from pipedec_sim.protocol.messages import Row
+from pipedec_sim.protocol.messages import Draft, Drafted, Inject, Row
 
 _TINY = 1e-12
 
@@ -63,3 +63,62 @@ def _mix(seed: int, x: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return z ^ (z >> 31)
+
+
+class RecordedOracle(TraceOracle):
+    """The trace oracle, except that the draft's proposals for a node come from a real
+    run's event record (`pipedec-real run --record-events`) wherever the real draft was
+    asked about the same token path.
+
+    Nodes are keyed by their token path (a hash chain over (token, pos) from the first
+    prompt token), not by id: ids depend on the order the strategy made nodes in. With it
+    the simulator replays the real run's proposals exactly; paths the real draft was never
+    asked about fall back to the trace (counted in `fallback`)."""
+
+    def __init__(self, request, record: dict, *, seed: int = 0):
+        super().__init__(request, seed=seed)
+        self.table = proposals_by_path(record)
+        self.keys: dict[int, int] = {}
+        self.exact = self.fallback = 0
+
+    def observe(self, rows) -> None:
+        super().observe(rows)
+        keys = self.keys
+        for r in rows:
+            if r.id not in keys:
+                keys[r.id] = _path_key(keys.get(r.parent, -1), r.token, r.pos)
+
+    def propose(self, row, k: int):
+        props = self.table.get(self.keys.get(row.id, -1))
+        if props is None:
+            self.fallback += 1
+            return super().propose(row, k)
+        self.exact += 1
+        return props[:k]
+
+
+def _path_key(parent_key: int, token: int, pos: int) -> int:
+    return hash((parent_key, token, pos))
+
+
+def proposals_by_path(record: dict) -> dict[int, tuple]:
+    """path key -> the draft's proposals, from one request's event record
+    (`{"start": actions, "steps": [(event, actions), ...]}`)."""
+    keys: dict[int, int] = {}
+    table: dict[int, tuple] = {}
+
+    def learn(actions):
+        for a in actions:
+            rows = (a.rows if isinstance(a, Draft) else
+                    a.batch.rows if isinstance(a, Inject) else ())
+            for r in rows:
+                if r.id not in keys:
+                    keys[r.id] = _path_key(keys.get(r.parent, -1), r.token, r.pos)
+    learn(record["start"])
+    for event, actions in record["steps"]:
+        if isinstance(event, Drafted):
+            for i, props in event.proposals.items():
+                if i in keys and props:
+                    table.setdefault(keys[i], tuple(props))
+        learn(actions)
+    return table

@@ -47,6 +47,7 @@ class RequestRun:
     busy_ms: dict[str, float] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)       # rows computed per actor
     batches: int = 0
+    cancelled: int = 0       # batches a stage abandoned mid-compute (broadcast + cancel)
     timeline: list[dict] = field(default_factory=list)
 
 
@@ -190,7 +191,7 @@ class RequestSim:
         try:
             env.run(until=self.done)
         except RuntimeError as e:
-            if self.done.triggered:
+            if self.done.triggered or "No scheduled events left" not in str(e):
                 raise
             # Nothing left to happen but the request is unfinished: a scheduler bug.
             raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
@@ -300,8 +301,10 @@ class RequestSim:
                                         self.layers[j - 1])
         self.busy[j] = None
         if not done:
+            self.out.cancelled += 1
             return []                             # abandoned: every row died meanwhile
-        self.compute.stage(j, batch, rows)
+        if rows:
+            self.compute.stage(j, batch, rows)
         return rows
 
     def _pass_on(self, j: int, out: Batch, notices) -> None:

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage), gloo (through host memory), auto: nccl where it can "
                         "(default auto)")
     g.add_argument("--inline", action="store_true",
-                   help="all stages in this process (deterministic order; no timing value; "
-                        "default off)")
+                   help="all stages in this process, on the simulator's clock: deterministic, "
+                        "the simulator's decisions with real models; times are simulated "
+                        "(default off)")
     g.add_argument("--timeout", type=positive(float), default=60.0,
                    help="seconds without progress before a run is declared failed (default 60)")
     w = run.add_argument_group("models, workload and output")
@@ -214,7 +215,7 @@ def _write(args, runs) -> None:
 def _timeline(run) -> list[dict]:
     """A run's commits (instants on the head track) and compute slices, in the simulator's
     timeline format (`pipedec_sim.results.timeline`)."""
-    commits = [{"name": outcome, "ph": "i", "s": "g", "ts": t * 1e3, "pid": 0, "tid": "head",
+    commits = [{"name": outcome, "ph": "i", "s": "t", "ts": t * 1e3, "pid": 0, "tid": "head",
                 "args": {"tokens": n}} for t, n, _, outcome in run.commits]
     work = [{"name": label, "ph": "X", "ts": start * 1e3, "dur": ms * 1e3, "pid": 0,
              "tid": actor, "args": {"rows": rows}} for actor, start, ms, label, rows in run.slices]

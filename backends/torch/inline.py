@@ -1,152 +1,142 @@
-"""All stages in one process, stepped in a fixed order: the deterministic reference driver.
+"""All stages in one process on the simulator's clock: the deterministic reference driver.
 
-Each tick: the draft runs one queued request, then every stage, last first, takes one
-item from its inbox, so a batch moves one stage per tick, as in a pipeline where all
-stages take equally long. Prune notices (`pacing.PRUNE_MODES`) reach the stages
-  - `broadcast`: every holder at once (the simulator's broadcast with zero latency);
-  - `inband` / `piggyback`: as an item in stage 1's inbox (at once, or just ahead of the
-    next injected batch), which each stage takes in order on its tick, applies and passes
-    on, as the distributed runtime's stages do.
-`cancel` has nothing to do here: a tick computes a batch atomically, so no notice can
-arrive while a stage is computing. Used by the lossless tests and `--inline`.
+The pipeline's mechanics (pacing, prune delivery, cancellation, links, devices) are the
+SimPy backend's own (`backends.simulated.pipeline`), timed by a calibration profile; only
+the compute is real: `ModelCompute` runs the target's shards, the verifier and the draft
+at the very moments the simulator schedules them, with the same KV bookkeeping. So the
+inline driver decides exactly what the simulator decides for the same proposals and
+tokens (tests/test_sim_vs_inline.py), and its lossless tests cover every prune timing
+the simulator can produce. Times in its records are simulated, not wall-clock. Used by
+the lossless tests and `pipedec-real run --inline`.
 """
 from __future__ import annotations
 
-import time
-from collections import deque
+import dataclasses
 
-from backends.torch.head import Head, Request, RunRecord
+from backends.simulated.pipeline import Pipeline
+from backends.torch.head import Request, RunRecord
 from backends.torch.shard import DraftModel, Shard, Verifier
-from pipedec_sim.inputs.profile import split_layers
-from pipedec_sim.protocol.messages import Batch, Update
-from pipedec_sim.protocol.pacing import (
-    DEFAULT_CANCEL,
-    DEFAULT_PRUNE,
-    check_prune,
-    stage_output,
-    verify_rows,
-    window_for,
-)
+from backends.torch.stage import stage_bounds
+from pipedec_sim.inputs.profile import Grid2D, Profile, constant_profile
+from pipedec_sim.protocol.messages import Batch, Draft, Update
+from pipedec_sim.protocol.pacing import DEFAULT_CANCEL, DEFAULT_PRUNE, window_for
+from pipedec_sim.protocol.stage_state import StageState
+from pipedec_sim.protocol.strategies import make_strategy
 
 
-def stage_bounds(n_layers: int, stages: int) -> list[tuple[int, int]]:
-    """[lo, hi) decoder layers per stage, vLLM-style split."""
-    out, lo = [], 0
-    for n in split_layers(n_layers, stages):
-        out.append((lo, lo + n))
-        lo += n
-    return out
+def clock_profile(n_layers: int) -> Profile:
+    """The inline driver's default clock: a decoder layer takes 1 ms plus 0.05 ms per row
+    and 0.002 ms per cached row, a draft step 0.5 ms plus as much per row and cached row,
+    a hop 0.2 ms. Hops make broadcast notices land mid-stage, so cancellation and late
+    prunes happen as on hardware; times that grow with rows and context make the
+    decisions depend on every holder's KV bookkeeping."""
+    tokens, context = (1, 64), (0, 1024)
+
+    def grid(base: float) -> Grid2D:
+        return Grid2D(tokens, context, [[base + 0.05 * n + 0.002 * c for c in context]
+                                        for n in tokens])
+    flat = constant_profile(layers=n_layers, lm_head_ms=0.1, link_latency_ms=0.2)
+    return dataclasses.replace(flat, name="inline-clock", layer=grid(1.0),
+                               draft_step=grid(0.5))
 
 
-def run_stage(shard: Shard, batch: Batch, hidden, between=None):
-    """A stage's work on one batch: drop dead rows, compute the rest. Returns what goes on
-    (`stage_output`: empty if every row died, before or, with `between`, during the
-    compute: see Shard.forward) and its hidden states (None if empty)."""
-    rows, hidden = shard.admit(batch.rows, hidden) if batch.rows else ((), None)
-    if rows:
-        hidden = shard.forward(rows, batch.committed, hidden, between=between)
-        if hidden is None:
-            rows = ()                      # abandoned between layers
-    return stage_output(batch, rows), (hidden if rows else None)
+def _select(rows_in, hidden, rows):
+    """The hidden states of `rows` (a subset of `rows_in`, same order)."""
+    if len(rows) == len(rows_in):
+        return hidden
+    at = {r.id: k for k, r in enumerate(rows_in)}
+    return hidden[:, [at[r.id] for r in rows]]
 
 
-def lm_head(shard: Shard, batch: Batch, hidden) -> dict[int, int]:
-    """Topology B's last stage: the target's token after each row to verify."""
-    rows = verify_rows(batch)
-    if not rows:
-        return {}
-    toks = shard.greedy(hidden[:, batch.verify_from:]).tolist()
-    return {r.id: t for r, t in zip(rows, toks)}
+class ModelCompute:
+    """The simulator's compute interface (`backends.simulated.pipeline.Replay`) on real
+    models: hidden states follow each batch from stage to stage."""
+
+    def __init__(self, shards: list[Shard], verifier: Verifier | None,
+                 draft: DraftModel | None):
+        self.shards, self.verifier, self.draft_model = shards, verifier, draft
+        self.no_draft = StageState()             # plain PP asks no draft
+        self.inputs: dict[tuple[int, int], tuple] = {}   # (stage, batch) -> (rows, hidden)
+        self.outputs: dict[int, tuple] = {}              # batch -> last stage's (rows, hidden)
+
+    def state(self, actor) -> StageState:
+        if actor == "draft":
+            return self.draft_model.shard.state if self.draft_model else self.no_draft
+        if actor == "verify":
+            return self.verifier.state
+        return self.shards[actor - 1].state
+
+    def apply(self, actor, update: Update) -> bool:
+        if actor == "draft":
+            return self.draft_model.apply(update) if self.draft_model else False
+        if actor == "verify":
+            self.verifier.apply(update)
+            return False                          # the verifier holds no KV
+        return self.shards[actor - 1].apply(update)
+
+    def observe(self, rows) -> None:
+        pass
+
+    def stage(self, j: int, batch: Batch, rows) -> None:
+        hidden = None
+        if j > 1:
+            rows_in, h = self.inputs.pop((j, batch.id))
+            hidden = _select(rows_in, h, rows)
+        out = self.shards[j - 1].forward(list(rows), batch.committed, hidden)
+        if j < len(self.shards):
+            self.inputs[(j + 1, batch.id)] = (rows, out)
+        else:
+            self.outputs[batch.id] = (rows, out)
+
+    def verify(self, batch: Batch, rows) -> dict[int, int]:
+        rows_out, hidden = self.outputs.pop(batch.id)
+        tokens = self.shards[-1].greedy(_select(rows_out, hidden, rows)).tolist()
+        return {r.id: t for r, t in zip(rows, tokens)}
+
+    def draft(self, request: Draft, rows) -> dict:
+        return self.draft_model.propose_live(list(rows), request.want, request.k,
+                                             request.committed)
 
 
 class InlinePipeline:
     def __init__(self, target, draft=None, stages: int = 2, *, topology: str = "A",
+                 recorder=None, knobs=None, device="cpu", dtype=None,
                  prune: str = DEFAULT_PRUNE, cancel: bool = DEFAULT_CANCEL,
-                 recorder=None, knobs=None, device="cpu", dtype=None):
+                 profile: Profile | None = None, timeline: bool = True):
         model = target.model.to(device, dtype)
-        bounds = stage_bounds(model.config.num_hidden_layers, stages)
+        n_layers = model.config.num_hidden_layers
+        bounds = stage_bounds(n_layers, stages)
         S = len(bounds)
         self.shards = [Shard(model, lo, hi, embed=(j == 0), head=(j == S - 1), device=device)
                        for j, (lo, hi) in enumerate(bounds)]
-        self.topology = topology
-        self.prune = check_prune(prune)
-        self.cancel = cancel            # accepted for symmetry; nothing to cancel here
         self.verifier = Verifier(self.shards[-1]) if topology == "A" else None
         self.draft = (DraftModel(draft.model.to(device, dtype), device) if draft is not None
                       else None)
-        knobs = dict(knobs or {})
-        knobs["window"] = window_for(S, knobs.get("window"))     # as the simulator's default
-        self.head = Head(self.draft, self.verifier, self, prune=prune, recorder=recorder,
-                         eos=target.eos, knobs=knobs)
-        # Per stage: (batch, hidden) to compute, or (notice, None) to apply and pass on.
-        self.inbox: list[deque] = [deque() for _ in self.shards]
+        self.pipe = Pipeline(profile or clock_profile(n_layers), S, topology=topology,
+                             prune=prune, cancel=cancel, timeline=timeline)
+        self.eos, self.recorder = target.eos, recorder
+        self.knobs = {**(knobs or {})}
+        self.knobs.setdefault("window", None)
 
-    # ---- the head's transport --------------------------------------------------------
-    def inject(self, batch: Batch, notices: tuple[Update, ...]) -> None:
-        self.inbox[0].extend((u, None) for u in notices)
-        self.inbox[0].append((batch, None))
-
-    def inband(self, update: Update) -> None:
-        self.inbox[0].append((update, None))
-
-    def broadcast(self, update: Update) -> None:
-        for j in range(len(self.shards)):
-            self._apply(j, update)
-
-    # ---- a request -------------------------------------------------------------------
     def run(self, name: str, req: Request) -> RunRecord:
-        head = self.head
-        for s in self.shards:
-            s.reset()
-        for box in self.inbox:
-            box.clear()
-        head.begin(name, req)
-        while not head.done:
-            progressed = head.draft_step()
-            for j in reversed(range(len(self.shards))):
-                if head.done:
-                    break
-                progressed |= self._stage_tick(j)
-            if not progressed and not head.done:
-                raise RuntimeError(f"{name}: the strategy stalled (no work queued, not done)")
-        return head.result()
+        for holder in [*self.shards, self.verifier, self.draft]:
+            if holder is not None:
+                holder.reset()
+        knobs = {**self.knobs, "window": window_for(self.pipe.S, self.knobs["window"])}
+        strategy = make_strategy(name, req.prompt_ids, req.max_new_tokens, eos=self.eos,
+                                 **knobs)
+        if self.recorder is not None:
+            self.recorder.request(strategy=name, id=req.id, prompt_ids=list(req.prompt_ids),
+                                  max_new_tokens=req.max_new_tokens, eos=self.eos, knobs=knobs)
+        compute = ModelCompute(self.shards, self.verifier, self.draft)
+        out = self.pipe.run(strategy, compute=compute, recorder=self.recorder)
+        return RunRecord(name, req, output=list(strategy.output), commits=out.commits,
+                         end_ms=out.end_ms, busy_ms=out.busy_ms, rows=out.rows,
+                         batches=out.batches, cancelled=out.cancelled,
+                         slices=slices(out.timeline))
 
-    def _stage_tick(self, j: int) -> bool:
-        if not self.inbox[j]:
-            return False
-        item, hidden = self.inbox[j].popleft()
-        if isinstance(item, Update):
-            self._apply(j, item)
-            self._pass_on(j, item, None)
-        else:
-            self._compute(j, item, hidden)
-        return True
 
-    def _apply(self, j: int, update: Update) -> None:
-        t = time.perf_counter()
-        if self.shards[j].apply(update):
-            self.head.busy(f"stage{j + 1}", t, 0, "prune")
-
-    def _compute(self, j: int, batch: Batch, hidden) -> None:
-        head = self.head
-        if j == 0:
-            head.entry_taken()
-        t = time.perf_counter()
-        out, hidden = run_stage(self.shards[j], batch, hidden)
-        tokens = None
-        if j == len(self.shards) - 1 and self.topology == "B":
-            tokens = lm_head(self.shards[j], out, hidden)
-        head.busy(f"stage{j + 1}", t, len(out.rows), batch.kind or "batch")
-        self._pass_on(j, out, hidden, tokens)
-
-    def _pass_on(self, j: int, item, hidden, tokens=None) -> None:
-        """To the next stage's inbox; from the last stage, a batch goes to the verifier
-        (topology A) or its tokens to the head (B), and a notice ends there."""
-        if j < len(self.shards) - 1:
-            self.inbox[j + 1].append((item, hidden))
-        elif isinstance(item, Update):
-            return
-        elif self.topology == "A":
-            self.head.verify(item.id, item.rows, item.verify_from, hidden)
-        else:
-            self.head.verified(item.id, tokens)
+def slices(timeline: list[dict]) -> list[tuple[str, float, float, str, int]]:
+    """The simulator's timeline slices as RunRecord slices (actor, start, ms, label, rows)."""
+    return [(e["tid"], e["ts"] / 1e3, e["dur"] / 1e3, e["name"], e["args"]["rows"])
+            for e in timeline if e.get("ph") == "X"]

@@ -163,12 +163,14 @@ class DraftModel:
     def apply(self, update: Update) -> bool:
         return self.shard.apply(update)
 
-    @torch.inference_mode()
     def propose(self, rows, want, k: int, committed: int) -> dict[int, tuple]:
         """Run new rows; top-k (token, log-prob) children of each live wanted row."""
         live, _ = self.shard.admit(rows, None)
-        if not live:
-            return {}
+        return self.propose_live(live, want, k, committed) if live else {}
+
+    @torch.inference_mode()
+    def propose_live(self, live, want, k: int, committed: int) -> dict[int, tuple]:
+        """`propose` for rows already admitted (the inline driver's simulator admits)."""
         hidden = self.shard.forward(live, committed)
         at = {r.id: j for j, r in enumerate(live)}
         wanted = [i for i in want if i in at]

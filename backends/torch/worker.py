@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from backends.torch import wire
 from backends.torch.checkpoint import load_stage, num_layers
-from backends.torch.inline import lm_head, run_stage, stage_bounds
+from backends.torch.stage import lm_head, run_stage, stage_bounds
 from backends.torch.link import Links, connect, rank_device
 from backends.torch.shard import Shard, rows_tensor, tensor_rows
 from pipedec_sim.protocol.messages import Batch, Update
