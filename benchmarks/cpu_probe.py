@@ -8,7 +8,7 @@ names an output folder) that wraps, in the head and in every spawned stage proce
   stage   run_stage (thread CPU + wall, rows, context per call), the on_batch / on_update
           handlers (thread CPU incl. payload recv, tensor_rows, isends), and per request
           the process CPU (all threads: main + gloo's) between RESET and REPORT;
-  head    the draft (Draft.propose), the LM head (Verifier.verify), the strategy + wire
+  head    the draft (DraftModel.propose), the LM head (Verifier.verify), the strategy + wire
           (Head.feed), per request the main thread's, the reader threads' and the whole
           process's CPU.
 
@@ -18,6 +18,13 @@ token, split into: modelled compute, compute inflation (real CPU in run_stage ov
 profile's prediction for the same rows and context) and per-message overhead (CPU outside
 the compute, per batch and per prune notice). Those are the numbers the optional profile
 fields `stage_overhead` / `head_cpu` model.
+
+For plain PP (`ar`) it also prints the per-token critical path from timestamps on the
+host's one monotonic clock (`critical_path`): the head's work after the LM head, each
+message (sends, the wire, the wake-up: `send_j`; the payload recvs after the header:
+`pre_j`), each stage's compute, the LM head; next to what the simulator charges for each
+segment (and `sim+cold`: with the profile's cold-cache extras). Use a profile measured on
+this machine (`--profile FILE`; it warns when the profile comes from another CPU model).
 """
 from __future__ import annotations
 
@@ -52,7 +59,7 @@ class Acc:
         self.reset(None)
 
     def reset(self, req) -> None:
-        self.req, self.calls, self.sums = req, [], {}
+        self.req, self.calls, self.sums, self.marks = req, [], {}, []
         self.t0 = (time.process_time() * 1e3, _cpu(), time.perf_counter() * 1e3)
         self.threads: dict[int, float] = {}
 
@@ -66,7 +73,8 @@ class Acc:
         p, t, w = self.t0
         rec = {"req": self.req, "process_cpu_ms": time.process_time() * 1e3 - p,
                "main_cpu_ms": _cpu() - t, "wall_ms": time.perf_counter() * 1e3 - w,
-               "sums": self.sums, "calls": self.calls, **(extra or {})}
+               "sums": self.sums, "calls": self.calls, "marks": self.marks,
+               **(extra or {})}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
@@ -83,6 +91,30 @@ def _timed(acc_of, key, fn, on_call=None):
                 acc.add(key, dc, dw)
                 if on_call:
                     on_call(acc, a, dc, dw)
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _now() -> float:
+    """perf_counter in ms: CLOCK_MONOTONIC on Linux, one clock for every process here."""
+    return time.perf_counter() * 1e3
+
+
+def _stamped(acc_of, key, fn, mark=None):
+    """Like _timed, and appends (key, *mark(args, result), t_enter, t_exit) to acc.marks."""
+    def wrapper(*a, **kw):
+        c, w = _cpu(), _now()
+        res = None
+        try:
+            res = fn(*a, **kw)
+            return res
+        finally:
+            t1 = _now()
+            acc = acc_of(a)
+            if acc is not None:
+                acc.add(key, _cpu() - c, t1 - w)
+                acc.marks.append((key, *(mark(a, res) if mark else ()), round(w, 4),
+                                  round(t1, 4)))
     wrapper.__wrapped__ = fn
     return wrapper
 
@@ -119,20 +151,24 @@ def _install_stage(worker, out: Path) -> None:
 
     orig_run = worker.run_stage
 
-    def run_stage(shard, batch, hidden):
+    def run_stage(shard, batch, hidden, **kw):
         ctx = shard.state.context
-        c, w = _cpu(), time.perf_counter()
-        res = orig_run(shard, batch, hidden)
-        dc, dw = _cpu() - c, (time.perf_counter() - w) * 1e3
+        c, w = _cpu(), _now()
+        res = orig_run(shard, batch, hidden, **kw)
+        t1 = _now()
+        dc, dw = _cpu() - c, t1 - w
         acc = stage_acc(None)
         if acc is not None:
             n = len(res[0].rows) if res[0] is not None else 0
             acc.add("run_stage", dc, dw)
-            acc.calls.append((n, ctx, round(dc, 4), round(dw, 4)))
+            # (rows, context, CPU ms, wall ms, batch id, start, end on the shared clock)
+            acc.calls.append((n, ctx, round(dc, 4), round(dw, 4), batch.id, round(w, 4),
+                              round(t1, 4)))
         return res
     worker.run_stage = run_stage
     S.__init__, S.on_reset, S.on_report = init, on_reset, on_report
-    S.on_batch = _timed(stage_acc, "on_batch", S.on_batch)
+    # on_batch marks: ("on_batch", t_enter, t_exit): entered once the header arrived
+    S.on_batch = _stamped(stage_acc, "on_batch", S.on_batch)
     S.on_update = _timed(stage_acc, "on_update", S.on_update)
 
 
@@ -175,10 +211,23 @@ def _install_head(runtime, shard, out: Path) -> None:
                           round(dw, 4)))
 
     P._reader, P.run = reader, run
-    shard.Draft.propose = _timed(hacc, "draft", shard.Draft.propose, draft_call)
-    shard.Verifier.verify = _timed(hacc, "lm_head", shard.Verifier.verify)
+    draft_cls = getattr(shard, "DraftModel", None) or shard.Draft
+    draft_cls.propose = _timed(hacc, "draft", draft_cls.propose, draft_call)
+    # Marks on the head's shared clock: the critical path of each batch (`critical_path`)
+    shard.Verifier.verify = _stamped(hacc, "lm_head", shard.Verifier.verify)
     H.feed = _timed(hacc, "feed", H.feed)
-    P._handle = _timed(hacc, "handle", P._handle)
+    P._handle = _stamped(hacc, "handle", P._handle,
+                         lambda a, r: (a[1][0], a[1][2] if len(a[1]) > 2 else -1))
+    name = "inject" if "inject" in vars(P) else "_inject"     # the transport's entry point
+    setattr(P, name, _stamped(hacc, "inject", getattr(P, name), lambda a, r: (a[1].id,)))
+    orig_read = P._read_data
+
+    def read_data(self):
+        item = orig_read(self)
+        if item is not None and item[0] in ("hidden", "tokens"):
+            acc.marks.append(("got", item[2], round(_now(), 4)))   # reader thread: all recvd
+        return item
+    P._read_data = read_data
 
 
 # ---- the benchmark ----------------------------------------------------------------------
@@ -206,7 +255,9 @@ def probed_run(args, work: Path) -> Path:
            "--strategies", args.strategies, "--max-new-tokens", str(args.max_new_tokens),
            "--max-requests", str(args.max_requests), "--width", "4", "--topk", "4",
            "--out", str(work / "real"), "--quiet", "--timeout", "300"]
-    print(f"[probe] load average before {load_avg()}", flush=True)
+    from pipedec_sim.inputs.host import describe, host_record
+    print(f"[probe] host {describe(host_record())}; load average before {load_avg()}",
+          flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -264,6 +315,125 @@ def analyse(head: list[dict], stages: dict, profile, S: int) -> list[dict]:
     return pd.DataFrame(rows)
 
 
+def critical_path(head: list[dict], stages: dict, strategy: str = "ar"):
+    """Plain PP's per-token critical path, from the probe's marks on the shared clock: one
+    row per decode batch (one row through every stage), its segments in ms:
+
+      head     LM head end of the previous token -> this token's inject call (strategy,
+               recorder, dispatch)
+      send_0   inject called -> stage 1 entered on_batch (header, rows and their isends,
+               the wire, stage 1 waking up: its header recv returned)
+      pre_j    on_batch entered -> run_stage started (payload recvs, row decoding, ack)
+      comp_j   run_stage (the modelled compute)
+      send_j   stage j's run_stage ended -> stage j+1 entered on_batch (j < S: the sends,
+               the wire, the wake-up), resp. -> the head's reader had the whole message (S)
+      handoff  reader had it -> the main thread's _handle started
+      pre_lm   _handle started -> the LM head started;  lm: the Verifier's LM head
+    The segments add up to `token` (LM head end to LM head end). What follows a stage's
+    sends (on_batch's return) overlaps the next stage and is left out.
+    """
+    import pandas as pd
+    rows = []
+    for h in head:
+        if h["strategy"] != strategy:
+            continue
+        marks = h.get("marks") or []
+        inj = {m[1]: (m[2], m[3]) for m in marks if m[0] == "inject"}
+        got = {m[1]: m[2] for m in marks if m[0] == "got"}
+        handles = {m[2]: (m[3], m[4]) for m in marks if m[0] == "handle" and m[1] != "ack"}
+        lms = sorted((m[1], m[2]) for m in marks if m[0] == "lm_head")
+        per_stage = {}
+        for j, recs in stages.items():
+            r = next((x for x in recs if x["req"] == h["seq"]), None)
+            if r is None:
+                break
+            obs = [m for m in r.get("marks") or [] if m[0] == "on_batch"]
+            calls = {}
+            for c in r["calls"]:
+                if len(c) < 7:
+                    continue
+                box = next((m for m in obs if m[1] <= c[5] and c[6] <= m[2]), None)
+                if box is not None:
+                    calls[c[4]] = (c[0], box[1], c[5], c[6], box[2], c[1])
+            per_stage[j] = calls
+        if len(per_stage) != len(stages):
+            continue
+        S = len(stages)
+        order = sorted(inj, key=lambda b: inj[b][0])
+        prev_lm_end = None
+        for bid in order:
+            chain = [per_stage[j].get(bid) for j in range(1, S + 1)]
+            lm = next(((a, b) for a, b in lms if bid in handles
+                       and handles[bid][0] <= a and b <= handles[bid][1]), None)
+            ok = (all(chain) and bid in got and bid in handles and lm is not None
+                  and all(c[0] == 1 for c in chain))
+            if ok and prev_lm_end is not None:
+                row = {"request": h["request"], "batch": bid,
+                       "head": inj[bid][0] - prev_lm_end,
+                       "send_0": chain[0][1] - inj[bid][0]}
+                for j, c in enumerate(chain, 1):
+                    _, enter, c0, c1, _, _ = c
+                    row[f"pre_{j}"], row[f"comp_{j}"] = c0 - enter, c1 - c0
+                    row[f"send_{j}"] = (chain[j][1] if j < S else got[bid]) - c1
+                row["handoff"] = handles[bid][0] - got[bid]
+                row["pre_lm"] = lm[0] - handles[bid][0]
+                row["lm"] = lm[1] - lm[0]
+                row["token"] = lm[1] - prev_lm_end
+                row["ctx"] = chain[0][5]
+                rows.append(row)
+            prev_lm_end = lm[1] if lm is not None else None
+    return pd.DataFrame(rows)
+
+
+def simulated_path(profile, S: int, ctx: float, cold: bool = False) -> dict:
+    """What the simulator charges for the same segments (plain PP: one job at a time on
+    the cores, so no sharing or contention factors apply). `cold`: plus the profile's
+    cold-cache extras (cold_stage_ms + layers * cold_layer_ms per stage batch,
+    cold_lm_head_ms per LM head), as the simulator would charge them."""
+    p = profile
+    layers = p.stage_layers(S)
+    bpms = p.link.bandwidth_gbps * 1e9 / 8 / 1e3
+    hop = p.link.latency_ms
+    out = {"head": p.head_event_ms + p.head_overhead_ms,
+           "send_0": hop + (64 + 4 * 8) / bpms}
+    for j in range(1, S + 1):
+        out[f"pre_{j}"] = p.stage_message_ms          # all of a message's CPU, in one piece
+        out[f"comp_{j}"] = layers[j - 1] * p.layer(1, ctx) + (p.embed(1) if j == 1 else 0.0)
+        if cold:
+            out[f"comp_{j}"] += (getattr(p, "cold_stage_ms", 0.0)
+                                 + layers[j - 1] * getattr(p, "cold_layer_ms", 0.0))
+        out[f"send_{j}"] = hop + (64 + p.hidden_bytes(1) + (32 if j < S else 0)) / bpms
+    out["handoff"] = out["pre_lm"] = 0.0
+    out["lm"] = p.lm_head(1) + (getattr(p, "cold_lm_head_ms", 0.0) if cold else 0.0)
+    out["token"] = sum(out.values())
+    return out
+
+
+def report_path(path, profile, S: int) -> None:
+    import pandas as pd
+    if path.empty:
+        print("\n(no plain-PP critical path: run with --strategies including ar)")
+        return
+    sim = simulated_path(profile, S, float(path.ctx.mean()))
+    sim_cold = simulated_path(profile, S, float(path.ctx.mean()), cold=True)
+    segs = [c for c in path.columns if c not in ("request", "batch", "ctx")]
+    show = pd.DataFrame({"real median": path[segs].median(), "real mean": path[segs].mean(),
+                         "real p90": path[segs].quantile(0.9),
+                         "sim": pd.Series({k: sim.get(k, float("nan")) for k in segs})})
+    show["mean - sim"] = show["real mean"] - show["sim"]
+    if sim_cold != sim:
+        show["sim+cold"] = pd.Series({k: sim_cold.get(k, float("nan")) for k in segs})
+    print(f"\nPlain PP critical path per token, S={S} ({len(path)} decode tokens; ms):")
+    print(show.round(3).to_string())
+    groups = {"compute": [c for c in segs if c.startswith("comp_")] + ["lm"],
+              "sends": [c for c in segs if c.startswith("send_")],
+              "recvs": [c for c in segs if c.startswith("pre_") and c != "pre_lm"],
+              "head": ["head", "handoff", "pre_lm"]}
+    print("grouped (mean real / sim):", ", ".join(
+        f"{g} {path[cols].sum(axis=1).mean():.2f}/{sum(sim[c] for c in cols):.2f}"
+        for g, cols in groups.items()))
+
+
 def report(df, real_csv: Path) -> None:
     import pandas as pd
     real = pd.read_csv(real_csv, dtype={"request": str})
@@ -315,9 +485,15 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="pipedec-probe-"))
     probe = work / "probe" if args.analyse_only else probed_run(args, work)
     head, stages = read_probe(probe)
-    df = analyse(head, stages, load_profile(args.profile), args.stages)
+    profile = load_profile(args.profile)
+    from pipedec_sim.inputs.host import warn_profile_host
+    warn_profile_host(profile, "cpu_probe")
+    df = analyse(head, stages, profile, args.stages)
     df.to_csv(work / "probe.csv", index=False)
     report(df, work / "real" / "requests.csv")
+    path = critical_path(head, stages)
+    path.to_csv(work / "path.csv", index=False)
+    report_path(path, profile, args.stages)
     print(f"\n[probe] files in {work}")
     return 0
 

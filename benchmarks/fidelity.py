@@ -2,17 +2,23 @@
 
     python benchmarks/fidelity.py [--target smollm2] [--draft smollm2|DIR] [--stages 2,3,4]
         [--prompts FILE] [--max-requests 3] [--max-new-tokens 48] [--profile FILE]
+        [--prune MODE] [--no-cancel] [--prune-modes [MODES]]
 
 For each stage count S and strategy (ar, tree-sd, pipedec):
-  1. profile:  `pipedec-real profile` once (or --profile FILE to reuse one);
+  1. profile:  `pipedec-real profile` on this machine, every time (a CPU profile holds only
+               on the host that measured it); --profile FILE reuses one, with a warning
+               if FILE was measured on another CPU model than this machine's;
   2. real:     `pipedec-real run` on the prompts (one process group per S, every strategy),
                with --record-events (every event the real head fed the strategy);
   3. trace:    record a speculation trace from the same target and draft on the same prompt
                ids (the recorder's teacher-forced draft top-k, unrounded);
-  4. simulate: `simulate()` on that trace and profile, pipeline options matching the real
-               runtime (topology A, in-band prune notices, no cancel);
+  4. simulate: `simulate()` on that trace and profile, topology A, and the pipeline
+               options both backends default to (`pipeline_options`: the shared prune
+               mode and cancel rule; --prune/--no-cancel change both alike);
 then print per-token latency (TBT) real vs simulated with the relative error per cell, the
-median and the worst, plus the decisions (hit rate, mean accepted) of both worlds.
+median and the worst, plus the decisions (hit rate, mean accepted) of both worlds. The
+report names this machine's CPU model and the load average before and after.
+`--prune-modes` adds one real run per prune mode at S=4 (--prune-stages) and reports each.
 
 Decisions are compared twice: with the trace oracle (off-path proposals resampled, see
 backends/simulated/oracle.py) and with an *event oracle* that answers every draft query with the
@@ -51,6 +57,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backends.simulated.oracle import TraceOracle  # noqa: E402
+from pipedec_sim.inputs.host import describe, host_record, profile_host_warning  # noqa: E402
 from pipedec_sim.inputs.profile import load_profile  # noqa: E402
 from pipedec_sim.programs.simulate import SimConfig  # noqa: E402
 
@@ -154,7 +161,9 @@ def measure_profile(target: str, draft: str, out: Path, *, quick: bool, log) -> 
     return _run(cmd, "profile", 1800, log)
 
 
-def real_run(args, stages: int, prompts: Path, out: Path, log) -> tuple[pd.DataFrame, Path, float]:
+def real_run(args, stages: int, prompts: Path, out: Path, log, opts: dict | None = None
+             ) -> tuple[pd.DataFrame, Path, float]:
+    opts = opts or pipeline_options(args)
     out.mkdir(parents=True, exist_ok=True)
     events = out / "events.jsonl"
     cmd = [sys.executable, "-m", "backends.torch.cli", "run", "--target", args.target,
@@ -163,7 +172,7 @@ def real_run(args, stages: int, prompts: Path, out: Path, log) -> tuple[pd.DataF
            "--max-new-tokens", str(args.max_new_tokens), "--width", str(args.width),
            "--topk", str(args.topk), "--depth", str(args.depth), "--tree-topk",
            str(args.tree_topk), "--total", str(args.total), "--out", str(out),
-           "--record-events", str(events), "--quiet", "--timeout", "300"]
+           "--record-events", str(events), "--quiet", "--timeout", "300"] + opts["real_flags"]
     if args.max_requests:
         cmd += ["--max-requests", str(args.max_requests)]
     wall = _run(cmd, f"real S={stages}", 3600, log)
@@ -200,11 +209,115 @@ def record(args, prompts: Path, log):
     return trace
 
 
-def sim_config(args, stages: int, strategies) -> SimConfig:
-    # The real runtime: topology A, prune notices in the batch stream, no cancellation.
+def shared_defaults() -> dict:
+    """The pipeline options both backends default to, from the one place that defines
+    them (`pipedec_sim.protocol.knobs` where it exists, else `protocol.pacing`)."""
+    import importlib
+    try:
+        from pipedec_sim.protocol.knobs import KNOBS
+        return {"prune": KNOBS["prune"].default, "cancel": bool(KNOBS["cancel"].default),
+                "modes": tuple(KNOBS["prune"].choices), "source": "pipedec_sim.protocol.knobs"}
+    except (ImportError, KeyError, AttributeError):
+        pass
+    for name in ("pipedec_sim.protocol.pacing",):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "DEFAULT_PRUNE") and hasattr(mod, "DEFAULT_CANCEL"):
+            return {"prune": mod.DEFAULT_PRUNE, "cancel": bool(mod.DEFAULT_CANCEL),
+                    "modes": tuple(getattr(mod, "PRUNE_MODES", (mod.DEFAULT_PRUNE,))),
+                    "source": name}
+    cfg = SimConfig()
+    return {"prune": cfg.prune, "cancel": cfg.cancel, "modes": ("broadcast", "piggyback"),
+            "source": "SimConfig"}
+
+
+def real_flags() -> dict:
+    """What `pipedec-real run` offers: {"prune": (default, choices) or None, "cancel":
+    default or None, "no_cancel": the flag that turns it off} (None: no such flag; the
+    runtime's behaviour is fixed)."""
+    from backends.torch.cli import build_parser
+    ap = build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    run = sub.choices["run"]
+    acts = {a.dest: a for a in run._actions}
+    prune = acts.get("prune")
+    cancel = acts.get("no_cancel") or acts.get("cancel")
+    off = None
+    if cancel is not None:
+        off = next((o for o in cancel.option_strings if o.startswith("--no-")), None)
+    return {"prune": (prune.default, tuple(prune.choices or ())) if prune else None,
+            "cancel": (None if cancel is None else
+                       (not cancel.default) if cancel.dest == "no_cancel" else cancel.default),
+            "no_cancel": off}
+
+
+# The torch runtime before it had --prune/--no-cancel: notices in the batch stream at once,
+# never abandoning a batch (its docstring); the simulator's closest modes.
+FIXED_REAL = {"prune": ("inband", "piggyback"), "cancel": False}
+
+
+def pipeline_options(args, prune: str | None = None) -> dict:
+    """The prune mode and cancel rule of both backends, and the flags that give them to
+    `pipedec-real run`: the shared defaults (no flags) unless --prune / --no-cancel / a
+    `prune` asked for (then the same flag to both). A real CLI without those flags runs
+    fixed options; the simulator then runs the same ones, and `note` says so."""
+    shared, real = shared_defaults(), real_flags()
+    prune = prune or getattr(args, "prune", None)
+    no_cancel = getattr(args, "no_cancel", False)
+    if real["prune"] is None:                        # a runtime with fixed pipeline options
+        sim_mode = next(m for m in FIXED_REAL["prune"] if m in shared["modes"]
+                        or m == FIXED_REAL["prune"][-1])
+        if prune and prune != sim_mode:
+            raise SystemExit(f"fidelity: pipedec-real run has no --prune (its notices go "
+                             f"in-band: simulated as {sim_mode!r}); cannot run {prune!r}")
+        return {"prune": sim_mode, "cancel": FIXED_REAL["cancel"], "real_flags": [],
+                "note": f"pipedec-real run has no --prune/--no-cancel flags: its runtime "
+                        f"sends prune notices in-band and never cancels, so the simulator "
+                        f"runs prune {sim_mode!r}, no cancel (not the shared defaults "
+                        f"{shared['prune']!r} + cancel from {shared['source']})"}
+    r_prune, choices = real["prune"]
+    r_cancel = shared["cancel"] if real["cancel"] is None else real["cancel"]
+    note = None
+    if (r_prune or shared["prune"]) != shared["prune"] or r_cancel != shared["cancel"]:
+        note = (f"pipedec-real run defaults to prune {r_prune!r}, cancel {r_cancel}, not the "
+                f"shared {shared['prune']!r}, cancel {shared['cancel']} "
+                f"({shared['source']}): the simulator follows the real defaults")
+    mode = prune or r_prune or shared["prune"]
+    if prune and choices and prune not in choices:
+        raise SystemExit(f"fidelity: pipedec-real run --prune offers {', '.join(choices)}; "
+                         f"not {prune!r}")
+    flags = ["--prune", prune] if prune else []
+    cancel = r_cancel
+    if no_cancel:
+        if not real.get("no_cancel"):
+            raise SystemExit("fidelity: pipedec-real run has no --no-cancel")
+        flags.append(real["no_cancel"])
+        cancel = False
+    return {"prune": mode, "cancel": cancel, "real_flags": flags, "note": note}
+
+
+def prune_modes(args) -> list[str]:
+    """The modes `--prune-modes` reports: those asked for, else every mode both backends
+    run (the simulator's that pipedec-real run --prune accepts)."""
+    shared, real = shared_defaults(), real_flags()
+    if args.prune_modes and args.prune_modes != "all":
+        return [m.strip() for m in args.prune_modes.split(",") if m.strip()]
+    if real["prune"] is None:
+        return [pipeline_options(args)["prune"]]
+    choices = real["prune"][1] or shared["modes"]
+    return [m for m in shared["modes"] if m in choices]
+
+
+def sim_config(args, stages: int, strategies, opts: dict | None = None) -> SimConfig:
+    """The simulator's side of a real run: the same knobs, topology A and the pipeline
+    options of `pipeline_options` (the ones the real run was given)."""
+    opts = opts or pipeline_options(args)
     return SimConfig(stages=stages, strategies=tuple(strategies), width=args.width,
                      topk=args.topk, depth=args.depth, tree_topk=args.tree_topk,
-                     total=args.total, topology="A", prune=args.prune, cancel=False)
+                     total=args.total, topology="A", prune=opts["prune"],
+                     cancel=opts["cancel"])
 
 
 def simulate_requests(trace, profile, cfg: SimConfig, records=None, *,
@@ -280,6 +393,7 @@ def compare(real: pd.DataFrame, sim: pd.DataFrame, sim_exact: pd.DataFrame | Non
 
 def format_cells(cells: list[dict]) -> str:
     df = pd.DataFrame(cells)
+    extra = df.prune_run if "prune_run" in df else pd.Series(False, index=df.index)
     show = pd.DataFrame({
         "S": df.stages, "strategy": df.strategy,
         "real TBT ms": df.real_tbt_ms.map("{:.2f}".format),
@@ -296,12 +410,17 @@ def format_cells(cells: list[dict]) -> str:
             show[f"{actor} ms/tok real/sim"] = [f"{a:.1f}/{b:.1f}" for a, b in
                                                 zip(df[f"real_{actor}_ms"],
                                                     df[f"sim_{actor}_ms"])]
-    errs = df.err.abs()
+    if extra.any():
+        show.insert(2, "prune", [f"{p}{'' if k else ' no-cancel'}" + ("" if x else " (default)")
+                                 for p, k, x in zip(df.prune, df.cancel, extra)])
+    main = df[~extra]
+    errs = main.err.abs()
     lines = [show.to_string(index=False),
              f"median |error| {errs.median():.1%}, worst {errs.max():.1%} "
-             f"({df.strategy[errs.idxmax()]}, S={df.stages[errs.idxmax()]})"]
+             f"({main.strategy[errs.idxmax()]}, S={main.stages[errs.idxmax()]})"
+             + (" over the default runs" if extra.any() else "")]
     if "exact_err" in df:
-        ex = df.exact_err.abs()
+        ex = main.exact_err.abs()
         lines.append(f"with the event oracle (*): median |error| {ex.median():.1%}, "
                      f"worst {ex.max():.1%}")
     return "\n".join(lines)
@@ -326,6 +445,20 @@ def load_avg() -> str:
         return "?"
 
 
+def host_line() -> str:
+    """This machine: CPU model, cores, load average (a CPU profile and real runs hold only
+    for the host that measured them, and others' work on the cores skews both)."""
+    return f"host {describe(host_record())}; load average {load_avg()}"
+
+
+def check_profile_host(profile, log) -> str | None:
+    """Warn (one line) when a reused CPU profile comes from another CPU than this one."""
+    msg = profile_host_warning(profile)
+    if msg:
+        log(f"[fidelity] {msg}")
+    return msg
+
+
 # ---- the whole benchmark --------------------------------------------------------------
 
 def run_benchmark(args, log=print) -> dict:
@@ -339,9 +472,14 @@ def run_benchmark(args, log=print) -> dict:
     t0 = time.perf_counter()
     log(f"[fidelity] target {args.target}, draft {args.draft}, stages {args.stages}, "
         f"{args.max_requests or 'all'} prompts x {args.max_new_tokens} tokens; "
-        f"load average {load_avg()}")
+        f"{host_line()}")
     if args.resim:
         return resimulate(args, work, log)
+    opts = pipeline_options(args)
+    if opts["note"]:
+        log(f"[fidelity] note: {opts['note']}")
+    log(f"[fidelity] pipeline: topology A, prune {opts['prune']!r}, "
+        f"cancel {'on' if opts['cancel'] else 'off'} in both backends")
     if args.profile:
         profile_path = Path(args.profile)
     else:
@@ -350,28 +488,36 @@ def run_benchmark(args, log=print) -> dict:
                                log=log)
         log(f"[fidelity] profile measured in {secs:.0f} s")
     profile = load_profile(profile_path)
+    check_profile_host(profile, log)
     trace = record(args, prompts, log)
     from pipedec_sim.inputs.traces import write_trace
     write_trace(trace, work / "trace.jsonl")
     if profile_path != work / "profile.json":
         shutil.copy(profile_path, work / "profile.json")
+    runs = [(S, None, work / f"real-S{S}") for S in args.stages]
+    if args.prune_modes:
+        runs += [(args.prune_stages, m, work / f"real-S{args.prune_stages}-prune-{m}")
+                 for m in prune_modes(args)]
     cells, per_reqs = [], []
-    for S in args.stages:
-        out = work / f"real-S{S}"
+    for S, mode, out in runs:
         out.mkdir(parents=True, exist_ok=True)
+        o = pipeline_options(args, mode)
+        (out / "pipeline.json").write_text(json.dumps({"prune": o["prune"],
+                                                       "cancel": o["cancel"]}))
+        what = f"S={S}" + (f" prune {mode}" if mode else "")
         if args.share == "run":
             before = core_share()
-        real, events, wall = real_run(args, S, prompts, out, log)
+        _, _, wall = real_run(args, S, prompts, out, log, o)
         if args.share == "run":
             after = core_share()
             share = [round((a + b) / 2, 3) for a, b in zip(before, after)]
             (out / "core_share.json").write_text(json.dumps({"before": before, "after": after,
                                                              "mean": share}))
-            log(f"[fidelity] S={S}: core share of n = 1..5 busy processes before {before}, "
+            log(f"[fidelity] {what}: core share of n = 1..5 busy processes before {before}, "
                 f"after {after}")
-        log(f"[fidelity] S={S}: real run {wall:.0f} s (incl. start-up); load average "
+        log(f"[fidelity] {what}: real run {wall:.0f} s (incl. start-up); load average "
             f"{load_avg()}")
-        c, p = compare_stage(args, S, trace, profile, out, log)
+        c, p = compare_stage(args, S, trace, profile, out, log, mode)
         cells += c
         per_reqs.append(p)
     (work / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items()
@@ -379,8 +525,9 @@ def run_benchmark(args, log=print) -> dict:
     return report(args, trace, profile, profile_path, cells, per_reqs, work, t0, log)
 
 
-def compare_stage(args, S: int, trace, profile, out: Path, log):
-    """Simulate stage count S (trace oracle and event oracle) against real run `out`."""
+def compare_stage(args, S: int, trace, profile, out: Path, log, mode: str | None = None):
+    """Simulate stage count S (trace oracle and event oracle) against real run `out`, with
+    the pipeline options that run had (its pipeline.json; else those of `mode`)."""
     from backends.torch.eventlog import read_records
     real = pd.read_csv(out / "requests.csv", dtype={"request": str})
     real = real[real.strategy.isin(args.strategies)]
@@ -392,7 +539,14 @@ def compare_stage(args, S: int, trace, profile, out: Path, log):
         log(f"[fidelity] warning: real outputs differ from the trace for {bad}")
     records = {(r["request"]["strategy"], str(r["request"]["id"])): r
                for r in read_records(out / "events.jsonl")}
-    cfg = sim_config(args, S, args.strategies)
+    saved = out / "pipeline.json"
+    if saved.is_file():
+        opts = dict(json.loads(saved.read_text()))
+    else:           # a folder kept before pipeline.json: in-band notices, no cancel
+        opts = {"prune": getattr(args, "prune", None) or "piggyback", "cancel": False}
+        log(f"[fidelity] {out.name}: no pipeline.json (an older run): simulating prune "
+            f"{opts['prune']!r}, no cancel, as the runtime then ran")
+    cfg = sim_config(args, S, args.strategies, opts)
     share_file = out / "core_share.json"
     share = None
     if args.share == "run" and share_file.is_file() and profile.core_share is not None:
@@ -406,6 +560,8 @@ def compare_stage(args, S: int, trace, profile, out: Path, log):
     log(f"[fidelity] S={S}: simulated in {time.perf_counter() - t:.1f} s; event oracle "
         f"answered {ex}/{ex + fb} draft queries from the real run")
     cells, per_req = compare(real, sim, sim_exact, S)
+    for c in cells:
+        c["prune"], c["cancel"], c["prune_run"] = cfg.prune, cfg.cancel, mode is not None
     if (out / "busy.csv").is_file():
         add_busy(cells, pd.read_csv(out / "busy.csv", dtype={"request": str}),
                  sim_exact.attrs["busy"], real)
@@ -440,6 +596,7 @@ def resimulate(args, work: Path, log) -> dict:
             setattr(args, k, saved[k])
     profile_path = Path(args.profile) if args.profile else work / "profile.json"
     profile = load_profile(profile_path)
+    check_profile_host(profile, log)
     if not (work / "trace.jsonl").is_file():          # deterministic: record it again
         from pipedec_sim.inputs.traces import write_trace
         write_trace(record(args, work / "prompts.txt", log), work / "trace.jsonl")
@@ -450,6 +607,11 @@ def resimulate(args, work: Path, log) -> dict:
             c, p = compare_stage(args, S, trace, profile, work / f"real-S{S}", log)
             cells += c
             per_reqs.append(p)
+    for out in sorted(work.glob("real-S*-prune-*")):
+        S, mode = int(out.name[6:].split("-", 1)[0]), out.name.split("-prune-", 1)[1]
+        c, p = compare_stage(args, S, trace, profile, out, log, mode)
+        cells += c
+        per_reqs.append(p)
     return report(args, trace, profile, profile_path, cells, per_reqs, work, t0, log)
 
 
@@ -461,8 +623,14 @@ def report(args, trace, profile, profile_path, cells, per_reqs, work, t0, log) -
     log("")
     log(f"Fidelity: {args.target} / draft {args.draft}, {len(trace.requests)} prompts x "
         f"<= {args.max_new_tokens} tokens, profile {profile_path.name} "
-        f"(shared_cores={profile.shared_cores}, head_overhead_ms={profile.head_overhead_ms}); "
-        f"load average now {load_avg()}")
+        f"(shared_cores={profile.shared_cores}, head_overhead_ms={profile.head_overhead_ms}, "
+        f"measured on {describe(profile.host) if profile.host else 'an unrecorded host'})")
+    log(f"This machine: {host_line()} (now)")
+    main = {(c["prune"], c["cancel"]) for c in cells if not c.get("prune_run")}
+    log("Pipeline: topology A; " + "; ".join(f"prune {p}, cancel {'on' if k else 'off'}"
+                                             for p, k in sorted(main)) +
+        (" (extra rows: each prune mode at S=" + str(args.prune_stages) + ")"
+         if any(c.get("prune_run") for c in cells) else ""))
     log("error = sim/real - 1 of the decode time per token (TBT); * = event oracle "
         "(the real run's own draft proposals)")
     log(table)
@@ -494,10 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--tree-topk", type=int, default=4)
     ap.add_argument("--total", type=int, default=16)
-    ap.add_argument("--prune", default="piggyback", choices=("piggyback", "broadcast"),
-                    help="simulated prune delivery (the torch runtime sends notices in-band: "
-                         "piggyback is the closest)")
-    ap.add_argument("--profile", default=None, help="reuse a profile instead of measuring")
+    ap.add_argument("--prune", default=None,
+                    help="prune delivery in both backends (default: the shared default, "
+                         "given to neither; see pipeline_options)")
+    ap.add_argument("--no-cancel", action="store_true",
+                    help="stages never abandon a batch, in both backends")
+    ap.add_argument("--prune-modes", nargs="?", const="all", default=None, metavar="MODES",
+                    help="also run and report each prune mode (a comma list; default every "
+                         "mode both backends offer) at S = --prune-stages")
+    ap.add_argument("--prune-stages", type=int, default=4)
+    ap.add_argument("--profile", default=None,
+                    help="reuse this profile instead of measuring one on this machine "
+                         "(warns if it was measured on another CPU model)")
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--work", default=None, help="keep intermediate files here")
     ap.add_argument("--keep", action="store_true")

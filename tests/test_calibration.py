@@ -221,6 +221,9 @@ BAD = [
     (("provenance", "formula"), DELETE, "provenance.formula"),
     (("schema",), "pipedec-profile/2", "schema"),
     (("schema",), "something-else/1", "schema"),
+    (("latency", "cold_stage_ms"), -1.0, "latency.cold_stage_ms"),
+    (("latency", "cold_lm_head_ms"), "warm", "latency.cold_lm_head_ms"),
+    (("provenance", "host"), [], "provenance.host"),
     (("split",), [40, 39], "split"),
     (("split",), [80, 0], "split[1]"),
 ]
@@ -235,6 +238,20 @@ def test_malformed_profile(analytic, tmp_path, path, value, fld):
         load_profile(file)
     assert e.value.field == fld and e.value.file == str(file)
     assert str(file) in str(e.value) and f"field '{fld}'" in str(e.value)
+
+
+def test_cold_cache_fields_are_optional(analytic, tmp_path):
+    """Absent: 0 (the simulator charges nothing extra); present: kept through a round trip."""
+    p = parse_profile(analytic)
+    assert (p.cold_stage_ms, p.cold_layer_ms, p.cold_lm_head_ms, p.cold_draft_ms) == (0, 0, 0, 0)
+    assert not any(k.startswith("cold_") for k in p.to_dict()["latency"])
+    data = copy.deepcopy(analytic)
+    data["latency"].update(cold_stage_ms=1.7, cold_layer_ms=0.03, cold_lm_head_ms=0.26)
+    save_profile(data, tmp_path / "c.json")
+    q = load_profile(tmp_path / "c.json")
+    assert (q.cold_stage_ms, q.cold_layer_ms, q.cold_lm_head_ms, q.cold_draft_ms) == (
+        1.7, 0.03, 0.26, 0.0)
+    assert parse_profile(q.to_dict()) == q
 
 
 def test_unsupported_schema_message(analytic, tmp_path):

@@ -61,6 +61,7 @@ def test_table_is_produced_with_finite_errors(result):
         assert c["real_tbt_ms"] > 0 and c["sim_tbt_ms"] > 0
     assert "median |error|" in result["table"] and "pipedec" in result["table"]
     assert "Decisions per request" in result["log"]
+    assert "This machine: host" in result["log"] and "load average" in result["log"]
     print(result["table"], f"\n(end to end {result['wall_s']:.0f} s)")
 
 
@@ -119,3 +120,25 @@ def test_resimulate_from_kept_work(result, capsys):
     res = bench.run_benchmark(args, log=lambda s: None)
     assert len(res["cells"]) == 3
     assert all(math.isfinite(c["err"]) for c in res["cells"])
+
+
+def test_both_backends_run_the_shared_pipeline_defaults():
+    """No flag matching by hand: by default neither backend is given a prune mode or a
+    cancel rule, and the simulator runs the real CLI's defaults (the shared ones)."""
+    bench = _bench()
+    args = bench.build_parser().parse_args([])
+    opts, real = bench.pipeline_options(args), bench.real_flags()
+    cfg = bench.sim_config(args, 4, ["ar"])
+    assert (cfg.prune, cfg.cancel) == (opts["prune"], opts["cancel"])
+    if real["prune"] is None:                   # a runtime without the flags: fixed options
+        assert opts["real_flags"] == [] and not opts["cancel"] and opts["note"]
+        return
+    shared = bench.shared_defaults()
+    assert opts["real_flags"] == [] and opts["note"] is None
+    assert (opts["prune"], opts["cancel"]) == (real["prune"][0], real["cancel"]) == (
+        shared["prune"], shared["cancel"])
+    for mode in bench.prune_modes(bench.build_parser().parse_args(["--prune-modes"])):
+        o = bench.pipeline_options(args, mode)
+        assert o["real_flags"] == ["--prune", mode] and o["prune"] == mode
+    o = bench.pipeline_options(bench.build_parser().parse_args(["--no-cancel"]))
+    assert o["real_flags"] == [real["no_cancel"]] and o["cancel"] is False

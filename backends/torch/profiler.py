@@ -7,6 +7,9 @@ Timings are medians after warm-up, one thread per process (as the stage workers 
   lm_head     final norm + LM head + argmax for n rows;   embed: the embedding lookup
   kv_compact  one prune (index_select) of a half-model stage's KV at the largest context
   link        gloo between two local ranks: ping-pong latency, bulk bandwidth
+  cold_*      (CPU) the same work right after streaming a buffer larger than the last-level
+              cache, minus warm: what a stage pays when the rest of the pipeline evicted
+              its weights and state since its last batch (the grids above are warm)
 The rows are real tree rows (a star under the last committed row) through the same
 `Shard` code the pipeline runs, so mask building and bookkeeping are included.
 """
@@ -21,9 +24,10 @@ from datetime import date, timedelta
 import torch
 
 from backends.torch.models import load
-from backends.torch.shard import Draft, Shard
+from backends.torch.shard import DraftModel, Shard
+from pipedec_sim.inputs.host import host_record
 from pipedec_sim.inputs.profile import save_profile
-from pipedec_sim.inputs.profile.model import CPU_FIELDS, DEVICE_FIELDS
+from pipedec_sim.inputs.profile.model import COLD_FIELDS, CPU_FIELDS, DEVICE_FIELDS
 from pipedec_sim.protocol.messages import Row, Update
 
 GRID = {"tokens": (1, 4, 16, 64), "context": (0, 128, 512)}
@@ -279,6 +283,7 @@ def measure_head_overhead(events: int = 400) -> tuple[float, dict]:
 def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                   command: str) -> dict:
     torch.set_num_threads(1)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]   # others' work on the cores
     grid = QUICK if quick else GRID
     reps = 5 if quick else 9
     target, draft = load(target_spec), load(draft_spec)
@@ -292,7 +297,7 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
 
     def layer_step(rows):
         layer.forward(rows, 0, torch.zeros(1, len(rows), H, device=device))
-    d = Draft(draft.model.to(device), device)
+    d = DraftModel(draft.model.to(device), device)
     _phase("target layers")
     layer_ms = [[round(v / K, 4) for v in row] for row in time_grid(layer_step, layer, grid,
                                                                      reps)]
@@ -311,20 +316,28 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     _phase("head overhead")
     head_ms, head_details = measure_head_overhead(200 if quick else 600)
     share, cpu_costs, cpu_details = None, {}, None       # CPU hosts only
+    cold, cold_details = {}, None
     if device == "cpu":
+        _phase("cold caches (compute after the caches were evicted)")
+        ctx_mid = grid["context"][min(1, len(grid["context"]) - 1)]
+        cold, cold_details = measure_cold(tm, d, ctx_mid, reps, layer)
         _phase("core share")
         share = measure_core_share()
         _phase("CPU per message (real stage processes; about a minute)")
         cpu_costs, cpu_details = isolated_cpu_costs(target_spec)
-    versions = {"torch": torch.__version__}
+    import platform
+
     import transformers
-    versions["transformers"] = transformers.__version__
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}
+    host = host_record()
+    host["load_average"] = load_at_start
     return {
         "schema": "pipedec-profile/1",
         "name": f"cpu-{target_spec}-{draft_spec}" if device == "cpu" else f"{device}-{target_spec}",
         "provenance": {
             "kind": "measured", "device": _device_name(device), "date": date.today().isoformat(),
-            "command": command, "versions": versions,
+            "command": command, "versions": versions, "host": host,
             "notes": (f"medians of {reps} after 2 warm-up runs, 1 thread; layer = one decoder "
                       f"layer of the target, the mean over its {K} layers run in sequence (cold "
                       "weights, as in a stage); draft_step = one whole draft step incl. top-k; "
@@ -333,7 +346,8 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                       "tensors + reader-thread hand-off per event; core_share = share of a "
                       "core each of n busy processes got while profiling (n = 1..5)."),
             "details": {"link": link_details, "head_overhead": head_details,
-                        **({"cpu_costs": cpu_details} if cpu_details else {})},
+                        **({"cpu_costs": cpu_details} if cpu_details else {}),
+                        **({"cold": cold_details} if cold_details else {})},
         },
         "target": shape(target_spec, cfg),
         "draft": shape(draft_spec, draft.config),
@@ -344,6 +358,7 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
             "embed": {"tokens": list(grid["tokens"]), "ms": emb},
             "kv_compact_ms": compact, "head_overhead_ms": round(head_ms, 4),
             **{k: v for k, v in cpu_costs.items() if k in CPU_FIELDS},
+            **{k: v for k, v in cold.items() if k in COLD_FIELDS},
         },
         "link": {"latency_ms": round(lat, 4), "bandwidth_gbps": round(bw, 3)},
         "devices": {"kind": "cpu" if device == "cpu" else "gpu",
@@ -360,6 +375,98 @@ def _phase(what: str) -> None:
 
 def _axes(grid) -> dict:
     return {"tokens": list(grid["tokens"]), "context": list(grid["context"])}
+
+
+def llc_bytes() -> int | None:
+    """The largest CPU cache this machine reports (sysfs), None where unknown."""
+    import glob
+    sizes = []
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(f).read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            pass
+    return max(sizes) if sizes else None
+
+
+def _fit_line(points) -> tuple[float, float]:
+    """Least-squares a + b*x over (x, y) points, both clipped at 0."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+    if b < 0:
+        b = 0.0
+    a = my - b * mx
+    if a < 0:
+        a, b = 0.0, max(0.0, my / mx) if mx else 0.0
+    return a, b
+
+
+def measure_cold(model, draft, ctx: int, reps: int, head_shard) -> tuple[dict, dict]:
+    """Cold minus warm compute (CPU hosts). In a pipeline on one host every stage's batch
+    comes after the other stages, the LM head and the draft streamed their own weights
+    through the shared caches: on a machine whose last-level cache holds a good part of
+    the model, a back-to-back measure (the grids) is warm, the pipeline is not. For a
+    stage of K layers (K = L/8, L/4, L/2, L; 1 and 4 decode rows at context `ctx`):
+    flush (stream 2x the LLC, >= 256 MB), time the step (cold), time it again (warm);
+    fit the median extra over K as cold_stage_ms + K * cold_layer_ms. The same for the
+    LM head (1 row) and a draft step (1 row)."""
+    L = model.config.num_hidden_layers
+    H = model.config.hidden_size
+    llc = llc_bytes()
+    flush_bytes = min(max(2 * (llc or 0), 256 * 2**20), 2 * 2**30)
+    buf = torch.ones(flush_bytes // 4)
+    ids = iter(range(10**7, 10**9, 10))
+
+    def pair(step) -> tuple[float, float]:
+        buf.sum()                                   # evict: the rest of the pipeline ran
+        t = time.perf_counter()
+        step()
+        cold = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        step()
+        return cold, (time.perf_counter() - t) * 1e3
+
+    def medians(step) -> tuple[float, float]:
+        step()
+        ps = [pair(step) for _ in range(reps)]
+        return statistics.median(c for c, _ in ps), statistics.median(w for _, w in ps)
+
+    stage_pts, details = [], {"llc_mb": round(llc / 2**20) if llc else None,
+                              "flush_mb": flush_bytes // 2**20, "context": ctx, "stage": {}}
+    for K in sorted({max(1, L // 8), max(1, L // 4), max(1, L // 2), L}):
+        sh = Shard(model, 0, K, embed=False, head=False, device="cpu")
+        _prefilled(sh, ctx)
+        for n in (1, 4):
+            def step(n=n, sh=sh):
+                rows = _tree(ctx, n, next(ids))
+                sh.forward(rows, ctx, torch.zeros(1, n, H))
+                sh.apply(Update(kill=tuple(r.id for r in rows)))
+            c, w = medians(step)
+            details["stage"][f"K{K}_n{n}"] = {"cold_ms": round(c, 4), "warm_ms": round(w, 4)}
+            stage_pts.append((K, c - w))
+    a, b = _fit_line(stage_pts)
+    c, w = medians(lambda: head_shard.logits(torch.zeros(1, 1, H)).argmax(-1))
+    details["lm_head"] = {"cold_ms": round(c, 4), "warm_ms": round(w, 4)}
+    lm = max(0.0, c - w)
+    _prefilled(draft.shard, ctx)
+
+    def dstep():
+        rows = _tree(ctx, 1, next(ids))
+        draft.propose(rows, [r.id for r in rows], 4, ctx)
+        draft.shard.apply(Update(kill=tuple(r.id for r in rows)))
+    c, w = medians(dstep)
+    details["draft_step"] = {"cold_ms": round(c, 4), "warm_ms": round(w, 4)}
+    return ({"cold_stage_ms": round(a, 4), "cold_layer_ms": round(b, 4),
+             "cold_lm_head_ms": round(lm, 4), "cold_draft_ms": round(max(0.0, c - w), 4)},
+            details)
+
 
 
 def _compact_ms(model, layers: int, ctx: int, device, reps: int) -> float:
@@ -381,7 +488,10 @@ def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     import platform
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread"
+    h = host_record()
+    name = h.get("cpu_model") or platform.machine()
+    cores = h.get("affinity_cores") or h["cpu_count"]
+    return f"CPU {name} ({platform.machine()}), {cores} cores, 1 thread"
 
 
 def profile_main(args) -> int:
@@ -405,9 +515,9 @@ def _stage_cpu_child(cfg, j: int, world: int, init: str, q) -> None:
     marks = []
     run_stage, apply = worker.run_stage, Shard.apply
 
-    def timed_run(shard, batch, hidden):
+    def timed_run(shard, batch, hidden, **kw):
         ctx, c = shard.state.context, time.thread_time()
-        res = run_stage(shard, batch, hidden)
+        res = run_stage(shard, batch, hidden, **kw)
         dc = (time.thread_time() - c) * 1e3
         acc["compute"] += dc
         acc["calls"].append((len(res[0].rows) if res[0] is not None else 0, ctx, dc))

@@ -21,6 +21,17 @@ behaves exactly as before), all CPU work on the host's shared cores, measured by
   devices.message_contention   how much more CPU a stage spends per message (and notice)
                              while the cores are oversubscribed: a process woken for each
                              message runs cache-cold, and gloo's loop thread competes; 1 = none
+  latency.cold_stage_ms, latency.cold_layer_ms
+                             extra ms of a stage's batch whose caches the rest of the pipeline
+                             evicted since its last batch (the `layer` grid is measured warm,
+                             back to back): cold_stage_ms + layers * cold_layer_ms per batch
+  latency.cold_lm_head_ms, latency.cold_draft_ms
+                             the same for the LM head and for a draft step (0 when absent)
+
+Optional provenance of a measured profile (validated when present, never used to simulate):
+`provenance.host` (the CPU model, vendor, family/model/stepping, ISA flags, core counts and
+load average of the machine that measured it; `pipedec_sim.inputs.host` compares it with
+this machine's) and `provenance.versions` (torch, transformers, python).
 
 Bad files raise `InputError` naming the file, the JSON line (syntax errors) or the JSON path
 (``field``, e.g. ``latency.layer.ms[2][3]``), so the CLIs can print one line and exit 2.

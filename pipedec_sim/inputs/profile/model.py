@@ -16,6 +16,10 @@ SCHEMA_MAJOR = 1
 CORE_SHARING = ("ps", "fifo")
 CPU_FIELDS = ("stage_message_ms", "stage_notice_ms", "head_event_ms")   # in "latency"
 DEVICE_FIELDS = ("contention_slowdown", "message_contention")            # in "devices"
+# Compute whose caches other work evicted since it last ran (in "latency"; CPU hosts): a
+# stage's batch costs cold_stage_ms + layers * cold_layer_ms more than the warm `layer`
+# grid says, the LM head cold_lm_head_ms more, a draft step cold_draft_ms more.
+COLD_FIELDS = ("cold_stage_ms", "cold_layer_ms", "cold_lm_head_ms", "cold_draft_ms")
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,20 @@ class Profile:
     head_event_ms: float = 0.0
     contention_slowdown: float = 1.0
     message_contention: float = 1.0
+    # Optional cold-cache extras (COLD_FIELDS); 0: compute as warm as the grids measured it.
+    cold_stage_ms: float = 0.0
+    cold_layer_ms: float = 0.0
+    cold_lm_head_ms: float = 0.0
+    cold_draft_ms: float = 0.0
 
     __hash__ = None  # type: ignore[assignment]  # provenance is a dict
+
+    @property
+    def host(self) -> dict:
+        """The machine a measured profile was measured on (`provenance.host`: cpu_model,
+        cpu_vendor, cpu_id, isa, cpu_count, affinity_cores, machine, load_average,
+        description; all optional), {} where the profile does not say."""
+        return dict(self.provenance.get("host") or {})
 
     def stage_layers(self, stages: int) -> list[int]:
         if self.split is None:
@@ -143,7 +159,7 @@ class Profile:
                 "embed": self.embed.to_dict(),
                 "kv_compact_ms": self.kv_compact_ms,
                 "head_overhead_ms": self.head_overhead_ms,
-                **{k: getattr(self, k) for k in CPU_FIELDS if getattr(self, k)},
+                **{k: getattr(self, k) for k in CPU_FIELDS + COLD_FIELDS if getattr(self, k)},
             },
             "link": self.link.to_dict(),
             "devices": {"kind": self.device_kind, "shared_cores": self.shared_cores,

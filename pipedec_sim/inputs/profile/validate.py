@@ -11,6 +11,7 @@ from ...errors import InputError
 from .checks import _fail, _get, _int, _join, _obj, _str, _type_name, check_number
 from .grid import Grid1D, Grid2D
 from .model import (
+    COLD_FIELDS,
     CORE_SHARING,
     CPU_FIELDS,
     DEVICE_FIELDS,
@@ -121,6 +122,41 @@ def _optional_provenance(p: Mapping, src: str | None) -> None:
     if "versions" in p:
         for k, s in _obj(p["versions"], "provenance.versions", src).items():
             _str(s, f"provenance.versions.{k}", src)
+    if "host" in p:
+        _host(p["host"], src)
+
+
+HOST_STRINGS = ("cpu_model", "cpu_vendor", "cpu_id", "machine", "description")
+HOST_INTS = ("cpu_count", "affinity_cores")
+
+
+def _host(v: Any, src: str | None) -> None:
+    """provenance.host (optional; what `pipedec-real profile` records about the machine,
+    see pipedec_sim/inputs/host.py): strings, core counts, the ISA flags, the load."""
+    path = "provenance.host"
+    h = _obj(v, path, src)
+    for k in HOST_STRINGS:
+        if k in h:
+            _str(h[k], f"{path}.{k}", src)
+    for k in HOST_INTS:
+        if k in h:
+            _int(h[k], f"{path}.{k}", src)
+    if "cpu_count" in h and "affinity_cores" in h and h["affinity_cores"] > h["cpu_count"]:
+        raise _fail(src, f"{path}.affinity_cores", f"{h['affinity_cores']} cores in the "
+                                                   f"affinity mask but cpu_count is "
+                                                   f"{h['cpu_count']}")
+    if "isa" in h:
+        if not isinstance(h["isa"], list):
+            raise _fail(src, f"{path}.isa", f"expected a list, got {_type_name(h['isa'])}")
+        for k, s in enumerate(h["isa"]):
+            _str(s, f"{path}.isa[{k}]", src)
+    if "load_average" in h:
+        la = _list(h["load_average"], f"{path}.load_average", src)
+        if len(la) != 3:
+            raise _fail(src, f"{path}.load_average", f"expected 3 numbers (1, 5, 15 min), "
+                                                     f"got {len(la)}")
+        for k, x in enumerate(la):
+            check_number(x, f"{path}.load_average[{k}]", src)
 
 
 def _link(v: Any, src: str | None) -> LinkModel:
@@ -133,7 +169,8 @@ def _link(v: Any, src: str | None) -> LinkModel:
 
 def _cpu_costs(lat: Mapping, devices: Mapping, src: str | None) -> dict:
     """The optional CPU-host fields (0 / 1 when absent: older profiles load unchanged)."""
-    out = {k: check_number(lat[k], f"latency.{k}", src) for k in CPU_FIELDS if k in lat}
+    out = {k: check_number(lat[k], f"latency.{k}", src) for k in CPU_FIELDS + COLD_FIELDS
+           if k in lat}
     for k in DEVICE_FIELDS:
         if k in devices:
             v = check_number(devices[k], f"devices.{k}", src, positive=True)
