@@ -152,3 +152,35 @@ def test_prune_modes_differ_as_their_delivery_says(topology):
     assert (piggy.tbt_ms, piggy.wasted_per_token) == (inband.tbt_ms, inband.wasted_per_token)
     # cancel has nothing to abandon when notices ride the stream behind the batches
     assert _flush_run("inband", False, topology).tbt_ms == inband.tbt_ms
+
+
+def test_cold_cache_extras_add_to_the_closed_form():
+    """A profile's cold_* extras: each stage's batch pays cold_stage_ms plus cold_layer_ms
+    per layer, the LM head cold_lm_head_ms; plain PP's token latency grows by exactly that."""
+    import dataclasses
+    prof = constant_profile(layers=8, layer_ms=1.25, lm_head_ms=0.7, embed_ms=0.3,
+                            link_latency_ms=0.2)
+    cold = dataclasses.replace(prof, cold_stage_ms=0.4, cold_layer_ms=0.05,
+                               cold_lm_head_ms=0.3, cold_draft_ms=9.0)
+    trace = bernoulli_trace(2, 20, 0.5)
+    warm = tbt(trace, prof, 4, "ar").tbt_ms
+    assert tbt(trace, cold, 4, "ar").tbt_ms == pytest.approx(
+        warm + 4 * 0.4 + 8 * 0.05 + 0.3, rel=1e-9)
+
+
+def test_cold_draft_step_only_after_other_work():
+    """tree-SD drafts its levels back to back: only the first level of a round (after the
+    LM head) pays cold_draft_ms."""
+    import dataclasses
+    prof = constant_profile(layers=4, layer_ms=1.0, draft_ms=1.0, lm_head_ms=0.5)
+    req = bernoulli_trace(1, 12, 0.0).requests[0]   # every round: a miss, one token
+    runs = {}
+    for extra in (0.0, 2.0):
+        s = make_strategy("tree-sd", prompt_tokens(req), len(req.output), depth=3,
+                          tree_topk=2, total=6)
+        runs[extra] = Pipeline(dataclasses.replace(prof, cold_draft_ms=extra), 2).run(
+            s, TraceOracle(req))
+    rounds = len(runs[0.0].commits)
+    assert rounds == len(req.output)
+    added = runs[2.0].busy_ms["draft"] - runs[0.0].busy_ms["draft"]
+    assert added == pytest.approx(2.0 * rounds, rel=1e-9)

@@ -154,6 +154,7 @@ class RequestSim:
         self.draft_box = Inbox(env)
         self.verify_box = Inbox(env) if self.A else None
         self.busy: dict[int, set | None] = {j: None for j in range(1, S + 1)}
+        self.head_last: tuple[str, float] = ("", -1.0)   # the head device's last job, its end
 
     def _devices(self) -> None:
         """An exclusive device needs no resource; a shared one (B: stage 1 + draft + head)
@@ -239,6 +240,8 @@ class RequestSim:
                 res.release(req)
         if start is not None:
             ms = env.now - start
+            if device is self.head_dev:
+                self.head_last = (actor, env.now)
             out.busy_ms[actor] = out.busy_ms.get(actor, 0.0) + ms
             out.rows[actor] = out.rows.get(actor, 0) + (n if completed else 0)
             if self.record:
@@ -248,8 +251,15 @@ class RequestSim:
         return completed
 
     def _stage_ms(self, j: int, n: int, ctx: int) -> float:
-        ms = self.layers[j - 1] * self.profile.layer(n, ctx)
-        return ms + self.profile.embed(n) if j == 1 else ms
+        """Stage j's compute for n live rows over ctx cached ones. The grids are measured
+        warm; a stage's batch in a pipeline starts cold (the other stages evicted its
+        weights from the caches): the profile's cold_* extras, 0 when not measured."""
+        p = self.profile
+        ms = self.layers[j - 1] * (p.layer(n, ctx) + p.cold_layer_ms) + p.cold_stage_ms
+        return ms + p.embed(n) if j == 1 else ms
+
+    def _lm_head_ms(self, n: int) -> float:
+        return self.profile.lm_head(n) + self.profile.cold_lm_head_ms
 
     # ---- actors -------------------------------------------------------------------------
     def _stage(self, j: int):
@@ -295,7 +305,7 @@ class RequestSim:
         ms += p.kv_compact_ms if compacted else 0.0
         if j == self.S and not self.A and rows:
             verify = rows[batch.verify_from:]
-            ms += p.lm_head(len(verify)) if verify else 0.0
+            ms += self._lm_head_ms(len(verify)) if verify else 0.0
         self.busy[j] = {r.id for r in rows}
         done = yield from self._compute(f"stage{j}", dev, ms, batch.kind, len(rows),
                                         self.layers[j - 1])
@@ -357,7 +367,7 @@ class RequestSim:
             rows = holder.state.admit(verify_rows(batch))
             if rows:
                 yield from self._compute("lm_head", self.head_dev,
-                                         self.profile.lm_head(len(rows)), batch.kind, len(rows))
+                                         self._lm_head_ms(len(rows)), batch.kind, len(rows))
             self._verified(Batch(batch.id, tuple(rows), batch.kind))
 
     def _verified(self, batch: Batch) -> None:
@@ -372,6 +382,8 @@ class RequestSim:
             rows = holder.state.admit(d.rows)
             if rows:
                 ms = p.draft_step(len(rows), holder.state.context)
+                if self.head_last != ("draft", env.now):   # not back to back: cold caches
+                    ms += p.cold_draft_ms
                 ms += p.kv_compact_ms if compacted else 0.0
                 yield from self._compute("draft", self.head_dev, ms, "draft", len(rows))
             proposals = self.compute.draft(d, rows) if rows else {}
