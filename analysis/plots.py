@@ -7,7 +7,6 @@ runs headless. Summary frames are `summary.csv` from a sweep (one row per config
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -201,11 +200,44 @@ def speedup_vs_stages(summary: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def width_heatmap(summary: pd.DataFrame, metric: str = "tbt_ms", stages: int | None = None,
-                  dataset: str | None = None) -> plt.Figure:
-    """PipeDec sensitivity to layer width W (x) and children per node k (y) at S stages."""
-    if metric not in ("tbt_ms", "speedup_vs_ar", "hit_rate", "wasted_per_token",
-                      "utilization", "tokens_per_s"):
+def where(summary: pd.DataFrame, conditions: dict[str, str]) -> pd.DataFrame:
+    """The rows matching every `key=value` condition: a key is a column (`stages`,
+    `strategy`) or a sweep setting without its `cfg_` prefix (`floor`, `profile`, `trace`);
+    numbers compare as numbers. Rows where the setting is empty (it does not apply to
+    their strategy: plain PP has no floor) are kept, so speedups keep their baseline.
+    ValueError naming the key (and the values there are) if no row has the value."""
+    df = summary
+    for key, value in conditions.items():
+        col = key if key in df.columns else f"cfg_{key}"
+        if col not in df.columns:
+            keys = sorted({c.removeprefix("cfg_") for c in summary.columns
+                           if c.startswith("cfg_") or c in ("strategy", "stages")})
+            raise ValueError(f"no column {key!r} to select on (have: {', '.join(keys)})")
+        match = df[col].astype(str) == value
+        num = pd.to_numeric(df[col], errors="coerce")
+        try:
+            match |= num == float(value)
+        except ValueError:
+            pass
+        if not match.any():
+            have = ", ".join(sorted(map(str, df[col].dropna().unique()))[:12])
+            raise ValueError(f"no rows with {key}={value} (have {key}: {have or 'none'})")
+        df = df[match | df[col].isna()]
+    return df
+
+
+WIDTH_METRICS = ("tbt_ms", "speedup_vs_ar", "hit_rate", "wasted_per_token", "utilization",
+                 "tokens_per_s")
+
+
+def width_slice(summary: pd.DataFrame, metric: str = "tbt_ms", stages: int | None = None,
+                dataset: str | None = None) -> tuple[pd.DataFrame, int, str, str]:
+    """The PipeDec rows a width heatmap draws: (rows, S, data set, what was chosen).
+
+    One S (default: the most) and one data set (default: the first); where other settings
+    vary too (floor, coverage, prune mode, ...), each (W, k) cell keeps its lowest-TBT
+    configuration. The last item says all of that in words, for the title and the CLI."""
+    if metric not in WIDTH_METRICS:
         raise ValueError(f"unsupported metric {metric!r}")
     df = summary[summary.strategy == "pipedec"].copy()
     if not len(df) or "cfg_width" not in df.columns:
@@ -213,10 +245,34 @@ def width_heatmap(summary: pd.DataFrame, metric: str = "tbt_ms", stages: int | N
     S = _stages_choice(df, stages)
     df = df[df.stages == S]
     df["dataset"] = _dataset(df)
-    dataset = dataset or df.dataset.iloc[0]
+    datasets = list(dict.fromkeys(df.dataset))
+    dataset = dataset or datasets[0]
     df = df[df.dataset == dataset]
-    if "cfg_floor" in df.columns:      # several floors: keep the best per (W, k)
+    notes = [f"S={S}", dataset.replace("\n", ", ")]
+    if len(datasets) > 1:
+        notes[-1] += f" (1 of {len(datasets)} workloads; choose with --where)"
+    varying = [c for c in df.columns if c.startswith("cfg_") and c not in ("cfg_width", "cfg_topk")
+               and df[c].nunique(dropna=False) > 1]
+    if varying:
         df = df.loc[df.groupby(["cfg_width", "cfg_topk"]).tbt_ms.idxmin()]
+        for c in varying:
+            values = ", ".join(sorted(map(str, summary.loc[summary.strategy == "pipedec", c]
+                                          .dropna().unique())))
+            notes.append(f"lowest-TBT {c[4:]} per cell (of {values})")
+    return df, S, dataset, "; ".join(notes)
+
+
+def _text_color(im, v: float) -> str:
+    """Black or white, whichever reads on the cell's colour (whatever the colormap)."""
+    r, g, b, _ = im.cmap(im.norm(v))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def width_heatmap(summary: pd.DataFrame, metric: str = "tbt_ms", stages: int | None = None,
+                  dataset: str | None = None) -> plt.Figure:
+    """PipeDec sensitivity to layer width W (x) and children per node k (y) at S stages
+    (the slice of `width_slice`)."""
+    df, S, dataset, note = width_slice(summary, metric, stages, dataset)
     grid = df.pivot_table(index="cfg_topk", columns="cfg_width", values=metric, aggfunc="mean")
     grid = grid.sort_index(ascending=False)
     fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 1.1 * grid.shape[1]),
@@ -237,9 +293,8 @@ def width_heatmap(summary: pd.DataFrame, metric: str = "tbt_ms", stages: int | N
         if not math.isnan(v):
             mark = "*" if i * vals.shape[1] + j == best else ""
             ax.text(j, i, f"{v:.3g}{mark}", ha="center", va="center", fontsize=8,
-                    color="white" if (v - np.nanmin(vals)) / (np.ptp(vals[~np.isnan(vals)]) or 1)
-                    > 0.5 else "black")
-    ax.set_title(f"PipeDec {units}, S={S}, {dataset} (* = best)", fontsize=10)
+                    color=_text_color(im, v))
+    ax.set_title(f"PipeDec {units}, {note} (* = best)", fontsize=10, wrap=True)
     fig.tight_layout()
     return fig
 
@@ -283,8 +338,8 @@ def utilization_bars(summary: pd.DataFrame, stages: int | None = None) -> plt.Fi
 def load_timeline(source) -> dict:
     """A Chrome trace dict, a path to one, or {label: events} from `SimResult.timelines`."""
     if isinstance(source, (str, Path)):
-        with open(source, encoding="utf-8") as f:
-            source = json.load(f)
+        from pipedec_sim.inputs.files import load_json, read_text
+        source = load_json(read_text(source), file=source)
     if isinstance(source, dict) and "traceEvents" in source:
         return source
     from pipedec_sim.results.timeline import chrome_trace

@@ -229,7 +229,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("path,value,fld", BAD, ids=[b[2] + "-" + str(i) for i, b in enumerate(BAD)])
+@pytest.mark.parametrize("path,value,fld", BAD,
+                         ids=[b[2] + "-" + str(i) for i, b in enumerate(BAD)])
 def test_malformed_profile(analytic, tmp_path, path, value, fld):
     data = copy.deepcopy(analytic)
     _mutate(data, path, value)

@@ -166,7 +166,7 @@ def test_prune_and_cancel_reach_the_real_pipeline():
     args = real_cli.build_parser().parse_args(["run", "--target", "tiny", "--prompts", "p",
                                                "--prune", "inband", "--no-cancel"])
     cfg = real_cli._stage_config(args)
-    assert (cfg.prune, cfg.cancel, cfg.stages, cfg.timeout_s) == ("inband", False, 2, 60.0)
+    assert (cfg.prune, cfg.cancel, cfg.stages, cfg.timeout_s) == ("inband", False, 2, 20.0)
 
 
 @pytest.mark.parametrize("command", ["run", "profile"])

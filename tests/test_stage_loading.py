@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from backends.torch import checkpoint  # noqa: E402
 from backends.torch.checkpoint import load_stage  # noqa: E402
-from backends.torch.stage import stage_bounds  # noqa: E402
 from backends.torch.models import keep_layers, load, resolve_path, tiny_model  # noqa: E402
 from backends.torch.shard import Shard  # noqa: E402
+from backends.torch.stage import stage_bounds  # noqa: E402
 from pipedec_sim.errors import InputError  # noqa: E402
 from pipedec_sim.protocol.messages import Row  # noqa: E402
 

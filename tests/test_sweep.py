@@ -181,7 +181,7 @@ def run_cli(args, capsys):
     ('stages = [2]\nwidth = "16"\ntrace = "{trace}"\n', "width", "expected an integer"),
     ('stages = [2]\nwidth = []\ntrace = "{trace}"\n', "width", "empty list"),
     ('stages = [2]\n\nstages2 = {{ a = 1 }}\ntrace = "{trace}"\n', "stages2", "unknown key"),
-    ('stages = [2, 4000]\ntrace = "{trace}"\n', "stages", "layers"),
+    ('stages = [2, 400]\ntrace = "{trace}"\n', "stages", "layers"),
 ])
 def test_grid_errors_name_file_and_key(tmp_path, capsys, body, key, needle):
     grid = write_grid(tmp_path, body.format(trace=TRACE))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import simpy
 
+DONE_WORK = 1e-9        # ms of work left that counts as done (float rounding)
+
 
 class CorePool:
     """`cores` CPU cores shared by processor sharing: n runnable jobs each progress at
@@ -15,7 +17,11 @@ class CorePool:
     share `base` of the one process that measured the profile's durations (default
     share[0]: same conditions); past the table's end its last total is divided among n.
     `slowdown` (>= 1) divides the rate while more jobs run than there are cores: cache and
-    memory contention that a time-share table (spin loops) does not see."""
+    memory contention that a time-share table (spin loops) does not see.
+
+    A wake-up finishes the job it was scheduled for (plus any other within DONE_WORK of
+    done), whatever float rounding left of its work: late in a long run the clock cannot
+    resolve a tiny remainder (now + delay == now), and waiting for it would never end."""
 
     def __init__(self, env: simpy.Environment, cores: float, share=None,
                  base: float | None = None, slowdown: float = 1.0):
@@ -35,6 +41,7 @@ class CorePool:
         self.rate = 1.0
         self.gen = 0
         self.ids = 0
+        self.due = 0                         # the job the pending wake-up finishes
 
     def _advance(self) -> None:
         now = self.env.now
@@ -53,16 +60,16 @@ class CorePool:
         self.gen += 1
         if not n:
             return
-        first = min(job[0] for job in jobs.values())
+        self.due = min(jobs, key=lambda i: jobs[i][0])
         gen = self.gen
-        delay = max(first, 0.0) / self.rate
+        delay = max(jobs[self.due][0], 0.0) / self.rate
         self.env.timeout(delay).callbacks.append(lambda _e: self._due(gen))
 
     def _due(self, gen: int) -> None:
         if gen != self.gen:
             return                           # the job set changed since: a newer wake-up
         self._advance()
-        for i in [i for i, job in self.jobs.items() if job[0] <= 1e-9]:
+        for i in [i for i, job in self.jobs.items() if i == self.due or job[0] <= DONE_WORK]:
             self.jobs.pop(i)[1].succeed()
         self._reschedule()
 

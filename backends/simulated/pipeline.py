@@ -42,7 +42,8 @@ from pipedec_sim.protocol.stage_state import StageState
 @dataclass
 class RequestRun:
     """What one simulated request did (times in ms)."""
-    commits: list[tuple[float, int, int, str]] = field(default_factory=list)  # (t, n, drafted, outcome)
+    # (t, tokens, drafted, outcome) per commit
+    commits: list[tuple[float, int, int, str]] = field(default_factory=list)
     end_ms: float = 0.0
     busy_ms: dict[str, float] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)       # rows computed per actor

@@ -21,7 +21,8 @@ import statistics
 from pipedec_sim.atomic import write_bytes
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.acceptance_model import KIND, AcceptanceModel
-from pipedec_sim.inputs.files import FilePath, read_text
+from pipedec_sim.inputs.files import FilePath, load_json, read_text
+from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_PROMPT_LEN
 from pipedec_sim.inputs.traces import (
     Trace,
     TraceHeader,
@@ -110,25 +111,24 @@ def load_acceptance(path: FilePath) -> AcceptanceModel:
         path = bundled_acceptance()[spec]
     if is_trace_file(path):
         return fit_acceptance([read_trace(path)])
-    text = read_text(path)
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=path,
-                         line=e.lineno) from None
+    d = load_json(read_text(path), file=path)
     return AcceptanceModel.from_dict(d, file=path)
 
 
 # ----------------------------------------------------------------------------- synthetic traces
 
+_LENGTH_LIMITS = {"prompt_len": MAX_PROMPT_LEN, "output_len": MAX_OUTPUT_LEN}
+
+
 def _draw_len(spec: int | tuple[int, int], rng: random.Random, name: str) -> int:
+    limit = _LENGTH_LIMITS[name]
     if isinstance(spec, tuple):
         lo, hi = spec
-        if not 1 <= lo <= hi:
-            raise InputError(f"need 1 <= low <= high, got {spec}", field=name)
+        if not 1 <= lo <= hi <= limit:
+            raise InputError(f"need 1 <= low <= high <= {limit}, got {spec}", field=name)
         return rng.randint(lo, hi)
-    if spec < 1:
-        raise InputError(f"must be >= 1, got {spec}", field=name)
+    if not 1 <= spec <= limit:
+        raise InputError(f"must be in [1, {limit}], got {spec}", field=name)
     return spec
 
 
@@ -190,13 +190,17 @@ def trace_from_prompts(prompts: list, *, model: AcceptanceModel, max_new_tokens:
     """
     if not prompts:
         raise InputError("no prompts")
-    if max_new_tokens < 1:
-        raise InputError(f"must be >= 1, got {max_new_tokens}", field="max_new_tokens")
+    if not 1 <= max_new_tokens <= MAX_OUTPUT_LEN:
+        raise InputError(f"must be in [1, {MAX_OUTPUT_LEN}] (the limit), got {max_new_tokens}",
+                         field="max_new_tokens")
     if not chars_per_token > 0:
         raise InputError(f"must be > 0, got {chars_per_token}", field="chars_per_token")
     reqs = []
     for i, p in enumerate(prompts):
         p_len = max(1, math.ceil(len(p.text) / chars_per_token))
+        if p_len > MAX_PROMPT_LEN:
+            raise InputError(f"prompt {p.id!r} is about {p_len} tokens long, more than the "
+                             f"limit of {MAX_PROMPT_LEN}", field="prompt")
         n = max_new_tokens
         if p.reference:
             n = max(1, min(max_new_tokens, math.ceil(len(p.reference) / chars_per_token)))

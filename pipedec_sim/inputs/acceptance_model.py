@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipedec_sim.errors import InputError
-from pipedec_sim.inputs.files import FilePath
+from pipedec_sim.inputs.files import FilePath, short, utf8_problem
+from pipedec_sim.inputs.limits import MAX_BETA_PARAM, MAX_TOP_K, MAX_VOCAB
 
 KIND = "beta-geometric"
 _FIELDS = ("alpha", "beta", "top_k", "vocab", "name", "source")
@@ -84,17 +85,25 @@ def _validate(d: dict, *, file: FilePath | None) -> None:
     for key in ("alpha", "beta"):
         v = d.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            bad(key, f"expected a positive number, got {v!r}")
-    for key, low in (("top_k", 1), ("vocab", 2)):
+            bad(key, f"expected a positive number, got {short(v)}")
+        elif v > MAX_BETA_PARAM:
+            bad(key, f"must be <= {MAX_BETA_PARAM:g} (the limit; Beta sampling stalls past it), "
+                     f"got {short(v)}")
+    for key, low, high in (("top_k", 1, MAX_TOP_K), ("vocab", 2, MAX_VOCAB)):
         v = d.get(key, 1 if key == "top_k" else 2)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            bad(key, f"expected an integer >= {low}, got {v!r}")
+            bad(key, f"expected an integer >= {low}, got {short(v)}")
+        if v > high:
+            bad(key, f"must be <= {high} (the limit), got {short(v)}")
     if d.get("vocab", 128256) <= d.get("top_k", 16):
         bad("vocab", f"must exceed top_k ({d.get('top_k', 16)}) to fill the top-k with "
                      "distinct ids")
     for key in ("name", "source"):
         if not isinstance(d.get(key, ""), str):
-            bad(key, f"expected a string, got {d[key]!r}")
+            bad(key, f"expected a string, got {short(d[key])}")
+        problem = utf8_problem(d.get(key, ""))
+        if problem:
+            bad(key, problem)
 
 
 def _draw_rank(probs: list[float], u: float) -> int:

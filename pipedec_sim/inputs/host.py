@@ -54,7 +54,7 @@ def parse_cpuinfo(text: str) -> dict:
 
 def parse_lscpu(text: str) -> dict:
     """`lscpu` output: its "Model name" and "Vendor ID" lines."""
-    out = {}
+    out: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if not sep or not value.strip():

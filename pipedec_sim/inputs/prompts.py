@@ -18,11 +18,24 @@ from pipedec_sim.inputs.acceptance import (
     acceptance_for_format,
     trace_from_prompts,
 )
-from pipedec_sim.inputs.files import FilePath, json_type, read_text
+from pipedec_sim.inputs.files import (
+    FilePath,
+    json_type,
+    load_json,
+    raw_decode_json,
+    read_text,
+    short,
+    utf8_problem,
+)
+from pipedec_sim.inputs.limits import MAX_PROMPT_LEN
 from pipedec_sim.inputs.traces import FORMAT as TRACE_FORMAT
 from pipedec_sim.inputs.traces import Trace, is_trace_file, read_trace
 
 FORMATS = ("alpaca", "sharegpt", "mtbench", "humaneval", "gsm8k", "plain")
+# What `load_workload(format=)` (and `pipedec-sim run --format`) accepts: auto-detection,
+# a speculation trace, or one of the prompt formats.
+WORKLOAD_FORMATS = ("auto", "trace") + FORMATS
+CHARS_PER_TOKEN = 4.0  # prompt files have no token ids: lengths are estimated from characters
 _HUMAN = {"human", "user"}
 _ASSISTANT = {"gpt", "chatgpt", "assistant", "bard", "bing", "model"}
 # What may be left at a decode error when the text was merely cut short: a number fragment.
@@ -65,6 +78,13 @@ class _Item:
             self.fail(path, key, f"expected a string, got {json_type(v)}")
         if required and not v.strip():
             self.fail(path, key, "is empty")
+        return self.utf8(path, key, v)
+
+    def utf8(self, path: FilePath, key: str, v: str) -> str:
+        """`v` if it can be written out as UTF-8 (no lone surrogate from a JSON escape)."""
+        problem = utf8_problem(v)
+        if problem:
+            self.fail(path, key, problem)
         return v
 
 
@@ -85,11 +105,7 @@ def _iter_jsonl(text: str, path: FilePath) -> Iterator[_Item]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON: {e.msg} (column {e.colno}; expected one object per "
-                             "line)", file=path, line=lineno) from None
+        obj = load_json(line, file=path, line=lineno, hint="; expected one object per line")
         yield _Item(obj, index, lineno, in_list=False)
         index += 1
 
@@ -127,7 +143,7 @@ def _iter_json_list(text: str, path: FilePath, state: dict) -> Iterator[_Item]:
             state["truncated"] = True
             return
         try:
-            obj, end = dec.raw_decode(text, pos)
+            obj, end = raw_decode_json(dec, text, pos, file=path)
         except json.JSONDecodeError as e:
             if _cut_short(e, text):
                 state["truncated"] = True
@@ -194,7 +210,7 @@ def _turn(it: _Item, path: FilePath, j: int, turn: Any) -> tuple[str, str]:
         if not isinstance(turn.get(key), str):
             it.fail(path, f"conversations[{j}].{key}",
                     "missing" if key not in turn else "expected a string")
-    return turn["from"].lower(), turn["value"]
+    return turn["from"].lower(), it.utf8(path, f"conversations[{j}].value", turn["value"])
 
 
 def _mtbench(it: _Item, path: FilePath) -> Prompt:
@@ -202,6 +218,7 @@ def _mtbench(it: _Item, path: FilePath) -> Prompt:
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) \
             or not turns[0].strip():
         it.fail(path, "turns", "expected a non-empty array of strings")
+    it.utf8(path, "turns[0]", turns[0])
     # MT-Bench's "reference" (math/coding only) is a terse answer key, not a response: using it
     # would make those outputs a few tokens long, so the output length stays max_new_tokens.
     return Prompt(_record_id(it, path, key="question_id"), turns[0], "mtbench")
@@ -229,8 +246,8 @@ def _record_id(it: _Item, path: FilePath, key: str = "id") -> str:
             return str(it.index)  # Alpaca and GSM8K have no ids: use the record number
         it.fail(path, key, "missing")
     if isinstance(v, bool) or not isinstance(v, (str, int)) or v == "":
-        it.fail(path, key, f"expected a non-empty string or an integer, got {v!r}")
-    return str(v)
+        it.fail(path, key, f"expected a non-empty string or an integer, got {short(v)}")
+    return it.utf8(path, key, v) if isinstance(v, str) else str(v)
 
 
 _CONVERTERS: dict[str, Callable[[_Item, FilePath], Prompt | None]] = {
@@ -255,7 +272,8 @@ def _detect(it: _Item, path: FilePath) -> str:
             return fmt
     it.fail(path, None, f"cannot tell the prompt format from the keys {sorted(keys)[:8]}: "
             "expected alpaca (instruction), sharegpt (conversations), mtbench (turns), "
-            "humaneval (task_id, prompt) or gsm8k (question, answer); or force a format")
+            "humaneval (task_id, prompt) or gsm8k (question, answer); or name it with "
+            f"pipedec-sim run --format ({', '.join(FORMATS)})")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -304,6 +322,9 @@ def _read(path: FilePath, fmt: str, max_requests: int | None) -> _PromptFile:
         if prompt is None:
             out.skipped += 1
             continue
+        if len(prompt.text) > MAX_PROMPT_LEN * CHARS_PER_TOKEN:
+            it.fail(path, None, f"the prompt is about {len(prompt.text) / CHARS_PER_TOKEN:.0f} "
+                    f"tokens long, more than the limit of {MAX_PROMPT_LEN}")
         prompt.id = _unique(prompt.id, seen)
         out.prompts.append(prompt)
         if max_requests is not None and len(out.prompts) >= max_requests:
@@ -333,26 +354,37 @@ def read_prompts(path: FilePath, *, format: str = "auto",
 
 
 def load_workload(path: FilePath, *, max_requests: int | None = None, max_new_tokens: int = 256,
-                  seed: int = 0, acceptance: AcceptanceModel | None = None) -> tuple[Trace, str]:
+                  seed: int = 0, acceptance: AcceptanceModel | None = None,
+                  format: str = "auto") -> tuple[Trace, str]:
     """A trace file as is, or a prompt file run through an acceptance model.
 
+    `format` (WORKLOAD_FORMATS) forces "trace" or a prompt format; "auto" sniffs the file.
     Returns the trace and one line saying what was used (for logs and result headers).
     """
+    if format not in WORKLOAD_FORMATS:
+        raise InputError(f"unknown format {format!r} (known: {', '.join(WORKLOAD_FORMATS)})",
+                         field="format")
     name = os.path.basename(os.fspath(path))
-    if is_trace_file(path):
+    if format == "trace" or (format == "auto" and is_trace_file(path)):
         trace = read_trace(path, max_requests=max_requests)
         return trace, _describe_trace(trace, name, acceptance)
-    pf = _read(path, "auto", max_requests)
+    pf = _read(path, format, max_requests)
     model = acceptance or acceptance_for_format(pf.format)
     trace = trace_from_prompts(pf.prompts, model=model, max_new_tokens=max_new_tokens, seed=seed,
-                               dataset=f"{pf.format}: {name}")
+                               chars_per_token=CHARS_PER_TOKEN, dataset=f"{pf.format}: {name}")
     notes = [f"{pf.format}, {len(pf.prompts)} prompts"]
     if pf.truncated:
         notes.append("file truncated: read up to the last whole item")
     if pf.skipped:
         notes.append(f"skipped {pf.skipped} record(s) without a human turn")
+    refs = sum(p.reference is not None for p in pf.prompts)
+    outputs = (f"{max_new_tokens} tokens (max_new_tokens)" if not refs else
+               f"the reference answers' estimated lengths, at most {max_new_tokens}"
+               + ("" if refs == len(pf.prompts) else f" ({refs} have one, the rest "
+                                                      f"{max_new_tokens})"))
     desc = (f"prompt file {name} ({'; '.join(notes)}) with acceptance model "
-            f"{model.name or 'unnamed'} ({model.source or 'no source given'})")
+            f"{model.name or 'unnamed'} ({model.source or 'no source given'}); prompt "
+            f"lengths estimated at {CHARS_PER_TOKEN:g} characters per token; outputs {outputs}")
     return trace, desc
 
 

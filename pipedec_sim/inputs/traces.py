@@ -25,10 +25,15 @@ from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.acceptance_model import AcceptanceModel
 from pipedec_sim.inputs.files import (
     FilePath,
+    file_problem,
     iter_lines,
     json_type,
+    load_json,
     open_text,
+    short,
+    utf8_problem,
 )
+from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_PROMPT_LEN, MAX_TOP_K, SNIFF_BYTES
 
 FORMAT = "pipedec-trace/1"
 SOURCES = ("recorded", "synthetic")
@@ -39,6 +44,8 @@ _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Probabilities are usually rounded (4 decimals in bundled files): a row's sum and its order may
 # be off by rounding, not by more.
 _PROB_TOL = 1e-3
+# The header's format key, for a first line the sniffer cannot decode whole.
+_FORMAT_KEY = re.compile(r'(?<!\\)"format"\s*:\s*"' + re.escape(FORMAT) + '"')
 
 @dataclass
 class TraceHeader:
@@ -100,13 +107,21 @@ class _Checker:
         v = self.get(obj, key)
         if not isinstance(v, str):
             self.fail(key, f"expected a string, got {json_type(v)}")
+        return self.utf8(v, key)
+
+    def utf8(self, v: str, name: str) -> str:
+        problem = utf8_problem(v)
+        if problem:
+            self.fail(name, problem)
         return v
 
-    def int_at_least(self, v: Any, name: str, low: int) -> int:
+    def int_at_least(self, v: Any, name: str, low: int, high: int | None = None) -> int:
         if not _is_int(v):
             self.fail(name, f"expected an integer, got {json_type(v)}")
         if v < low:
-            self.fail(name, f"must be >= {low}, got {v}")
+            self.fail(name, f"must be >= {low}, got {short(v)}")
+        if high is not None and v > high:
+            self.fail(name, f"must be <= {high} (the limit), got {short(v)}")
         return v
 
     def token_list(self, v: Any, name: str, min_len: int = 0) -> list[int]:
@@ -133,7 +148,7 @@ def parse_header(obj: Any, *, file: FilePath | None = None, line: int | None = 1
     if source not in SOURCES:
         ck.fail("source", f"expected one of {', '.join(SOURCES)}, got {source!r}")
     strs = {k: ck.string(obj, k) for k in _HEADER_STR_FIELDS}
-    top_k = ck.int_at_least(ck.get(obj, "top_k"), "top_k", 1)
+    top_k = ck.int_at_least(ck.get(obj, "top_k"), "top_k", 1, MAX_TOP_K)
     created = ck.string(obj, "created")
     if not _valid_date(created):
         ck.fail("created", f"expected a date YYYY-MM-DD, got {created!r}")
@@ -143,6 +158,7 @@ def parse_header(obj: Any, *, file: FilePath | None = None, line: int | None = 1
     notes = obj.get("notes", "")
     if not isinstance(notes, str):
         ck.fail("notes", f"expected a string, got {json_type(notes)}")
+    ck.utf8(notes, "notes")
     extra = {k: v for k, v in obj.items() if k not in _HEADER_KEYS}
     return TraceHeader(source=source, top_k=top_k, created=created, acceptance_model=acceptance,
                        notes=notes, extra=extra, **strs)
@@ -177,9 +193,13 @@ def parse_request(obj: Any, top_k: int, *, file: FilePath | None = None,
         ck.fail(None, f"request must be a JSON object, got {json_type(obj)}")
     rid = ck.get(obj, "id")
     if not (isinstance(rid, str) or _is_int(rid)) or rid == "":
-        ck.fail("id", f"expected a non-empty string or an integer, got {rid!r}")
-    prompt_len = ck.int_at_least(ck.get(obj, "prompt_len"), "prompt_len", 1)
+        ck.fail("id", f"expected a non-empty string or an integer, got {short(rid)}")
+    if isinstance(rid, str):
+        ck.utf8(rid, "id")
+    prompt_len = ck.int_at_least(ck.get(obj, "prompt_len"), "prompt_len", 1, MAX_PROMPT_LEN)
     output = ck.token_list(ck.get(obj, "output"), "output", min_len=1)
+    if len(output) > MAX_OUTPUT_LEN:
+        ck.fail("output", f"has {len(output)} tokens, more than the limit of {MAX_OUTPUT_LEN}")
     topk_ids = _check_topk_ids(ck.get(obj, "draft_topk"), len(output), top_k, ck)
     topk_probs = _check_topk_probs(ck.get(obj, "draft_probs"), topk_ids, ck)
     prompt_ids = obj.get("prompt_ids")
@@ -264,11 +284,7 @@ def read_trace(path: FilePath, *, max_requests: int | None = None) -> Trace:
 
 
 def _decode_line(text: str, path: FilePath, lineno: int) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=path,
-                         line=lineno) from None
+    return load_json(text, file=path, line=lineno)
 
 
 def header_to_dict(h: TraceHeader) -> dict:
@@ -306,6 +322,9 @@ def write_trace(trace: Trace, path: FilePath) -> None:
     if not trace.requests:
         raise InputError("a trace needs at least one request", file=path, line=2)
     text = "".join(json.dumps(d, separators=(",", ":"), ensure_ascii=False) + "\n" for d in lines)
+    problem = utf8_problem(text)
+    if problem:
+        raise InputError(f"cannot be written as UTF-8: a value {problem}", file=path)
     data = text.encode("utf-8")
     if os.fspath(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
@@ -313,11 +332,22 @@ def write_trace(trace: Trace, path: FilePath) -> None:
 
 
 def is_trace_file(path: FilePath) -> bool:
-    """True if the first line parses as a JSON object whose format is FORMAT."""
+    """True if the first line is a JSON object whose format is FORMAT.
+
+    Reads at most SNIFF_BYTES (don't slurp a binary file). A first line that is longer, or
+    that does not decode, is a trace if it carries the header's format key: read_trace then
+    reads it whole, or says what is wrong with it. False for anything but a regular file,
+    which is never opened (a FIFO would block): the reader that follows says what it is.
+    """
+    if file_problem(path) is not None:
+        return False
     try:
         with open_text(path) as f:
-            first = f.readline(1 << 20)  # a header is small; don't slurp a binary file
-        obj = json.loads(first)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError):
+            first = f.readline(SNIFF_BYTES)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError):
         return False
+    try:
+        obj = json.loads(first)
+    except (ValueError, RecursionError):
+        return first.lstrip().startswith("{") and _FORMAT_KEY.search(first) is not None
     return isinstance(obj, dict) and obj.get("format") == FORMAT

@@ -9,13 +9,19 @@ import sys
 from pathlib import Path
 
 from pipedec_sim.errors import InputError, guarded
+from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES
+from pipedec_sim.inputs.prompts import WORKLOAD_FORMATS
 from pipedec_sim.programs.flags import (
     DEFAULT_PROFILE,
+    DEFAULT_STAGES,
     STRATEGY_NAMES,
     Parser,
+    add_pipeline_flags,
     add_policy_flags,
+    number,
     positive,
     progress_printer,
+    seed,
     strategy_list,
 )
 
@@ -30,36 +36,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", required=True, type=Path,
                      help="speculation trace (.jsonl/.jsonl.gz) or a prompt file "
                           "(Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K, plain lines)")
-    run.add_argument("--stages", type=positive(), default=14,
-                     help="pipeline stages S (default 14, as in the paper)")
+    run.add_argument("--format", choices=WORKLOAD_FORMATS, default="auto",
+                     help="what --trace is: a speculation trace or a prompt format "
+                          "(default auto: told from the file's content)")
+    run.add_argument("--stages", type=positive(hi=MAX_STAGES), default=DEFAULT_STAGES,
+                     help=f"pipeline stages S (default {DEFAULT_STAGES}, as in the paper; "
+                          f"at most {MAX_STAGES})")
     run.add_argument("--profile", default=DEFAULT_PROFILE,
-                     help=f"calibration profile: a JSON file or a bundled name (default {DEFAULT_PROFILE})")
+                     help="calibration profile: a JSON file or a bundled name "
+                          f"(default {DEFAULT_PROFILE})")
     run.add_argument("--strategies", type=strategy_list, default=STRATEGY_NAMES,
                      help="comma-separated subset of ar,tree-sd,pipedec (default all)")
     add_policy_flags(run)
-    g = run.add_argument_group("pipeline")
-    g.add_argument("--topology", choices=("A", "B"), default="A",
-                   help="A: draft + LM head on a head node before stage 1 (ring); "
-                        "B: draft on stage 1's device, LM head on the last stage (default A)")
-    g.add_argument("--prune", choices=("broadcast", "piggyback"), default="broadcast",
-                   help="prune notices go straight to every stage, or ride the next batch")
-    g.add_argument("--no-cancel", action="store_true",
-                   help="stages finish batches whose rows all died instead of abandoning "
-                        "them at the next layer boundary")
+    g = add_pipeline_flags(run)
     g.add_argument("--link-gbps", type=positive(float), default=None,
-                   help="override the profile's link bandwidth (Gbit/s)")
-    g.add_argument("--link-latency-ms", type=float, default=None,
-                   help="override the profile's per-hop latency (ms)")
+                   help="override the profile's link bandwidth (Gbit/s; default the profile's)")
+    g.add_argument("--link-latency-ms", type=number(float, lo=0), default=None,
+                   help="override the profile's per-hop latency (ms; default the profile's)")
     w = run.add_argument_group("workload and output")
-    w.add_argument("--max-requests", type=positive(), default=None, help="use the first N requests")
-    w.add_argument("--max-new-tokens", type=positive(), default=256,
-                   help="output length for prompt files without recorded outputs (default 256)")
+    w.add_argument("--max-requests", type=positive(), default=None,
+                   help="use the first N requests (default all)")
+    w.add_argument("--max-new-tokens", type=positive(hi=MAX_OUTPUT_LEN), default=256,
+                   help="output length for prompt files without recorded outputs (default 256, "
+                        f"at most {MAX_OUTPUT_LEN})")
     w.add_argument("--acceptance", default=None,
                    help="acceptance model for prompt files: a JSON file, a trace to fit, or a "
                         "bundled name (mtbench, humaneval, gsm8k, sharegpt: fitted on "
                         "SmolLM2 traces; synthetic-default: hand-set). Default: the model "
                         "fitted on the prompt file's data set, else sharegpt")
-    w.add_argument("--seed", type=int, default=0, help="seed for off-path proposals and synthesis")
+    w.add_argument("--seed", type=seed, default=0,
+                   help="seed for off-path proposals and synthesis (default 0)")
     w.add_argument("--out", type=Path, default=None,
                    help="write summary.csv and requests.csv into this folder")
     w.add_argument("--timeline", type=Path, default=None,
@@ -72,16 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RUN_FILES = ("summary.csv", "requests.csv")     # what run --out writes into its folder
+
+
 def cmd_run(args) -> int:
+    from pipedec_sim.atomic import check_output
     from pipedec_sim.inputs.acceptance import load_acceptance
     from pipedec_sim.inputs.profile import load_profile
     from pipedec_sim.inputs.prompts import load_workload
     from pipedec_sim.programs.simulate import SimConfig, simulate
+    from pipedec_sim.protocol.knobs import values_of
     from pipedec_sim.results.metrics import format_table
 
-    if args.link_latency_ms is not None and args.link_latency_ms < 0:
-        raise InputError("must be >= 0", field="--link-latency-ms")
+    check_output(args.out, "--out", folder=True, files=RUN_FILES)   # before any work
+    check_output(args.timeline, "--timeline")
     profile = load_profile(args.profile)
+    from pipedec_sim.inputs.host import warn_profile_host
+    warn_profile_host(profile, "pipedec-sim")          # a CPU profile from another CPU model
     if args.link_gbps is not None or args.link_latency_ms is not None:
         profile = profile.with_link(bandwidth_gbps=args.link_gbps, latency_ms=args.link_latency_ms)
     try:
@@ -91,11 +104,9 @@ def cmd_run(args) -> int:
     acceptance = load_acceptance(args.acceptance) if args.acceptance else None
     trace, described = load_workload(args.trace, max_requests=args.max_requests,
                                      max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                     acceptance=acceptance)
-    cfg = SimConfig(stages=args.stages, strategies=args.strategies, width=args.width,
-                    topk=args.topk, floor=args.floor, coverage=args.coverage, depth=args.depth,
-                    tree_topk=args.tree_topk, total=args.total, topology=args.topology,
-                    prune=args.prune, cancel=not args.no_cancel, seed=args.seed)
+                                     acceptance=acceptance, format=args.format)
+    cfg = SimConfig(stages=args.stages, strategies=args.strategies, seed=args.seed,
+                    **values_of(args))
     if not args.quiet:
         print(f"workload: {described}", file=sys.stderr)
         print(f"profile:  {profile.name} ({profile.provenance.get('kind')}, "
@@ -104,19 +115,37 @@ def cmd_run(args) -> int:
     result = simulate(trace, profile, cfg, timeline_requests=1 if args.timeline else 0,
                       progress=progress_printer("simulated request runs:", args.quiet))
     print(format_table(result.summary))
+    write_run_outputs(args, result)
+    return 0
+
+
+def write_run_outputs(args, result) -> None:
+    """summary.csv, requests.csv (--out) and the timeline (--timeline), all or none: each
+    is written to a temp file, and they replace their targets only once all are written."""
+    import json
+
+    from pipedec_sim.atomic import atomic_paths
+    from pipedec_sim.results.timeline import chrome_trace
+    outputs = []
     if args.out:
-        from pipedec_sim.atomic import atomic_path
-        for name, frame in (("summary.csv", result.summary), ("requests.csv", result.requests)):
-            with atomic_path(args.out / name) as tmp:
-                frame.to_csv(tmp, index=False)
+        outputs += [(args.out / "summary.csv", result.summary),
+                    (args.out / "requests.csv", result.requests)]
+    if args.timeline:
+        outputs.append((args.timeline, chrome_trace({f"{s} / request {r}": evs for (s, r), evs
+                                                     in result.timelines.items()})))
+    if not outputs:
+        return
+    with atomic_paths(path for path, _ in outputs) as temps:
+        for tmp, (_, data) in zip(temps, outputs):
+            if isinstance(data, dict):
+                tmp.write_text(json.dumps(data), encoding="utf-8")
+            else:
+                data.to_csv(tmp, index=False)
+    if args.out:
         print(f"wrote {args.out / 'summary.csv'} and {args.out / 'requests.csv'}", file=sys.stderr)
     if args.timeline:
-        from pipedec_sim.results.timeline import write_chrome_trace
-        write_chrome_trace(args.timeline, {f"{s} / request {r}": evs
-                                           for (s, r), evs in result.timelines.items()})
         print(f"wrote {args.timeline} (open in ui.perfetto.dev or chrome://tracing)",
               file=sys.stderr)
-    return 0
 
 
 def _lazy(module: str, name: str):

@@ -1,11 +1,13 @@
 """Flags and output helpers shared by the programs of both CLIs: the one-line argparse
-error, value parsers, the knob flags (derived from pipedec_sim.protocol.knobs), and the
-progress line."""
+error, value parsers (bounded numbers, the one seed parser), the knob flags (derived from
+pipedec_sim.protocol.knobs), and the progress line."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
+from pipedec_sim.inputs.limits import MAX_SEED
 from pipedec_sim.protocol.knobs import Knob, PipeDecKnobs, PipelineKnobs, TreeSDKnobs, knobs_of
 from pipedec_sim.protocol.strategies import STRATEGIES
 
@@ -19,17 +21,52 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(kind=int):
+def number(kind=int, *, lo: float | None = None, lo_open: bool = False,
+           hi: float | None = None):
+    """An argparse type: an int (or a finite float) >= lo (> lo if `lo_open`), <= hi."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected a {kind.__name__}, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, "
+                                             f"got {text!r}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi} (the limit), got {text!r}")
         return v
+    parse.__name__ = kind.__name__
     return parse
+
+
+def positive(kind=int, hi: float | None = None):
+    """An argparse type: a number > 0 (finite), at most `hi`."""
+    return number(kind, lo=0, lo_open=True, hi=hi)
+
+
+def seed_problem(v) -> str | None:
+    """What is wrong with a seed, or None: the one rule for every program's seeds (flags
+    and sweep grids alike): an integer in [0, MAX_SEED]."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        return "expected an integer"
+    if not 0 <= v <= MAX_SEED:
+        return f"must be in [0, {MAX_SEED}]"
+    return None
+
+
+def seed(text: str) -> int:
+    """The argparse type of every --seed (seed_problem's rule)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    problem = seed_problem(v)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+    return v
 
 
 def strategy_list(text):

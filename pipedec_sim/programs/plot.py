@@ -1,17 +1,26 @@
 """`pipedec-sim plot`: PNGs from sweep results or a timeline JSON, without a notebook."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from pipedec_sim.errors import InputError
+from pipedec_sim.inputs.limits import MAX_DPI
 
 KINDS = ("speedup", "stages", "width", "timeline", "utilization")
 
 
+def condition(text: str) -> tuple[str, str]:
+    """A --where value: KEY=VALUE."""
+    import argparse
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. floor=0.1), got {text!r}")
+    return key.strip(), value.strip()
+
+
 def add_parser(sub) -> None:
-    from pipedec_sim.programs.flags import positive
+    from pipedec_sim.programs.flags import number, positive
     p = sub.add_parser("plot", help="draw a PNG from sweep results or a timeline JSON",
                        description="Draw one PNG. RESULTS is a sweep folder or a summary.csv "
                        "(from `sweep` or `run --out`) for speedup/stages/width/utilization, or "
@@ -25,19 +34,24 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--stages", type=positive(), default=None,
                    help="which S to show for speedup/width/utilization (default: the largest)")
+    p.add_argument("--where", type=condition, action="append", default=[], metavar="KEY=VALUE",
+                   help="sweep results: keep only rows with this setting, e.g. floor=0.1, "
+                        "profile=analytic-llama70b-1b, prune=inband (repeatable; keys are the "
+                        "summary's columns without cfg_)")
     p.add_argument("--metric", default="tbt_ms",
                    choices=("tbt_ms", "speedup_vs_ar", "hit_rate", "wasted_per_token",
                             "utilization", "tokens_per_s"),
                    help="width heatmap value (default tbt_ms)")
     p.add_argument("--run", default=None,
                    help="timeline: which run, by label prefix (default: the first pipedec run)")
-    p.add_argument("--start-ms", type=float, default=None,
+    p.add_argument("--start-ms", type=number(float, lo=0), default=None,
                    help="timeline: window start (default: the first committed token)")
     p.add_argument("--span-ms", type=positive(float), default=None,
                    help="timeline: window length (default: enough for --tokens commits)")
     p.add_argument("--tokens", type=positive(), default=12,
                    help="timeline: commits to show when --span-ms is not given (default 12)")
-    p.add_argument("--dpi", type=positive(), default=110)
+    p.add_argument("--dpi", type=positive(hi=MAX_DPI), default=110,
+                   help=f"resolution of the PNG (default 110, at most {MAX_DPI})")
 
 
 def _is_timeline(path: Path) -> bool:
@@ -46,10 +60,13 @@ def _is_timeline(path: Path) -> bool:
 
 def _read_summary(path: Path):
     import pandas as pd
+
+    from pipedec_sim.inputs.files import file_problem
     p = path / "summary.csv" if path.is_dir() else path
-    if not p.is_file():
-        raise InputError("no such file" + (" (expected a sweep folder with summary.csv)"
-                                           if path.is_dir() else ""), file=p)
+    problem = file_problem(p)
+    if problem is not None:
+        raise InputError(problem + (" (expected a sweep folder with summary.csv)"
+                                    if path.is_dir() else ""), file=p)
     try:
         df = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -63,13 +80,8 @@ def _read_summary(path: Path):
 
 
 def _read_timeline(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError("no such file", file=path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"not JSON: {e}", file=path,
-                         line=getattr(e, "lineno", None)) from None
+    from pipedec_sim.inputs.files import load_json, read_text
+    data = load_json(read_text(path), file=path)    # regular files only, nesting bounded
     if not isinstance(data, dict) or not isinstance(data.get("traceEvents"), list):
         raise InputError("not a Chrome trace (no traceEvents list)", file=path,
                          field="traceEvents")
@@ -78,8 +90,13 @@ def _read_timeline(path: Path) -> dict:
 
 def cmd_plot(args) -> int:
     from analysis import plots
+    from pipedec_sim.atomic import check_output
+    check_output(args.out, "--out")                  # before any work
     try:
         if args.kind == "timeline" or (args.kind == "utilization" and _is_timeline(args.results)):
+            if args.where:
+                raise InputError("selects rows of sweep results, not of a timeline (use --run)",
+                                 field="--where")
             tl = _read_timeline(args.results)
             if args.kind == "timeline":
                 fig = plots.timeline_gantt(tl, run=args.run, start_ms=args.start_ms,
@@ -90,13 +107,15 @@ def cmd_plot(args) -> int:
             if _is_timeline(args.results):
                 raise InputError(f"--kind {args.kind} needs sweep results (a folder or "
                                  "summary.csv), not a timeline", file=args.results)
-            df = _read_summary(args.results)
+            df = _select(plots, _read_summary(args.results), args.where)
             if args.kind == "speedup":
                 fig = plots.speedup_bars(df, stages=args.stages)
             elif args.kind == "stages":
                 fig = plots.speedup_vs_stages(df)
             elif args.kind == "width":
                 fig = plots.width_heatmap(df, metric=args.metric, stages=args.stages)
+                note = plots.width_slice(df, args.metric, args.stages)[3]
+                print(f"width heatmap of {note}", file=sys.stderr)
             else:
                 fig = plots.utilization_bars(df, stages=args.stages)
     except ValueError as e:          # a table without what this kind of plot needs
@@ -106,3 +125,13 @@ def cmd_plot(args) -> int:
     plots.save(fig, args.out, dpi=args.dpi)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _select(plots, df, conditions: list[tuple[str, str]]):
+    """The rows of every --where condition (InputError naming the flag)."""
+    if not conditions:
+        return df
+    try:
+        return plots.where(df, dict(conditions))
+    except ValueError as e:
+        raise InputError(str(e), field="--where") from None

@@ -18,17 +18,27 @@ measured against it.
 Results in DIR:
   parts/<config_id>.csv  one file per finished configuration, written by atomic rename:
                          a re-run skips them, an interrupted run loses none, and no row
-                         can be written twice.
+                         can be written twice. A re-run checks every part (columns, one
+                         row per request, a whole last line): a damaged one is set aside
+                         as <config_id>.csv.damaged and its configuration runs again.
   requests.csv           one row per configuration and request (`config_id`, `cfg_*`).
   summary.csv            one row per configuration, with speedup vs plain PP and vs the
-                         best tree-SD configuration of the same group.
+                         best tree-SD configuration of the same group (the two tables
+                         are replaced together).
   grid.json              the expanded grid (what each config_id means).
+  .sweep.lock            held (flock) while a sweep writes here: a second sweep on the
+                         same folder is refused, naming the first one's process.
+
+Worker processes die with the sweep (PR_SET_PDEATHSIG, and a pipe only the sweep holds
+open): a killed sweep leaves no orphans behind.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -44,7 +54,13 @@ try:
 except ModuleNotFoundError:             # pragma: no cover (3.10: pip install tomli)
     import tomli as tomllib
 
-from pipedec_sim.programs.flags import DEFAULT_PROFILE, DEFAULT_STAGES, STRATEGY_NAMES
+from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES, MAX_WORKERS
+from pipedec_sim.programs.flags import (
+    DEFAULT_PROFILE,
+    DEFAULT_STAGES,
+    STRATEGY_NAMES,
+    seed_problem,
+)
 from pipedec_sim.protocol.knobs import (
     KNOBS,
     PipeDecKnobs,
@@ -103,16 +119,20 @@ def _check(key: str, v: Any, where: _Where) -> Any:
     def bad(msg):
         return where.fail(key, f"{msg}, got {v!r}")
 
-    def intval(minimum=1):
+    def intval(minimum=1, maximum=None):
         if isinstance(v, bool) or not isinstance(v, int):
             raise bad("expected an integer")
         if v < minimum:
             raise bad(f"must be >= {minimum}")
+        if maximum is not None and v > maximum:
+            raise bad(f"must be <= {maximum} (the limit)")
         return v
 
     def num(lo=None, hi=None, lo_open=False, hi_open=False):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
             raise bad("expected a number")
+        if v in (math.inf, -math.inf) or (isinstance(v, int) and abs(v) > 2**53):
+            raise bad("must be finite")
         if lo is not None and (v < lo or (lo_open and v == lo)):
             raise bad(f"must be {'>' if lo_open else '>='} {lo}")
         if hi is not None and (v > hi or (hi_open and v == hi)):
@@ -128,12 +148,17 @@ def _check(key: str, v: Any, where: _Where) -> Any:
         return _check_knob(KNOBS[key], v, bad)
     if key == "strategies":
         return choice(STRATEGY_NAMES)
-    if key in ("stages", "max_new_tokens"):
-        return intval()
+    if key == "stages":
+        return intval(maximum=MAX_STAGES)
+    if key == "max_new_tokens":
+        return intval(maximum=MAX_OUTPUT_LEN)
     if key == "max_requests":
         return None if v in (0, None) else intval()   # 0 = all requests
     if key == "seed":
-        return intval(minimum=0)
+        problem = seed_problem(v)          # the same rule as every --seed flag
+        if problem:
+            raise bad(problem)
+        return v
     if key == "link_gbps":
         return None if v in (0, None) else num(0.0, lo_open=True)         # 0 = the profile's
     if key == "link_latency_ms":
@@ -243,13 +268,9 @@ def build_grid(grid_file: Path | None = None, overrides: dict[str, list] | None 
     text = None
     axes: dict[str, list] = {}
     if grid_file is not None:
+        from pipedec_sim.inputs.files import read_text
         grid_file = Path(grid_file)
-        try:
-            text = grid_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError("no such file", file=grid_file) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read: {e}", file=grid_file) from None
+        text = read_text(grid_file)         # regular files only; names the file on error
         axes = parse_grid_text(text, grid_file)
     where = _Where(grid_file, text)
     base_dir = grid_file.parent if grid_file is not None else Path.cwd()
@@ -277,16 +298,20 @@ def build_grid(grid_file: Path | None = None, overrides: dict[str, list] | None 
 
 
 def _resolve_files(grid: Grid, where: _Where, check_files: bool) -> None:
+    from pipedec_sim.inputs.files import file_problem
     from pipedec_sim.inputs.profile import bundled_profiles, load_profile
 
     def resolve(key: str, v: str) -> str:
         p = Path(v)
         base = Path.cwd() if key in where.from_flag else grid.base_dir
         full = p if p.is_absolute() else base / p
-        if full.is_file():
+        problem = file_problem(full)
+        if problem is None:
             return str(full.resolve())
         if key == "profile" and v in bundled_profiles():
             return v
+        if os.path.lexists(full):                   # a folder, a FIFO: say what it is
+            raise where.fail(key, f"{full}: {problem.removeprefix('cannot read: ')}")
         if key == "profile":
             raise where.fail(key, f"no such file or bundled profile: {v} (bundled: "
                                   f"{', '.join(sorted(bundled_profiles()))})")
@@ -308,7 +333,11 @@ def _resolve_files(grid: Grid, where: _Where, check_files: bool) -> None:
                                            f"has only {profile.target.layers} layers")
         for lat in grid.axes["link_latency_ms"]:
             for bw in grid.axes["link_gbps"]:
-                profile.with_link(bandwidth_gbps=bw, latency_ms=lat)
+                try:
+                    profile.with_link(bandwidth_gbps=bw, latency_ms=lat)
+                except InputError as e:
+                    key = "link_gbps" if e.field == "bandwidth_gbps" else "link_latency_ms"
+                    raise where.fail(key, f"{e.message} (profile {prof})") from None
     from pipedec_sim.inputs.acceptance import load_acceptance
     for acc in grid.axes["acceptance"]:
         if acc is not None:
@@ -402,6 +431,54 @@ def pool_context():
     return mp.get_context("spawn")
 
 
+class WorkerPool:
+    """A process pool whose workers die with this process, so a killed sweep (or tuner)
+    leaves no orphans: each worker asks for SIGTERM when its parent dies
+    (PR_SET_PDEATHSIG), and, since under a fork server that parent is the server (which
+    itself lives as long as any worker holds its pipe), also exits when a pipe that only
+    this process holds open reaches EOF. A context manager; `pool` is the executor."""
+
+    def __init__(self, workers: int):
+        from concurrent.futures import ProcessPoolExecutor
+        ctx = pool_context()
+        self._lifeline, self._keep = ctx.Pipe(duplex=False)    # workers read, we hold
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                        initializer=_die_with_parent,
+                                        initargs=(self._lifeline,))
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(wait=exc[0] is None)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+        if wait:                         # the workers are gone: nothing reads the pipe
+            self._lifeline.close()
+            self._keep.close()
+
+
+def _die_with_parent(lifeline) -> None:
+    """Worker initializer (see WorkerPool)."""
+    import signal
+    import threading
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        try:
+            lifeline.recv()               # nothing is ever sent: returns at EOF only
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+
+
 def _part_path(out: Path, cid: str) -> Path:
     return out / "parts" / f"{cid}.csv"
 
@@ -420,21 +497,128 @@ def _run_and_commit(cfg: dict, out: str) -> tuple[str, float, str | None]:
 
 
 def finished_ids(out: Path) -> set[str]:
+    """Configurations with a part file (whole or not: see check_parts)."""
     d = out / "parts"
     return {p.stem for p in d.glob("*.csv")} if d.is_dir() else set()
 
 
+def _part_columns() -> list[str]:
+    from pipedec_sim.results.metrics import RequestMetrics
+    return (["config_id"] + [f.name for f in dataclasses.fields(RequestMetrics)]
+            + ["tbt_ms", "hit_rate", "utilization"] + CFG_COLUMNS)
+
+
+def part_problem(path: Path, cid: str, requests: int) -> str | None:
+    """What is wrong with a configuration's part file, or None: it must be a whole CSV
+    (ending in a newline) with every column, its config_id on each row and one row per
+    request of the configuration's workload, none of them short of a value."""
+    import io
+
+    import pandas as pd
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    if not data:
+        return "is empty (0 bytes)"
+    if not data.endswith(b"\n"):
+        return "is cut short (no newline at the end)"
+    try:
+        df = pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        return f"is not a CSV table ({str(e).strip().splitlines()[0]})"
+    cols = _part_columns()
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        return f"lacks column(s) {', '.join(missing[:4])}"
+    if len(df) != requests:
+        return f"has {len(df)} rows, expected {requests} (one per request)"
+    if (df.config_id.astype(str) != cid).any():
+        return f"holds rows of another configuration than {cid}"
+    metrics = [c for c in cols if c != "config_id" and not c.startswith("cfg_")]
+    if df[metrics].isna().any().any():
+        return "has rows with missing values"
+    return None
+
+
+def check_parts(out: Path, configs: list[dict]) -> tuple[set[str], dict[str, str]]:
+    """(ids of the configurations whose parts are whole, {id: problem} for damaged ones)."""
+    out = Path(out)
+    have = finished_ids(out)
+    good, bad = set(), {}
+    for cfg in configs:
+        cid = cfg["config_id"]
+        if cid in have:
+            problem = part_problem(_part_path(out, cid), cid, len(_trace(cfg).requests))
+            if problem is None:
+                good.add(cid)
+            else:
+                bad[cid] = problem
+    return good, bad
+
+
+_LOCKED: set[Path] = set()          # folders this process holds the lock of
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path):
+    """Hold DIR/.sweep.lock (flock: released however this process ends) while a sweep
+    writes into DIR; InputError naming the other process if one already holds it.
+    Re-entrant within this process (the CLI takes it first, run_sweep again)."""
+    import fcntl
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key in _LOCKED:
+        yield
+        return
+    path = out / ".sweep.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise InputError(f"another sweep is writing into this folder ({holder}); wait "
+                             "for it to finish or choose another --out",
+                             file=out, field="--out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(sys.argv)[:300]}\n".encode("utf-8", "replace"), 0)
+        _LOCKED.add(key)
+        try:
+            yield
+        finally:
+            _LOCKED.discard(key)
+    finally:
+        os.close(fd)                    # releases the lock
+
+
 def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
               progress: Callable[[int, int], None] | None = None,
-              on_error: Callable[[dict, str], None] | None = None) -> dict:
-    """Run every configuration not yet in `out/parts`; merge; return counts."""
+              on_error: Callable[[dict, str], None] | None = None,
+              on_damaged: Callable[[Path, str], None] | None = None) -> dict:
+    """Run every configuration without a whole part in `out/parts`; merge; return counts.
+
+    A damaged part is renamed to <id>.csv.damaged (reported to `on_damaged(path,
+    problem)`) and its configuration runs again. InputError if another sweep holds `out`."""
     out = Path(out)
+    with sweep_lock(out):
+        return _run_locked(configs, out, workers, progress, on_error, on_damaged)
+
+
+def _run_locked(configs, out: Path, workers, progress, on_error, on_damaged) -> dict:
     (out / "parts").mkdir(parents=True, exist_ok=True)
     for stale in (out / "parts").glob(".*.tmp"):      # torn writes of a killed run
         stale.unlink(missing_ok=True)
     from pipedec_sim.atomic import write_text
     write_text(out / "grid.json", json.dumps(configs, indent=1, default=str))
-    done = finished_ids(out)
+    done, damaged = check_parts(out, configs)
+    for cid, problem in damaged.items():
+        part = _part_path(out, cid)
+        os.replace(part, part.with_suffix(".csv.damaged"))
+        if on_damaged:
+            on_damaged(part, problem)
     todo = [c for c in configs if c["config_id"] not in done]
     skipped = len(configs) - len(todo)
     by_id = {c["config_id"]: c for c in configs}
@@ -461,10 +645,9 @@ def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
             for c in todo:
                 finish(*_run_and_commit(c, str(out))[::2])
         else:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
-                                     mp_context=pool_context()) as pool:
-                futures = [pool.submit(_run_and_commit, c, str(out)) for c in todo]
+            from concurrent.futures import as_completed
+            with WorkerPool(min(workers, len(todo))) as wp:
+                futures = [wp.pool.submit(_run_and_commit, c, str(out)) for c in todo]
                 try:
                     for f in as_completed(futures):
                         cid, _, err = f.result()
@@ -476,28 +659,32 @@ def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
     finally:
         merged = merge(out, configs)
     return {"configs": len(configs), "skipped": skipped, "ran": len(todo) - len(failed),
-            "failed": failed, "merged": merged}
+            "failed": failed, "merged": merged, "damaged": sorted(damaged)}
 
 
 def merge(out: Path, configs: list[dict]) -> int:
-    """Write requests.csv and summary.csv from the finished parts of this grid."""
+    """Write requests.csv and summary.csv (together: both or neither change) from the
+    finished parts of this grid; InputError naming a damaged part."""
     import pandas as pd
 
-    from pipedec_sim.atomic import atomic_path
+    from pipedec_sim.atomic import atomic_paths
     out = Path(out)
-    ids = [c["config_id"] for c in configs]
-    have = finished_ids(out)
-    frames = [pd.read_csv(_part_path(out, cid), keep_default_na=False,
-                          na_values=[""]) for cid in ids if cid in have]
+    done, damaged = check_parts(out, configs)
+    if damaged:
+        cid, problem = next(iter(damaged.items()))
+        raise InputError(f"{problem}: run the sweep again to recompute it",
+                         file=_part_path(out, cid))
+    frames = [pd.read_csv(_part_path(out, c["config_id"]), keep_default_na=False,
+                          na_values=[""]) for c in configs if c["config_id"] in done]
     if not frames:
         return 0
     req = pd.concat(frames, ignore_index=True)
     req["request"] = req["request"].astype(str)
     req = _int_columns(req)
     summary = summarize_sweep(req)
-    for name, frame in (("requests.csv", req), ("summary.csv", summary)):
-        with atomic_path(out / name) as tmp:
-            frame.to_csv(tmp, index=False)
+    with atomic_paths([out / "requests.csv", out / "summary.csv"]) as (req_tmp, sum_tmp):
+        req.to_csv(req_tmp, index=False)
+        summary.to_csv(sum_tmp, index=False)
     return len(frames)
 
 
@@ -607,7 +794,7 @@ def add_parser(sub) -> None:
         g.add_argument(flag, dest=f"axis_{key}", type=_list_of(kind), default=None, help=help_)
     p.add_argument("--out", type=Path, default=Path("sweep-results"),
                    help="results folder (default sweep-results); re-running resumes")
-    p.add_argument("--workers", type=positive(), default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=positive(hi=MAX_WORKERS), default=os.cpu_count() or 1,
                    help="worker processes (default: one per CPU)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the grid and list its configurations; run nothing")
@@ -618,16 +805,31 @@ def _overrides(args) -> dict[str, list]:
     return {key: getattr(args, f"axis_{key}") for _, key, _, _ in FLAG_AXES}
 
 
+SWEEP_FILES = ("requests.csv", "summary.csv", "grid.json", ".sweep.lock")
+
+
 def cmd_sweep(args) -> int:
+    from pipedec_sim.atomic import check_output
+    if not args.dry_run:                          # before any work: can DIR be written?
+        check_output(args.out, "--out", folder=True, files=SWEEP_FILES)
+        check_output(args.out / "parts", "--out", folder=True)
+    grid = build_grid(args.grid, _overrides(args))      # validates; writes nothing
+    if args.dry_run:
+        return _sweep(args, grid)
+    with sweep_lock(args.out):                    # no other sweep writes into DIR meanwhile
+        return _sweep(args, grid)
+
+
+def _sweep(args, grid: Grid) -> int:
     from pipedec_sim.programs.flags import progress_printer
-    grid = build_grid(args.grid, _overrides(args))
     configs = grid.configs()
-    done = finished_ids(args.out) & {c["config_id"] for c in configs}
+    done, damaged = check_parts(args.out, configs)
     if not args.quiet or args.dry_run:
         n = {s: sum(c["strategy"] == s for c in configs) for s in STRATEGY_NAMES}
         counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)
+        bad = f" ({len(damaged)} more damaged: to run again)" if damaged else ""
         print(f"grid: {len(configs)} configurations ({counts}); {len(done)} already finished "
-              f"in {args.out}", file=sys.stderr)
+              f"in {args.out}{bad}", file=sys.stderr)
     if args.dry_run:
         for c in configs:
             knobs = ", ".join(f"{k}={c[k]}" for k in KNOBS_OF[c["strategy"]])
@@ -640,10 +842,14 @@ def cmd_sweep(args) -> int:
         print(f"pipedec-sim: configuration {cfg['config_id']} ({cfg['strategy']}, "
               f"S={cfg['stages']}) failed: {err}", file=sys.stderr)
 
+    def on_damaged(part, problem):
+        print(f"pipedec-sim: {part} {problem}: kept as {part.name}.damaged, running "
+              f"configuration {part.stem} again", file=sys.stderr)
+
     try:
         res = run_sweep(configs, args.out, workers=args.workers,
                         progress=progress_printer("configurations:", args.quiet),
-                        on_error=on_error)
+                        on_error=on_error, on_damaged=on_damaged)
     except KeyboardInterrupt:
         n = len(finished_ids(args.out) & {c["config_id"] for c in configs})
         print(f"pipedec-sim: interrupted with {n}/{len(configs)} configurations finished "

@@ -8,7 +8,8 @@ floor) is always evaluated, so the answer is never worse than the default on the
 requests. The space is checked against the knobs' names and bounds (`check_space`).
 
 Tuning on a few requests can over-fit them; `--holdout N` re-measures the best and the
-default configurations on the next N requests of the trace.
+default configurations on the next N requests of the trace (fewer, said so, if the trace
+ends sooner; none left is an error, before any tuning).
 """
 from __future__ import annotations
 
@@ -88,15 +89,13 @@ class Evaluator:
 
     def __enter__(self):
         if self.workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            from pipedec_sim.programs.sweep import pool_context
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=pool_context())
+            from pipedec_sim.programs.sweep import WorkerPool
+            self._pool = WorkerPool(self.workers)     # workers die with this process
         return self
 
     def __exit__(self, *exc):
         if self._pool:
-            self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+            self._pool.shutdown(wait=exc[0] is None)
 
     @property
     def left(self) -> int:
@@ -105,7 +104,7 @@ class Evaluator:
     def run(self, points) -> list[Trial]:
         new = list(dict.fromkeys(p for p in points if p not in self.trials))[:max(self.left, 0)]
         if self._pool and len(new) > 1:
-            results = list(self._pool.map(_evaluate, new, [self.common] * len(new)))
+            results = list(self._pool.pool.map(_evaluate, new, [self.common] * len(new)))
         else:
             results = [_evaluate(p, self.common) for p in new]
         for r in results:
@@ -163,51 +162,74 @@ def tune(common: dict, *, budget: int = 30, workers: int = 1,
 
 # --------------------------------------------------------------------------- CLI
 
+def _requests(common: dict, n: int | None) -> int:
+    """How many requests the workload has, of the first `n` (None: all)."""
+    from pipedec_sim.programs.sweep import _trace
+    return len(_trace({**common, "max_requests": n}).requests)
+
+
+def _holdout(common: dict, tuned: int, asked: int) -> int:
+    """The held-out requests there are after the `tuned` first ones, at most `asked`:
+    InputError if there are none, a note on stderr if there are fewer."""
+    there = _requests(common, tuned + asked) - tuned
+    if there <= 0:
+        raise InputError(f"the trace has only {tuned} requests, all used for tuning: none is "
+                         "left to hold out (lower --max-requests or use a longer trace)",
+                         file=common["trace"], field="--holdout")
+    if there < asked:
+        print(f"pipedec-sim: --holdout {asked}: the trace has only {there} requests after the "
+              f"{tuned} tuned on; holding out those {there}", file=sys.stderr)
+    return there
+
+
 def add_parser(sub) -> None:
+    from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES, MAX_WORKERS
     from pipedec_sim.programs.flags import (
         DEFAULT_PROFILE,
         DEFAULT_STAGES,
         add_pipeline_flags,
+        number,
         positive,
+        seed,
     )
     p = sub.add_parser("tune", help="search PipeDec width/top-k/floor for the lowest TBT",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", required=True, type=Path, help="speculation trace or prompt file")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"calibration profile file or bundled name (default {DEFAULT_PROFILE})")
-    p.add_argument("--stages", type=positive(), default=DEFAULT_STAGES,
+    p.add_argument("--stages", type=positive(hi=MAX_STAGES), default=DEFAULT_STAGES,
                    help=f"pipeline stages S (default {DEFAULT_STAGES})")
     p.add_argument("--budget", type=positive(), default=16,
                    help="most configurations to simulate (default 16: about 2 minutes at "
                         "S=14 on 8 requests with 2 workers)")
     p.add_argument("--max-requests", type=positive(), default=8,
                    help="tune on the first N requests (default 8)")
-    p.add_argument("--holdout", type=int, default=0,
+    p.add_argument("--holdout", type=number(int, lo=0), default=0,
                    help="re-measure best and default on the next N requests (default 0: off)")
-    p.add_argument("--tolerance", type=float, default=0.02,
+    p.add_argument("--tolerance", type=number(float, lo=0), default=0.02,
                    help="also show the cheapest tree (fewest wasted rows) within this fraction "
                         "of the best TBT (default 0.02)")
     g = add_pipeline_flags(p)
     g.add_argument("--link-gbps", type=positive(float), default=None,
                    help="override the profile's link bandwidth (Gbit/s; default the profile's)")
-    p.add_argument("--max-new-tokens", type=positive(), default=256,
+    p.add_argument("--max-new-tokens", type=positive(hi=MAX_OUTPUT_LEN), default=256,
                    help="output length for prompt files (default 256)")
     p.add_argument("--acceptance", type=Path, default=None,
                    help="acceptance model JSON for prompt files (default: by data set)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--workers", type=positive(), default=os.cpu_count() or 1,
+    p.add_argument("--seed", type=seed, default=0, help="seed (default 0)")
+    p.add_argument("--workers", type=positive(hi=MAX_WORKERS), default=os.cpu_count() or 1,
                    help="worker processes (default: one per CPU)")
     p.add_argument("--out", type=Path, default=None, help="write every trial to this CSV")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def cmd_tune(args) -> int:
+    from pipedec_sim.atomic import check_output
     from pipedec_sim.programs.flags import progress_printer
     from pipedec_sim.programs.sweep import PIPELINE_KNOBS, POLICY_KNOBS, build_grid
-    if args.holdout < 0:
-        raise InputError("must be >= 0", field="--holdout")
     if not 0 <= args.tolerance < 1:
         raise InputError("must be in [0, 1)", field="--tolerance")
+    check_output(args.out, "--out")               # before any work
     overrides = {"trace": [str(args.trace)], "profile": [args.profile], "stages": [args.stages],
                  **{k: [getattr(args, k)] for k in PIPELINE_KNOBS},
                  "link_gbps": [args.link_gbps], "max_requests": [args.max_requests],
@@ -218,12 +240,14 @@ def cmd_tune(args) -> int:
     common = {k: v[0] for k, v in grid.axes.items() if k != "strategies"}
     for k in POLICY_KNOBS:
         common.pop(k, None)
+    tuned = _requests(common, args.max_requests)
+    holdout = _holdout(common, tuned, args.holdout) if args.holdout else 0
     t0 = time.perf_counter()
     best, default, trials = tune(common, budget=args.budget, workers=args.workers,
                                  progress=progress_printer("tuner trials:", args.quiet))
     ar = _evaluate(DEFAULT, {**common, "strategy": "ar"})["tbt_ms"]
     took = time.perf_counter() - t0
-    print(f"tuned PipeDec on {args.trace.name}, {args.max_requests} requests, S={args.stages}, "
+    print(f"tuned PipeDec on {args.trace.name}, {tuned} requests, S={args.stages}, "
           f"profile {args.profile}: {len(trials)} configurations in {took:.0f}s")
     print(f"{'width':>5} {'topk':>4} {'floor':>7} {'tbt_ms':>8} {'vs PP':>6} {'hit':>6} "
           f"{'waste/tok':>9}")
@@ -243,11 +267,11 @@ def cmd_tune(args) -> int:
         print(f"cheapest within {args.tolerance:.1%} of the best: --width {cheap.width} "
               f"--topk {cheap.topk} --floor {cheap.floor:g}: TBT {cheap.tbt_ms:.2f} ms, "
               f"{cheap.wasted_per_token:.1f} wasted rows/token vs {best.wasted_per_token:.1f}")
-    if args.holdout:
-        held = {**common, "max_requests": args.holdout, "first_request": args.max_requests}
+    if holdout:
+        held = {**common, "max_requests": holdout, "first_request": tuned}
         hb = _evaluate(best.key, held)["tbt_ms"]
         hd = _evaluate(DEFAULT, held)["tbt_ms"]
-        print(f"held-out requests {args.max_requests}..{args.max_requests + args.holdout - 1}: "
+        print(f"held-out requests {tuned}..{tuned + holdout - 1}: "
               f"best {hb:.2f} ms vs default {hd:.2f} ms ({(hd - hb) / hd:.1%} lower)")
     if args.out:
         import pandas as pd

@@ -24,6 +24,16 @@ from pipedec_sim.protocol.pacing import DEFAULT_CANCEL, DEFAULT_PRUNE, PRUNE_MOD
 
 STRATEGY_LABELS = {"pipedec": "PipeDec", "tree-sd": "tree-SD"}
 
+# Upper bounds of the tree knobs: far past any useful tree, and low enough that one decode
+# step stays cheap (tree-SD's work grows as tree_topk squared: 64 tokens at tree_topk 1024
+# take 20 s to simulate, at 64 a tenth of a second). Flags, sweep grids and the tuner all
+# check them. The window has none: it only caps the batches in flight (10**9: unbounded).
+MAX_WIDTH = 1024                # PipeDec nodes per layer
+MAX_TOPK = 1024                 # children per node (the most a trace or model proposes)
+MAX_DEPTH = 64                  # tree-SD draft passes
+MAX_TREE_TOPK = 64              # tree-SD nodes expanded per level
+MAX_TOTAL = 4096                # tree-SD verified nodes
+
 
 @dataclass(frozen=True)
 class Knob:
@@ -84,8 +94,10 @@ class Knob:
         if isinstance(value, bool) or not isinstance(
                 value, numbers.Integral if whole else numbers.Real):
             return "expected an integer" if whole else "expected a number"
-        if math.isnan(value):
-            return "expected a number"
+        if not whole and value != value:
+            return "expected a number"              # NaN
+        if not whole and not _finite(value):
+            return "must be finite"
         return self._bounds_problem(value)
 
     def _bounds_problem(self, value) -> str | None:
@@ -117,6 +129,13 @@ class Knob:
         if msg is not None:
             raise ValueError(f"{msg}, got {text!r}")
         return value
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:           # an int too large for a float
+        return False
 
 
 def _parse_bool(text: str):
@@ -151,8 +170,8 @@ class KnobGroup:
 class PipeDecKnobs(KnobGroup):
     """PipeDec: the layer policy (`LayerPolicy`) and the batches in flight."""
     strategy: ClassVar[str | None] = "pipedec"
-    width: int = knob(int, 16, "nodes per tree layer, W", lo=1)
-    topk: int = knob(int, 16, "children considered per frontier node, k", lo=1)
+    width: int = knob(int, 16, "nodes per tree layer, W", lo=1, hi=MAX_WIDTH)
+    topk: int = knob(int, 16, "children considered per frontier node, k", lo=1, hi=MAX_TOPK)
     floor: float = knob(float, 0.0, "drop nodes whose path probability is below this",
                         lo=0.0, hi=1.0, hi_open=True)
     coverage: float | None = knob(float, None, "adaptive width: stop a layer once it holds "
@@ -165,10 +184,11 @@ class PipeDecKnobs(KnobGroup):
 class TreeSDKnobs(KnobGroup):
     """Tree-based SD: the EAGLE-2 dynamic tree (`Eagle2Policy`)."""
     strategy: ClassVar[str | None] = "tree-sd"
-    depth: int = knob(int, 6, "draft passes per tree, EAGLE-2's depth", lo=1)
+    depth: int = knob(int, 6, "draft passes per tree, EAGLE-2's depth", lo=1, hi=MAX_DEPTH)
     tree_topk: int = knob(int, 10, "nodes expanded per level and children per node, "
-                          "EAGLE-2's top_k", lo=1)
-    total: int = knob(int, 60, "nodes kept in the verified tree, EAGLE-2's total_token", lo=1)
+                          "EAGLE-2's top_k", lo=1, hi=MAX_TREE_TOPK)
+    total: int = knob(int, 60, "nodes kept in the verified tree, EAGLE-2's total_token", lo=1,
+                      hi=MAX_TOTAL)
 
 
 @dataclass(frozen=True)

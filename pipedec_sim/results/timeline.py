@@ -1,4 +1,6 @@
-"""Chrome/Perfetto trace JSON: one process per run, one track per actor."""
+"""Chrome/Perfetto trace JSON: one process per run, one track per actor; instant events
+(the head's commits: hit, miss, stall, accept, token) are thread-scoped ("s": "t"), so
+viewers draw them on the head's track rather than across the whole trace."""
 from __future__ import annotations
 
 import json
@@ -14,6 +16,13 @@ def _sort_key(tid: str):
     return (0 if tid in _ORDER[:2] else 2, _ORDER.index(tid) if tid in _ORDER else 9)
 
 
+def _scoped(e: dict) -> dict:
+    """Instant events (commits: hit, miss, ...) drawn on their own track: thread scope."""
+    if e.get("ph") in ("i", "I"):
+        e["s"] = "t"
+    return e
+
+
 def chrome_trace(runs: dict[str, list[dict]]) -> dict:
     """`runs` maps a label (e.g. 'pipedec / request 0') to that run's events."""
     events = []
@@ -26,7 +35,7 @@ def chrome_trace(runs: dict[str, list[dict]]) -> dict:
                            "args": {"name": t}})
             events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": i,
                            "args": {"sort_index": i}})
-        events += [{**e, "pid": pid, "tid": index[e["tid"]]} for e in evs]
+        events += [_scoped({**e, "pid": pid, "tid": index[e["tid"]]}) for e in evs]
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

@@ -1,4 +1,4 @@
-"""Calibration profiles (the `pipedec_sim.inputs.profile` package): how long each piece of work takes on some hardware.
+"""Calibration profiles: how long each piece of work takes on some hardware.
 
 A profile (JSON, schema ``pipedec-profile/1``) holds latency grids for one target decoder
 layer, one whole draft step, the target LM head and embedding, plus a link model and a device

@@ -9,6 +9,7 @@ from typing import Mapping
 
 from ...atomic import write_text
 from ...errors import InputError
+from ..files import file_problem, load_json, read_text
 from .model import Profile
 from .validate import parse_profile
 
@@ -21,12 +22,17 @@ def bundled_profiles() -> dict[str, Path]:
 
 
 def _resolve(path_or_name: str | os.PathLike) -> Path:
+    """The file of a path or a bundled name; something at the path that is no regular file
+    (a folder, a FIFO) is named as what it is."""
     p = Path(path_or_name)
-    if p.is_file():
+    problem = file_problem(p)
+    if problem is None:
         return p
     bundled = bundled_profiles()
     if str(path_or_name) in bundled:
         return bundled[str(path_or_name)]
+    if os.path.lexists(p):
+        raise InputError(problem, file=p)
     names = ", ".join(bundled) or "none"
     raise InputError(f"no such file, and not a bundled profile (bundled: {names})",
                      file=str(path_or_name))
@@ -35,18 +41,7 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
 def load_profile(path_or_name: str | os.PathLike) -> Profile:
     """Load and validate a profile from a JSON file path or a bundled profile name."""
     path = _resolve(path_or_name)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason})", file=path) from None
-    except OSError as e:
-        raise InputError(f"cannot read: {e.strerror or e}", file=path) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON: {e.msg} (column {e.colno})", file=path,
-                         line=e.lineno) from None
-    return parse_profile(data, source=path)
+    return parse_profile(load_json(read_text(path), file=path), source=path)
 
 
 _NUM_LIST = re.compile(r"\[\n\s*(-?[0-9][-+0-9.eE]*(?:,\n\s*-?[0-9][-+0-9.eE]*)*)\n\s*\]")

@@ -8,7 +8,7 @@ from datetime import date
 from typing import Any, Mapping
 
 from ...errors import InputError
-from .checks import _fail, _get, _int, _join, _obj, _str, _type_name, check_number
+from .checks import _fail, _get, _int, _join, _obj, _str, _type_name, check_number, check_shape_int
 from .grid import Grid1D, Grid2D
 from .model import (
     COLD_FIELDS,
@@ -67,7 +67,7 @@ def _grid2d(v: Any, path: str, src: str | None) -> Grid2D:
 
 def _shape(v: Any, path: str, src: str | None) -> ModelShape:
     d = _obj(v, path, src)
-    ints = {k: _int(_get(d, k, path, src), _join(path, k), src)
+    ints = {k: check_shape_int(_get(d, k, path, src), _join(path, k), src)
             for k in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab",
                       "dtype_bytes")}
     s = ModelShape(name=_str(_get(d, "name", path, src), _join(path, "name"), src), **ints)
@@ -148,15 +148,15 @@ def _host(v: Any, src: str | None) -> None:
     if "isa" in h:
         if not isinstance(h["isa"], list):
             raise _fail(src, f"{path}.isa", f"expected a list, got {_type_name(h['isa'])}")
-        for k, s in enumerate(h["isa"]):
-            _str(s, f"{path}.isa[{k}]", src)
+        for i, flag in enumerate(h["isa"]):
+            _str(flag, f"{path}.isa[{i}]", src)
     if "load_average" in h:
         la = _list(h["load_average"], f"{path}.load_average", src)
         if len(la) != 3:
             raise _fail(src, f"{path}.load_average", f"expected 3 numbers (1, 5, 15 min), "
                                                      f"got {len(la)}")
-        for k, x in enumerate(la):
-            check_number(x, f"{path}.load_average[{k}]", src)
+        for i, x in enumerate(la):
+            check_number(x, f"{path}.load_average[{i}]", src)
 
 
 def _link(v: Any, src: str | None) -> LinkModel:
