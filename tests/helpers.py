@@ -63,3 +63,39 @@ def tagged_pids(tag: str) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+def _address(hex_addr: str) -> str:
+    """/proc/net/tcp{,6}'s local address as text: hex 32-bit words, each printed as the
+    host-order number whose memory holds 4 bytes of the address in network order."""
+    import ipaddress
+    import struct
+    words = [int(hex_addr[i:i + 8], 16) for i in range(0, len(hex_addr), 8)]
+    return str(ipaddress.ip_address(b"".join(struct.pack("=I", w) for w in words)))
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in LISTEN state that one of `pids` holds,
+    IPv4 and IPv6 (from /proc/net/tcp{,6}, matched to the processes' fds by inode)."""
+    owner = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owner[link[8:-1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and f[9] in owner:             # 0A: TCP_LISTEN
+                    addr, port = f[1].split(":")
+                    found.append((owner[f[9]], _address(addr), int(port, 16)))
+    return found

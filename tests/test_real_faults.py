@@ -38,6 +38,12 @@ def test_stage_failure_is_reported_and_cleaned_up(tmp_path, mode):
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("pipedec-real: error: stage 2 (rank 2) failed"), last
+    assert "Traceback" not in proc.stderr, proc.stderr            # stages print one line
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("pipedec-real: error:")]
+    assert errors == [last], proc.stderr
+    if mode == "raise":
+        assert ("pipedec-real: stage 2 (rank 2) failed: RuntimeError: injected fault"
+                in proc.stderr), proc.stderr
     assert seconds < 60          # includes ~10 s of process start-up; the fault is at ~1 s
     time.sleep(0.5)
     assert tagged_pids(tag) == [], "orphan stage processes"

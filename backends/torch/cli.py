@@ -1,14 +1,18 @@
 """`pipedec-real`: run PipeDec, tree-based SD and plain PP on real models, one process per stage.
 
-Bad input (files, flags) prints one line naming the file, line and field and exits 2; a
-stage failure prints one line naming the stage and exits 1 (finished requests are kept).
+Bad input (files, flags, output paths: all checked before any work) prints one line naming
+the file, line and field and exits 2; a stage failure prints one line naming the stage and
+exits 1; SIGINT / SIGTERM stop the run with one line and exit 130 / 143. Either way the
+request runs finished so far are written.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipedec_sim.errors import InputError, guarded
@@ -22,6 +26,17 @@ from pipedec_sim.programs.flags import (
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
+NO_PROGRESS_S = 20.0     # --timeout's default, as worker.StageConfig's: a hang is an error
+                         # within 30 s (the head's clean-up after the deadline is bounded)
+RESULT_FILES = ("summary.csv", "requests.csv", "busy.csv", "outputs.jsonl")    # in --out
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise InputError("CUDA is not available on this machine (torch "
+                             f"{torch.__version__})", field=flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all stages in this process, on the simulator's clock: deterministic, "
                         "the simulator's decisions with real models; times are simulated "
                         "(default off)")
-    g.add_argument("--timeout", type=positive(float), default=60.0,
-                   help="seconds without progress before a run is declared failed (default 60)")
+    g.add_argument("--timeout", type=positive(float), default=NO_PROGRESS_S,
+                   help="seconds without progress before a run is declared failed "
+                        f"(default {NO_PROGRESS_S:g})")
     w = run.add_argument_group("models, workload and output")
     w.add_argument("--max-new-tokens", type=positive(), default=64,
                    help="tokens generated per prompt at most (default 64)")
@@ -95,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- run ---------------------------------------------------------------------------------
 
+def _load(spec: str, flag: str):
+    """models.load, its errors naming the flag too."""
+    from backends.torch.models import load
+    try:
+        return load(spec)
+    except InputError as e:
+        raise InputError(e.message, file=e.file, line=e.line, field=flag) from None
+
+
 def _requests(args, encode):
     from backends.torch.head import Request
     from pipedec_sim.inputs.prompts import read_prompts
@@ -102,13 +127,20 @@ def _requests(args, encode):
     return [Request(p.id, encode(p.text), args.max_new_tokens) for p in prompts]
 
 
+def _check_outputs(args) -> None:
+    """Every output path of `run`, before anything is loaded (the head's: under torchrun
+    only rank 0 writes)."""
+    from pipedec_sim.atomic import check_output
+    check_output(args.out, "--out", folder=True, files=RESULT_FILES)
+    check_output(args.timeline, "--timeline")
+    check_output(args.record_events, "--record-events")
+
+
 def _check(args, target):
-    from backends.torch.models import check_pair, load
+    from backends.torch.models import check_pair
     from pipedec_sim.inputs.profile import split_layers
     if args.device == "cuda":
         import torch
-        if not torch.cuda.is_available():
-            raise InputError("CUDA is not available on this machine", field="--device")
         n_gpu = torch.cuda.device_count()
         if (args.transport == "nccl" and args.stages > n_gpu and not args.inline
                 and "RANK" not in os.environ):
@@ -125,7 +157,7 @@ def _check(args, target):
     if needs_draft and not args.draft:
         raise InputError("tree-sd and pipedec need a draft model", field="--draft")
     if needs_draft:
-        check_pair(target, load(args.draft))
+        check_pair(target, _load(args.draft, "--draft"))
 
 
 def _knobs(args) -> dict:
@@ -222,42 +254,89 @@ def _timeline(run) -> list[dict]:
     return commits + work
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM to the head: the run stops, keeps its finished request runs, and
+    the head exits with `code` after one line (a KeyboardInterrupt, so that `guarded`
+    still makes it one line should it come outside the run)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def _signals_stop_the_run(torchrun: bool):
+    """SIGINT and SIGTERM become `Stopped` in the main thread; a second one of the same
+    kind ends the head at once (its default action). torchrun ends a job by SIGTERM to every
+    rank: a rank or node failed, the node hosting the c10d rendezvous store died (its agent
+    loses the store and stops its workers before the head can see a broken link), or the
+    job was cancelled: in the head that is a failure, exit 1 (torchrun waits 30 s before
+    SIGKILL)."""
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        if torchrun and signum == signal.SIGTERM:
+            raise Stopped(f"stopped by torchrun ({name}): a rank or node of the job failed "
+                          "or lost the rendezvous, or the job was cancelled; see the "
+                          "torchrun logs of every node", 1)
+        what = "interrupted" if signum == signal.SIGINT else "stopped"
+        raise Stopped(f"{what} by {name}", 128 + signum)
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def cmd_run(args) -> int:
-    if "RANK" in os.environ:
+    torchrun = "RANK" in os.environ
+    if torchrun:
         _torchrun_world(args)           # every rank, the head too, before loading anything
         if int(os.environ["RANK"]) > 0:
             return _torchrun_stage(args)
-        _torchrun_head_signals()
+    _check_outputs(args)
+    check_device(args.device)
+    runs: list = []
+    with _signals_stop_the_run(torchrun):
+        failure = _run(args, runs)
+    _write(args, runs)
+    if failure is None:
+        return 0
+    print(f"pipedec-real: error: {failure} (kept {len(runs)} finished request runs)",
+          file=sys.stderr, flush=True)
+    return getattr(failure, "code", 1)
+
+
+def _run(args, runs: list):
+    """Load, start the pipeline and run every request into `runs`. A stage failure or a
+    stop signal ends it early: returned, not raised, once the stages are gone."""
     import torch
 
     from backends.torch.eventlog import Recorder
-    from backends.torch.models import load
     from backends.torch.runtime import StageFailed
     torch.set_num_threads(1)
-    target = load(args.target)
-    _check(args, target)
-    requests = _requests(args, target.encode)
-    rec_fh = open(args.record_events, "w", encoding="utf-8") if args.record_events else None
-    runs: list = []
-    pipe = None
+    pipe = rec_fh = None
     try:
+        target = _load(args.target, "--target")
+        _check(args, target)
+        requests = _requests(args, target.encode)
+        if args.record_events:
+            args.record_events.parent.mkdir(parents=True, exist_ok=True)
+            rec_fh = open(args.record_events, "w", encoding="utf-8")
         pipe = _pipeline(args, Recorder(rec_fh))
         _run_all(args, pipe, requests, runs)
-    except StageFailed as e:
-        if pipe is not None and hasattr(pipe, "close"):
-            pipe.close(clean=False)
+        if hasattr(pipe, "close"):
+            pipe.close()
         pipe = None
-        _write(args, runs)
-        print(f"pipedec-real: error: {e} (kept {len(runs)} finished request runs)",
-              file=sys.stderr)
-        return 1
+        return None
+    except (StageFailed, Stopped) as e:
+        return e
     finally:
         if pipe is not None and hasattr(pipe, "close"):
-            pipe.close()
+            pipe.close(clean=False)       # bounded: a stage that does not stop is killed
         if rec_fh:
             rec_fh.close()
-    _write(args, runs)
-    return 0
 
 
 def _torchrun_world(args) -> None:
@@ -272,28 +351,6 @@ def _torchrun_world(args) -> None:
                          "torchrun", field="--inline")
 
 
-def _torchrun_head_signals() -> None:
-    """torchrun ends a job by SIGTERM to every rank: a rank or node failed, the node hosting
-    the c10d rendezvous store died (its agent loses the store and stops its workers at once,
-    before the head can see a broken link), or the job was cancelled. In the head that
-    SIGTERM becomes a StageFailed, so it writes the finished request runs and prints one
-    error line, as for any other failure (torchrun waits 30 s before SIGKILL)."""
-    import signal
-
-    from backends.torch.runtime import StageFailed
-
-    class Stopped(StageFailed, KeyboardInterrupt):
-        """A StageFailed for cmd_run's run loop; a KeyboardInterrupt for `guarded` (one
-        line, exit 130) if it comes while the head is still loading, before that loop."""
-
-    def stop(signum, frame):
-        signal.signal(signum, signal.SIG_DFL)          # a second SIGTERM ends the head
-        raise Stopped(f"stopped by torchrun ({signal.Signals(signum).name}): a rank or node "
-                      "of the job failed or lost the rendezvous, or the job was cancelled; "
-                      "see the torchrun logs of every node")
-    signal.signal(signal.SIGTERM, stop)
-
-
 def _torchrun_stage(args) -> int:
     """A torchrun rank > 0: serve as that pipeline stage until the head says stop."""
     from backends.torch.worker import stage_main
@@ -303,6 +360,16 @@ def _torchrun_stage(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    from pipedec_sim.atomic import check_output
+    check_output(args.out, "--out")                  # before minutes of measuring
+    check_device(args.device)
+    from backends.torch import models
+    for spec, flag in ((args.target, "--target"), (args.draft, "--draft")):
+        if spec not in models.TINY and spec not in models.NOISY:
+            try:
+                models.resolve_path(spec)         # a folder: config and safetensors weights
+            except InputError as e:
+                raise InputError(e.message, file=e.file, field=flag) from None
     from backends.torch.profiler import profile_main
     return profile_main(args)
 

@@ -45,7 +45,7 @@ import torch
 
 from backends.torch.compat import with_cache
 from backends.torch.trace_recorder import encode_prompt
-from pipedec_sim.programs.flags import Parser
+from pipedec_sim.programs.flags import Parser, positive
 
 
 def log(msg: str) -> None:
@@ -135,7 +135,7 @@ def build_data(target, tok, args, data_dir: Path) -> list[dict]:
     chunks = sorted(data_dir.glob("chunk-*.pt"))
     data = []
     for c in chunks:
-        data.extend(torch.load(c))
+        data.extend(torch.load(c, weights_only=True))   # tensors, ids, lengths: no code
     log(f"cached data: {len(data)} sequences, {sum(len(d['ids']) for d in data)} tokens "
         f"in {data_dir}")
     prompts = load_prompts("sharegpt-train")
@@ -228,11 +228,12 @@ def assemble_draft(layers_file: str | os.PathLike, out: str | os.PathLike,
     """Rebuild the draft's HF folder from `draft-layers.safetensors` + the target's
     embeddings (the shipped-small form of the draft)."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from backends.torch.models import from_folder
     from backends.torch.smollm2 import resolve_model
     tp = resolve_model(target)
-    tgt = AutoModelForCausalLM.from_pretrained(tp, dtype=torch.float32)
+    tgt = from_folder(tp)
     sd = load_file(str(layers_file))
     n = n_layers or 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     draft = make_draft(tgt, n, None)
@@ -428,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--val", type=int, default=64, help="held-out sequences for validation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=positive(), default=None)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--eval-every", type=int, default=100, help="validation (16 sequences)")
     ap.add_argument("--data-dir", default=None)
@@ -442,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from backends.torch.models import from_folder
     from backends.torch.smollm2 import resolve_model
     tp = resolve_model(args.target)
-    target = AutoModelForCausalLM.from_pretrained(tp, dtype=torch.float32).eval()
+    target = from_folder(tp)
     for p in target.parameters():
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(tp)

@@ -4,6 +4,10 @@
 A spec resolves to a `Loaded` (model in eval mode, float32, plus how to turn text into ids
 and which id ends a reply). `load` reads a whole model (the draft, tests, tools); pipeline
 stages use `checkpoint.load_stage`, which reads only their own slice.
+
+Weights are read from safetensors files only: a pickle checkpoint (`pytorch_model.bin`,
+`.pt`) can run code when it is loaded, so a folder holding only those is refused by name
+(`check_weights`, in `resolve_path`, before anything is read).
 """
 from __future__ import annotations
 
@@ -90,6 +94,8 @@ def _hf_encode(tok) -> Callable[[str], list[int]]:
 # The draft distilled for SmolLM2, shipped as its trained layers only (see traces/README.md).
 SHIPPED_DRAFT = Path(__file__).resolve().parents[2] / "traces" / "smollm2-draft"
 LAYERS_FILE = "draft-layers.safetensors"
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLES = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def resolve_path(spec: str) -> Path:
@@ -104,7 +110,28 @@ def resolve_path(spec: str) -> Path:
     if not (p / "config.json").is_file():
         raise InputError(f"{spec!r} is not a model: expected tiny, tiny-draft, tiny-noisy, "
                          "smollm2, smollm2-draft or an HF folder with config.json")
+    check_weights(p)
     return p
+
+
+def check_weights(folder: Path) -> None:
+    """An HF folder must hold safetensors weights; pickle files are refused by name."""
+    if any((folder / name).is_file() for name in SAFE_WEIGHTS):
+        return
+    pickles = sorted({f.name for pattern in PICKLES for f in folder.glob(pattern)})
+    if pickles:
+        raise InputError("a pickle checkpoint, which can run code when loaded: only "
+                         "safetensors weights are read (convert it to safetensors where you "
+                         "trust the file)", file=folder / pickles[0])
+    raise InputError(f"no weights: expected {' or '.join(SAFE_WEIGHTS)} beside config.json",
+                     file=folder)
+
+
+def from_folder(path: Path, dtype=torch.float32):
+    """An HF folder's causal LM from its safetensors weights (never a pickle), eval mode."""
+    check_weights(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                use_safetensors=True).eval()
 
 
 def assembled_draft(folder: Path) -> Path:
@@ -130,8 +157,7 @@ def load(spec: str) -> Loaded:
     if spec in TINY or spec in NOISY:
         return Loaded(spec, tiny_model(spec), tiny_encode, None)
     path = resolve_path(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    model = from_folder(path)
     if getattr(model.config, "model_type", "") not in ("llama", "qwen2", "mistral"):
         raise InputError(f"{spec}: unsupported model type {model.config.model_type!r} "
                          "(Llama-family only)")

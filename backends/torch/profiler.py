@@ -473,7 +473,7 @@ def _compact_ms(model, layers: int, ctx: int, device, reps: int) -> float:
     """One prune of a `layers`-layer stage holding ctx committed + 16 tree rows."""
     shard = Shard(model, 0, layers, embed=True, head=False, device=device)
     ts = []
-    for k in range(reps):
+    for _ in range(reps):
         _prefilled(shard, ctx)
         shard.forward(_tree(ctx, 16, 10**6), 0)
         _sync()

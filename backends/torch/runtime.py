@@ -15,19 +15,25 @@ layer boundary (worker.py). Each RESET tells the stages the request's mode.
 
 Never hang: every wait polls the stage processes' liveness and a no-progress deadline; a
 dead or raising stage ends the run with `StageFailed` naming it, and `close()` reaps every
-child.
+child within bounded time (a stopped stage ignores SIGTERM: it gets SIGKILL after 1 s).
+
+Local runs listen on loopback only: the rendezvous store's socket is bound to 127.0.0.1 here
+(`loopback_store`) and gloo's pair sockets to `lo`. Stages are plain subprocesses
+(`python -m backends.torch.worker`), not multiprocessing children: its spawn start method
+runs a resource tracker process that holds the head's stderr open after the head exits.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,7 +49,7 @@ from backends.torch.worker import (
     SLICE_CANCEL,
     SLICE_PRUNE,
     StageConfig,
-    stage_main,
+    reason,
 )
 from pipedec_sim.errors import InputError
 from pipedec_sim.protocol.messages import Batch, Update
@@ -55,12 +61,60 @@ class StageFailed(RuntimeError):
 
 
 LINK_ERRORS = ("Connection closed", "pair closure", "Connection reset", "Broken pipe")
+START_TIMEOUT_S = 120.0     # stages import torch and load their weights: at least this long
+ROOT = str(Path(__file__).resolve().parents[2])     # the checkout this code comes from
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def loopback_store(world: int):
+    """(store, init_method) of a local run: the head's rendezvous store, listening on
+    127.0.0.1 only, and the `tcp://` address its stages join as clients. TCPStore binds every
+    interface whatever host it is given (measured, torch 2.13, libuv and classic backends),
+    so the listening socket is made here and handed over (`master_listen_fd`). The stages'
+    `init_process_group(init_method=tcp://...)` prefixes every key with "default_pg"; a
+    store passed in is used as is, so the head adds the same prefix."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=True, timeout=IDLE_TIMEOUT,
+                          wait_for_workers=False, master_listen_fd=sock.detach())
+    return dist.PrefixStore("default_pg", store), f"tcp://127.0.0.1:{port}"
+
+
+def launch_stage(cfg: StageConfig, j: int, world: int, init: str,
+                 err_dir: str) -> subprocess.Popen:
+    """Stage j of a local run as `python -P -m backends.torch.worker ...`, importing this
+    checkout's code (PYTHONPATH first, not the working directory), its gloo (and NCCL's
+    bootstrap) on loopback."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-P", "-m", "backends.torch.worker", cfg.to_json(), str(j),
+           str(world), init, err_dir]
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+
+def _wait_all(procs, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    for p in procs:
+        try:
+            p.wait(max(end - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP, SIGTSTP, a debugger)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 class DistributedPipeline:
@@ -86,7 +140,8 @@ class DistributedPipeline:
         self.head = Head(draft, self.verifier, self, prune=cfg.prune, recorder=recorder,
                          eos=self.eos, knobs=knobs)
         # Lifecycle (start .. close); a request's own state is the head's Flight.
-        self.procs: list = []
+        self.procs: list[subprocess.Popen] = []
+        self.store = None             # a local run's rendezvous store (loopback_store)
         self.seq = 0                  # the last request's sequence number
         self.started = self.joined = False
         self.control_open = False     # stages listen on CTRL (a broadcast RESET was sent)
@@ -97,19 +152,14 @@ class DistributedPipeline:
     def start(self) -> "DistributedPipeline":
         world = self.S + 1
         self.err_dir = tempfile.mkdtemp(prefix="pipedec-real-")
-        if self.torchrun:
-            init = "env://"
-        else:
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            init = f"tcp://127.0.0.1:{free_port()}"
-            ctx = mp.get_context("spawn")
-            for j in range(1, world):
-                p = ctx.Process(target=stage_main, name=f"pipedec-stage{j}", daemon=True,
-                                args=(self.cfg, j, world, init, self.err_dir))
-                p.start()
-                self.procs.append(p)
+        init = "env://"               # torchrun: wherever the user's rendezvous says
+        if not self.torchrun:
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+            self.store, init = loopback_store(world)
         self.started = True
         try:
+            for j in range(1, world if not self.torchrun else 1):
+                self.procs.append(launch_stage(self.cfg, j, world, init, self.err_dir))
             self._rendezvous(init, world)
         except BaseException:
             self.close(clean=False)       # reap the stages we spawned
@@ -128,7 +178,8 @@ class DistributedPipeline:
 
         def join():
             try:
-                dist.init_process_group("gloo", init_method=init, rank=0, world_size=world,
+                dist.init_process_group("gloo", init_method=None if self.store else init,
+                                        store=self.store, rank=0, world_size=world,
                                         timeout=IDLE_TIMEOUT)
                 self.links = connect(0, world, self.cfg.device, self.cfg.transport,
                                      self.hidden_size, self.dtype)
@@ -136,12 +187,13 @@ class DistributedPipeline:
                 err.append(e)
         t = threading.Thread(target=join, daemon=True)
         t.start()
-        deadline = time.monotonic() + self.cfg.timeout_s
+        limit = max(self.cfg.timeout_s, START_TIMEOUT_S)
+        deadline = time.monotonic() + limit
         while t.is_alive():
             t.join(0.1)
             self.check_alive()
             if time.monotonic() > deadline:
-                raise StageFailed(f"stages did not join within {self.cfg.timeout_s:.0f} s")
+                raise StageFailed(f"stages did not join within {limit:g} s{self._hint()}")
         self.joined = dist.is_initialized()
         if err and isinstance(err[0], InputError):
             raise err[0]                  # e.g. --transport nccl with stages sharing a GPU
@@ -158,10 +210,10 @@ class DistributedPipeline:
         self.close(clean=exc_type is None)
 
     def close(self, clean: bool = True) -> None:
-        """Stop the stages (politely if `clean`), reap every child, leave no orphans."""
+        """Stop the stages (politely if `clean`), reap every child, leave no orphans. If a
+        signal interrupts it, calling it again (clean=False) finishes the job."""
         if not self.started:
             return
-        self.started = False
         if clean and self.joined:
             try:
                 if self.control_open:        # end the stages' control readers first
@@ -171,27 +223,29 @@ class DistributedPipeline:
                 self.out.flush(5.0)
             except Exception:
                 clean = False
-        for p in self.procs:
-            p.join(10.0 if clean else 0.0)
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5.0)
-            if p.is_alive():
+        _wait_all(self.procs, 10.0 if clean else 0.0)
+        left = [p for p in self.procs if p.poll() is None]
+        for p in left:
+            p.terminate()
+        _wait_all(left, 1.0)              # a stopped stage ignores SIGTERM
+        for p in left:
+            if p.poll() is None:
                 p.kill()
-                p.join()
+        _wait_all(left, 5.0)
         for t in self.readers:
             t.join(2.0 if clean else 0.0)   # they end on STOP, or when the links close
-        if self.joined:
+        if self.joined and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:
                 pass
+        self.store = None
         shutil.rmtree(self.err_dir, ignore_errors=True)
+        self.started = False
 
     # ---- liveness ------------------------------------------------------------------------
     def check_alive(self) -> None:
-        dead = [(j, p.exitcode) for j, p in enumerate(self.procs, 1) if p.exitcode is not None]
+        dead = [(j, p.poll()) for j, p in enumerate(self.procs, 1) if p.poll() is not None]
         if dead:
             time.sleep(0.2)        # let a crash's neighbours notice too, then blame the cause
             raise StageFailed(self._why(dead))
@@ -208,6 +262,11 @@ class DistributedPipeline:
         own = [r for r in reasons if not any(m in r[1] for m in LINK_ERRORS)]
         j, why = (own or reasons)[0]
         return f"stage {j} (rank {j}) failed: {why}"
+
+    def _hint(self) -> str:
+        """For a deadline's message: a local stage that is stopped, if any."""
+        stopped = [j for j, p in enumerate(self.procs, 1) if _stopped(p.pid)]
+        return f" (stage {stopped[0]}, rank {stopped[0]}, is stopped)" if stopped else ""
 
     # ---- inbound streams (reader threads: gloo recv cannot be polled) --------------------
     def _reader(self, read, peer: int) -> None:
@@ -253,8 +312,8 @@ class DistributedPipeline:
             self.check_alive()
             time.sleep(1.0)          # a local stage that died: blame it by name instead
             self.check_alive()
-            why = str(e).split("] ", 1)[-1].split(". This is typically")[0]
-            raise StageFailed(f"lost the link from stage {peer} (rank {peer}): {why}")
+            raise StageFailed(f"lost the link from stage {peer} (rank {peer}): "
+                              f"{reason(e, kind=False)}")
         return item
 
     # ---- the head's transport ----------------------------------------------------------
@@ -289,7 +348,8 @@ class DistributedPipeline:
             elif not head.draft_step():
                 self.check_alive()
                 if time.monotonic() - last > cfg.timeout_s:
-                    raise StageFailed(f"{name}: no progress for {cfg.timeout_s:.0f} s")
+                    raise StageFailed(f"{name}: no progress for {cfg.timeout_s:g} s"
+                                      f"{self._hint()}")
                 continue
             last = time.monotonic()
         run = head.result()
@@ -322,7 +382,8 @@ class DistributedPipeline:
             if item is None:
                 self.check_alive()
                 if time.monotonic() > deadline:
-                    raise StageFailed("no report from the last stage")
+                    raise StageFailed(f"no report from the last stage within "
+                                      f"{self.cfg.timeout_s:g} s{self._hint()}")
         for j, (us, rows) in enumerate(item[2].tolist(), 1):
             run.busy_ms[f"stage{j}"] = us / 1e3
             run.rows[f"stage{j}"] = rows

