@@ -111,14 +111,14 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
 
     import torch.distributed as dist
 
-    from backends.torch.runtime import free_port
+    from backends.torch.runtime import loopback_store
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    init = f"tcp://127.0.0.1:{free_port()}"
+    store, init = loopback_store(2)           # the rendezvous listens on 127.0.0.1 only
     child = mp.get_context("spawn").Process(target=_echo, args=(init, repeats, hidden),
                                             daemon=True)
     child.start()
     try:
-        dist.init_process_group("gloo", init_method=init, rank=0, world_size=2,
+        dist.init_process_group("gloo", store=store, rank=0, world_size=2,
                                 timeout=timedelta(seconds=60))
         small = torch.zeros(8, dtype=torch.int64)
         hot = []
@@ -618,12 +618,12 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
 
     from backends.torch import wire
     from backends.torch.link import connect
-    from backends.torch.runtime import free_port
+    from backends.torch.runtime import loopback_store
     from backends.torch.worker import IDLE_TIMEOUT, StageConfig
     from pipedec_sim.protocol.messages import Row
     S = stages
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    init = f"tcp://127.0.0.1:{free_port()}"
+    store, init = loopback_store(S + 1)       # the rendezvous listens on 127.0.0.1 only
     cfg = StageConfig(target_spec, S)
     ctxm = mp.get_context("spawn")
     q = ctxm.Queue()
@@ -636,7 +636,7 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
         k.start()
     H = load(target_spec).config.hidden_size
     try:
-        dist.init_process_group("gloo", init_method=init, rank=0, world_size=S + 1,
+        dist.init_process_group("gloo", store=store, rank=0, world_size=S + 1,
                                 timeout=IDLE_TIMEOUT)
         connect(0, S + 1, "cpu", "gloo", H, torch.float32)   # the stages' handshake
         out = wire.Outbox()
