@@ -184,3 +184,41 @@ def test_cold_draft_step_only_after_other_work():
     assert rounds == len(req.output)
     added = runs[2.0].busy_ms["draft"] - runs[0.0].busy_ms["draft"]
     assert added == pytest.approx(2.0 * rounds, rel=1e-9)
+
+
+def test_broadcast_notices_cost_each_stage_cpu_and_land_after_it():
+    """On a CPU profile a broadcast notice reaches each stage through its control reader:
+    stage_notice_ms of CPU per stage and notice on the shared cores, the notice applied
+    only once received. Exact accounting, and later notices mean more dead rows computed."""
+    import dataclasses
+
+    from pipedec_sim.protocol.messages import Update
+    base = constant_profile(layers=8, layer_ms=1.0, draft_ms=0.3, link_latency_ms=0.05,
+                            shared_cores=2)
+    req = bernoulli_trace(1, 30, 0.5, seed=3).requests[0]
+
+    class Count:
+        updates = 0
+
+        def start(self, actions):
+            pass
+
+        def step(self, event, actions):
+            self.updates += sum(isinstance(a, Update) for a in actions)
+
+    runs = {}
+    for notice_ms in (0.0, 3.0):
+        prof = dataclasses.replace(base, stage_notice_ms=notice_ms)
+        seen = Count()
+        s = make_strategy("pipedec", prompt_tokens(req), len(req.output), width=2, topk=2)
+        runs[notice_ms] = (Pipeline(prof, 4, timeline=True).run(s, TraceOracle(req),
+                                                                  recorder=seen), seen)
+    quiet, (slow, seen) = runs[0.0][0], runs[3.0]
+    assert seen.updates > 10 and not any(k.startswith("wire") for k in quiet.busy_ms)
+    for j in range(1, 5):      # one receive per notice per stage, each >= its CPU time
+        got = [e for e in slow.timeline if e["tid"] == f"wire{j}" and e["name"] == "notice"]
+        # (the last notice may still be on its way when the request finishes)
+        assert seen.updates - 1 <= len(got) <= seen.updates
+        assert all(e["dur"] >= 3.0e3 - 1e-6 for e in got)
+    assert sum(slow.rows[f"stage{j}"] for j in range(1, 5)) > sum(
+        quiet.rows[f"stage{j}"] for j in range(1, 5))

@@ -441,10 +441,24 @@ class RequestSim:
     def broadcast(self, update: Update) -> None:
         now = self.env.now
         for j in range(1, self.S + 1):
-            h = self.holders[j]
-            h.notices.append((now + h.latency, update))
-            if self.pipe.cancel and update.kill:
-                self._maybe_cancel(j, update, now + h.latency)
+            at = now + self.holders[j].latency
+            if self._wire_ms(1, batch=False) > 0.0:   # CPU hosts: the stage receives it
+                self.env.timeout(at - now).callbacks.append(
+                    lambda _e, j=j: self.env.process(self._receive(j, update)))
+            else:
+                self._arrive(j, update, at)
+
+    def _receive(self, j: int, update: Update):
+        """A broadcast notice reaches stage j once its control reader has received it:
+        stage_notice_ms of CPU on the shared cores (beside the stage's compute), so under
+        contention notices land late and dead rows get computed, as on the real runtime."""
+        yield from self._compute(f"wire{j}", None, self._wire_ms(1, batch=False), "notice", 0)
+        self._arrive(j, update, self.env.now)
+
+    def _arrive(self, j: int, update: Update, at: float) -> None:
+        self.holders[j].notices.append((at, update))
+        if self.pipe.cancel and update.kill:
+            self._maybe_cancel(j, update, at)
 
     def commit(self, commit: Commit) -> None:
         now = self.env.now
