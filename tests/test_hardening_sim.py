@@ -461,6 +461,20 @@ def test_damaged_parts_are_named_and_run_again(tmp_path, capsys, damage):
                                   after.sort_values(key).reset_index(drop=True))
 
 
+def test_a_config_id_that_reads_as_a_number_is_kept_as_text(tmp_path):
+    """Config ids are hex digests: "8e0006296477" must not be read as the float 8e6296477
+    (it was: the stages14 sweep refused its own part files)."""
+    from pipedec_sim.programs.sweep import _part_columns, part_problem
+    cid = "8e0006296477"
+    cols = _part_columns()
+    row = {c: 1 for c in cols} | {"config_id": cid}
+    part = tmp_path / f"{cid}.csv"
+    pd.DataFrame([row]).to_csv(part, index=False)
+    assert part_problem(part, cid, 1) is None
+    pd.DataFrame([row | {"config_id": "8e0006296478"}]).to_csv(part, index=False)
+    assert "another configuration" in part_problem(part, cid, 1)
+
+
 def test_merge_refuses_a_damaged_part(tmp_path, capsys):
     from pipedec_sim.programs.sweep import build_grid, merge
     out = tmp_path / "res"

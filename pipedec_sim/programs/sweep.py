@@ -524,7 +524,8 @@ def part_problem(path: Path, cid: str, requests: int) -> str | None:
     if not data.endswith(b"\n"):
         return "is cut short (no newline at the end)"
     try:
-        df = pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""])
+        df = pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""],
+                         dtype={"config_id": str})      # ids like 8e0006296477 are not floats
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         return f"is not a CSV table ({str(e).strip().splitlines()[0]})"
     cols = _part_columns()
@@ -675,7 +676,8 @@ def merge(out: Path, configs: list[dict]) -> int:
         raise InputError(f"{problem}: run the sweep again to recompute it",
                          file=_part_path(out, cid))
     frames = [pd.read_csv(_part_path(out, c["config_id"]), keep_default_na=False,
-                          na_values=[""]) for c in configs if c["config_id"] in done]
+                          na_values=[""], dtype={"config_id": str})
+              for c in configs if c["config_id"] in done]
     if not frames:
         return 0
     req = pd.concat(frames, ignore_index=True)
