@@ -94,17 +94,17 @@ def test_ar_and_pipedec_decisions_agree(result):
 def test_event_oracle_keys_by_token_path():
     """The event oracle answers a node by its token path, whatever ids the simulator's
     strategy gave it, and falls back to the trace for paths the real run never drafted."""
+    from backends.simulated.oracle import RecordedOracle
     from backends.torch.eventlog import action_from_json, action_json, event_json
     from pipedec_sim.inputs.traces import TraceRequest
     from pipedec_sim.protocol.messages import Draft, Drafted, Row
-    bench = _bench()
     rows = (Row(0, -1, 5, 0), Row(1, 0, 6, 1))
     record = {"start": [action_from_json(action_json(Draft(0, rows, (1,), 2)))],
               "steps": [(Drafted(0, {1: ((7, -0.1), (8, -2.0))}), []),
                         ]}
     assert event_json(record["steps"][0][0])
     req = TraceRequest("r", 2, [9, 9, 9], [[9, 1]] * 3, [[0.6, 0.3]] * 3)
-    o = bench.EventOracle(req, record)
+    o = RecordedOracle(req, record)
     same = (Row(10, -1, 5, 0), Row(11, 10, 6, 1))        # other ids, same token path
     o.observe(same)
     assert o.propose(same[1], 2) == ((7, -0.1), (8, -2.0)) and o.exact == 1

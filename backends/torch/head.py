@@ -5,8 +5,9 @@ strategy decides, `pipedec_sim.protocol.pacing.Pacer` applies the pipeline rules
 driver shares (EntryFree gate, prune delivery) and turns actions into calls of the
 `Dispatch` protocol, which the head implements. What concerns the head's own KV holders
 (draft, verifier), commits and the end it does itself; where batches and notices go is the
-transport's business (`inline.py` in one process, `runtime.py` across processes), which
-gives the head three calls: `inject(batch, notices)`, `broadcast(update)`, `inband(update)`.
+transport's business (`runtime.py`, across processes), which gives the head three calls:
+`inject(batch, notices)`, `broadcast(update)`, `inband(update)`. (The inline driver needs
+no head: it is the simulator's pipeline with real models, `inline.py`.)
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ class Head:
         pacer.dispatch(pacer.feed(event))      # nothing once the request is done
 
     def entry_taken(self) -> None:
-        """Stage 1 took a batch (its ack, or the inline driver's tick)."""
+        """Stage 1 took a batch (its ack)."""
         event = self.flight.pacer.entry_taken()
         if event is not None:
             self.feed(event)

@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
+from backends.torch.weights import check_weights, from_folder
 from pipedec_sim.errors import InputError
 
 # Seeded random Llama models for tests: the same shape and seed give the same weights in
@@ -94,8 +94,6 @@ def _hf_encode(tok) -> Callable[[str], list[int]]:
 # The draft distilled for SmolLM2, shipped as its trained layers only (see traces/README.md).
 SHIPPED_DRAFT = Path(__file__).resolve().parents[2] / "traces" / "smollm2-draft"
 LAYERS_FILE = "draft-layers.safetensors"
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-PICKLES = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def resolve_path(spec: str) -> Path:
@@ -114,33 +112,13 @@ def resolve_path(spec: str) -> Path:
     return p
 
 
-def check_weights(folder: Path) -> None:
-    """An HF folder must hold safetensors weights; pickle files are refused by name."""
-    if any((folder / name).is_file() for name in SAFE_WEIGHTS):
-        return
-    pickles = sorted({f.name for pattern in PICKLES for f in folder.glob(pattern)})
-    if pickles:
-        raise InputError("a pickle checkpoint, which can run code when loaded: only "
-                         "safetensors weights are read (convert it to safetensors where you "
-                         "trust the file)", file=folder / pickles[0])
-    raise InputError(f"no weights: expected {' or '.join(SAFE_WEIGHTS)} beside config.json",
-                     file=folder)
-
-
-def from_folder(path: Path, dtype=torch.float32):
-    """An HF folder's causal LM from its safetensors weights (never a pickle), eval mode."""
-    check_weights(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                use_safetensors=True).eval()
-
-
 def assembled_draft(folder: Path) -> Path:
     """A shipped-layers draft folder as a full HF folder (the target's embeddings and LM
     head added), built once into the cache, keyed by the layers file's contents."""
     import hashlib
     import shutil
 
-    from backends.torch.distill import assemble_draft, cache_root
+    from backends.torch.draft_folder import assemble_draft, cache_root
     layers = folder / LAYERS_FILE
     key = hashlib.sha256(layers.read_bytes()).hexdigest()[:12]
     out = cache_root() / f"draft-{key}"

@@ -393,12 +393,13 @@ def load_models(target: str, draft: str, *, dtype=torch.float32):
     from transformers import AutoTokenizer
 
     from backends.torch import models
+    from backends.torch.weights import from_folder
 
     def one(spec: str):
         if spec in models.TINY or spec in models.NOISY:
             return models.tiny_model(spec).to(dtype), None
         path = models.resolve_path(spec)
-        return models.from_folder(path, dtype), path
+        return from_folder(path, dtype), path
     tgt, tpath = one(target)
     drf, dpath = one(draft)
     tok = AutoTokenizer.from_pretrained(tpath) if tpath is not None else None
