@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backends.simulated.oracle import TraceOracle  # noqa: E402
+from backends.simulated.oracle import RecordedOracle, TraceOracle  # noqa: E402
 from pipedec_sim.inputs.host import describe, host_record, profile_host_warning  # noqa: E402
 from pipedec_sim.inputs.profile import load_profile  # noqa: E402
 from pipedec_sim.programs.simulate import SimConfig  # noqa: E402
@@ -70,65 +70,6 @@ DEFAULT_PROMPTS = [
     "Give me a recipe for pancakes.",
     "Summarise the plot of Romeo and Juliet.",
 ]
-
-
-# ---- an oracle that replays the real run's own draft proposals -----------------------
-
-def _key(parent_key: int, token: int, pos: int) -> int:
-    return hash((parent_key, token, pos))
-
-
-class EventOracle(TraceOracle):
-    """The trace oracle, except that the draft's proposals for a node come from the real
-    run (`--record-events`) whenever the real draft was asked about the same token path.
-
-    Nodes are keyed by their token path (a hash chain over (token, pos) from the first
-    prompt token), not by id: ids depend on the order the strategy made nodes in. With it,
-    tree-SD must reproduce the real run exactly and PipeDec differs only where timing made
-    the real and simulated trees diverge (those queries fall back to the trace)."""
-
-    def __init__(self, request, record: dict, *, seed: int = 0):
-        super().__init__(request, seed=seed)
-        self.table = proposals_by_path(record)
-        self.keys: dict[int, int] = {}
-        self.exact = self.fallback = 0
-
-    def observe(self, rows) -> None:
-        super().observe(rows)
-        keys = self.keys
-        for r in rows:
-            if r.id not in keys:
-                keys[r.id] = _key(keys.get(r.parent, -1), r.token, r.pos)
-
-    def propose(self, row, k: int):
-        props = self.table.get(self.keys.get(row.id))
-        if props is None:
-            self.fallback += 1
-            return super().propose(row, k)
-        self.exact += 1
-        return props[:k]
-
-
-def proposals_by_path(record: dict) -> dict[int, tuple]:
-    """path key -> the draft's proposals, from one request's event record."""
-    from pipedec_sim.protocol.messages import Draft, Drafted, Inject
-    keys: dict[int, int] = {}
-    table: dict[int, tuple] = {}
-
-    def learn(actions):
-        for a in actions:
-            rows = a.rows if isinstance(a, Draft) else a.batch.rows if isinstance(a, Inject) else ()
-            for r in rows:
-                if r.id not in keys:
-                    keys[r.id] = _key(keys.get(r.parent, -1), r.token, r.pos)
-    learn(record["start"])
-    for event, actions in record["steps"]:
-        if isinstance(event, Drafted):
-            for i, props in event.proposals.items():
-                if i in keys and props:
-                    table.setdefault(keys[i], tuple(props))
-        learn(actions)
-    return table
 
 
 # ---- the steps ------------------------------------------------------------------------
@@ -334,7 +275,7 @@ def simulate_requests(trace, profile, cfg: SimConfig, records=None, *,
                             cancel=cfg.cancel, core_share=core_share)
             strategy = make_strategy(name, prompt_tokens(req), len(req.output), **cfg.knobs())
             rec = records.get((name, req.id)) if records else None
-            oracle = EventOracle(req, rec, seed=cfg.seed) if rec else TraceOracle(req,
+            oracle = RecordedOracle(req, rec, seed=cfg.seed) if rec else TraceOracle(req,
                                                                                  seed=cfg.seed)
             run = pipe.run(strategy, oracle)
             if strategy.output != list(req.output):

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ddir = Path(args.draft) if args.draft else default_draft_dir()
     if not (ddir / "config.json").is_file():
         if SHIPPED_DRAFT.is_file():
-            from backends.torch.distill import assemble_draft
+            from backends.torch.draft_folder import assemble_draft
             print(f"[make_real] assembling the draft at {ddir} from {SHIPPED_DRAFT} and the "
                   "target's embeddings", file=sys.stderr)
             assemble_draft(SHIPPED_DRAFT, ddir)
