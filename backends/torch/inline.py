@@ -15,7 +15,7 @@ import dataclasses
 
 from backends.simulated.pipeline import Pipeline
 from backends.torch.head import Request, RunRecord
-from backends.torch.shard import DraftModel, Shard, Verifier
+from backends.torch.shard import DraftModel, Shard, Verifier, select_rows
 from backends.torch.stage import stage_bounds
 from pipedec_sim.inputs.profile import Grid2D, Profile, constant_profile
 from pipedec_sim.protocol.messages import Batch, Draft, Update
@@ -38,14 +38,6 @@ def clock_profile(n_layers: int) -> Profile:
     flat = constant_profile(layers=n_layers, lm_head_ms=0.1, link_latency_ms=0.2)
     return dataclasses.replace(flat, name="inline-clock", layer=grid(1.0),
                                draft_step=grid(0.5))
-
-
-def _select(rows_in, hidden, rows):
-    """The hidden states of `rows` (a subset of `rows_in`, same order)."""
-    if len(rows) == len(rows_in):
-        return hidden
-    at = {r.id: k for k, r in enumerate(rows_in)}
-    return hidden[:, [at[r.id] for r in rows]]
 
 
 class ModelCompute:
@@ -81,7 +73,7 @@ class ModelCompute:
         hidden = None
         if j > 1:
             rows_in, h = self.inputs.pop((j, batch.id))
-            hidden = _select(rows_in, h, rows)
+            hidden = select_rows(rows_in, h, rows)
         out = self.shards[j - 1].forward(list(rows), batch.committed, hidden)
         if j < len(self.shards):
             self.inputs[(j + 1, batch.id)] = (rows, out)
@@ -90,7 +82,7 @@ class ModelCompute:
 
     def verify(self, batch: Batch, rows) -> dict[int, int]:
         rows_out, hidden = self.outputs.pop(batch.id)
-        tokens = self.shards[-1].greedy(_select(rows_out, hidden, rows)).tolist()
+        tokens = self.shards[-1].greedy(select_rows(rows_out, hidden, rows)).tolist()
         return {r.id: t for r, t in zip(rows, tokens)}
 
     def draft(self, request: Draft, rows) -> dict:

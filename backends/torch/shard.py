@@ -23,6 +23,14 @@ def rows_tensor(rows) -> torch.Tensor:
                         dtype=torch.int64).reshape(-1, 4)
 
 
+def select_rows(rows_in, hidden: torch.Tensor, rows) -> torch.Tensor:
+    """The hidden states [1, len(rows), H] of `rows`, a subset of `rows_in` in its order."""
+    if len(rows) == len(rows_in):
+        return hidden
+    at = {r.id: k for k, r in enumerate(rows_in)}
+    return hidden[:, [at[r.id] for r in rows]]
+
+
 def tensor_rows(t: torch.Tensor) -> tuple[Row, ...]:
     return tuple(Row(*map(int, r)) for r in t.tolist())
 
@@ -65,10 +73,8 @@ class Shard:
     def admit(self, rows, hidden: torch.Tensor | None):
         """Drop dead rows (and their hidden states)."""
         live = self.state.admit(rows)
-        if hidden is not None and len(live) != len(rows):
-            ids = {r.id for r in live}
-            sel = [k for k, r in enumerate(rows) if r.id in ids]
-            hidden = hidden[:, sel] if sel else hidden[:, :0]
+        if hidden is not None:
+            hidden = select_rows(rows, hidden, live)
         return live, hidden
 
     @torch.inference_mode()
@@ -143,10 +149,7 @@ class Verifier:
         live = self.state.admit(rows)
         if not live:
             return {}
-        if len(live) != len(rows):
-            ids = {r.id for r in live}
-            hidden = hidden[:, [k for k, r in enumerate(rows) if r.id in ids]]
-        tokens = self.shard.greedy(hidden).tolist()
+        tokens = self.shard.greedy(select_rows(rows, hidden, live)).tolist()
         return {r.id: t for r, t in zip(live, tokens)}
 
 
