@@ -403,8 +403,8 @@ def check_profile_host(profile, log) -> str | None:
 # ---- the whole benchmark --------------------------------------------------------------
 
 def run_benchmark(args, log=print) -> dict:
-    if args.resim:
-        args.work = args.resim
+    if args.resim:          # a kept folder: its own prompts and arguments, nothing rewritten
+        return resimulate(args, Path(args.resim), log)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pipedec-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
     prompts = Path(args.prompts) if args.prompts else work / "prompts.txt"
@@ -414,8 +414,6 @@ def run_benchmark(args, log=print) -> dict:
     log(f"[fidelity] target {args.target}, draft {args.draft}, stages {args.stages}, "
         f"{args.max_requests or 'all'} prompts x {args.max_new_tokens} tokens; "
         f"{host_line()}")
-    if args.resim:
-        return resimulate(args, work, log)
     opts = pipeline_options(args)
     if opts["note"]:
         log(f"[fidelity] note: {opts['note']}")
@@ -535,6 +533,8 @@ def resimulate(args, work: Path, log) -> dict:
         for k in ("target", "draft", "width", "topk", "depth", "tree_topk", "total",
                   "max_new_tokens", "max_requests"):
             setattr(args, k, saved[k])
+    log(f"[fidelity] re-simulating {work}: target {args.target}, draft {args.draft}; "
+        f"{host_line()}")
     profile_path = Path(args.profile) if args.profile else work / "profile.json"
     profile = load_profile(profile_path)
     check_profile_host(profile, log)
