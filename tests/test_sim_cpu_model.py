@@ -9,8 +9,9 @@ import dataclasses
 import pytest
 import simpy
 
+from backends.simulated.cores import CorePool
 from backends.simulated.oracle import TraceOracle
-from backends.simulated.pipeline import CorePool, Pipeline
+from backends.simulated.pipeline import Pipeline
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.profile import constant_profile, load_profile, parse_profile
 from pipedec_sim.protocol.strategies import make_strategy

@@ -15,11 +15,15 @@ class Hop:
     def __init__(self, env: simpy.Environment, latency_ms: float, bytes_per_ms: float):
         self.env, self.latency, self.bpms, self.free_at = env, latency_ms, bytes_per_ms, 0.0
 
-    def send(self, nbytes: int, deliver) -> None:
+    def delay(self, nbytes: int) -> float:
+        """Queue a message of `nbytes` now; returns how long until it is delivered."""
         now = self.env.now
         start = max(now, self.free_at)
         self.free_at = start + (nbytes / self.bpms if self.bpms else 0.0)
-        delay = self.free_at + self.latency - now
+        return self.free_at + self.latency - now
+
+    def send(self, nbytes: int, deliver) -> None:
+        delay = self.delay(nbytes)
         if delay <= 0.0:
             deliver()
         else:

@@ -15,96 +15,22 @@ Prune notices reach the stages as the prune mode says (pacing.PRUNE_MODES): `bro
 (one hop from the head to every stage), `inband` (into stage 1's stream at once, passed
 on by each stage in arrival order) or `piggyback` (in stage 1's stream with the next
 batch). A stage's stream carries (batch or None, notices) items.
+
+Two engines run this model (`Pipeline(engine=...)`): `reference.py`, event by event with
+one SimPy process per actor (the model's definition), and `fast.py`, the same events
+driven by callbacks with one KV ledger for all stages, which must give identical results
+(tests/test_engines.py). The fast one covers profiles whose devices are exclusive; on
+shared CPU cores (processor sharing couples every stage) the reference runs.
 """
 from __future__ import annotations
 
-import math
-from collections import deque
-from dataclasses import dataclass, field
+from backends.simulated.fast import FastRequestSim, fast_model
+from backends.simulated.reference import RequestSim
+from backends.simulated.replay import Replay, RequestRun
+from pipedec_sim.protocol.pacing import DEFAULT_CANCEL, DEFAULT_PRUNE, check_prune
 
-import simpy
-
-from backends.simulated.cores import CorePool
-from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Hop, Inbox
-from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
-from pipedec_sim.protocol.pacing import (
-    DEFAULT_CANCEL,
-    DEFAULT_PRUNE,
-    Pacer,
-    cancels,
-    check_prune,
-    stage_output,
-    verify_rows,
-)
-from pipedec_sim.protocol.stage_state import StageState
-
-
-@dataclass
-class RequestRun:
-    """What one simulated request did (times in ms)."""
-    # (t, tokens, drafted, outcome) per commit
-    commits: list[tuple[float, int, int, str]] = field(default_factory=list)
-    end_ms: float = 0.0
-    busy_ms: dict[str, float] = field(default_factory=dict)
-    rows: dict[str, int] = field(default_factory=dict)       # rows computed per actor
-    batches: int = 0
-    cancelled: int = 0       # batches a stage abandoned mid-compute (broadcast + cancel)
-    timeline: list[dict] = field(default_factory=list)
-
-
-class Replay:
-    """The simulator's compute: KV bookkeeping only, with the draft's proposals and the
-    target's tokens from a trace oracle. Another compute (the torch inline driver's real
-    models) can stand in: the same calls at the same simulated moments."""
-
-    def __init__(self, oracle):
-        self.oracle = oracle
-        self.states: dict = {}
-
-    def state(self, actor) -> StageState:
-        """The KV bookkeeping of one holder: stage j, "draft" or "verify"."""
-        return self.states.setdefault(actor, StageState())
-
-    def apply(self, actor, update: Update) -> bool:
-        """Apply a prune notice; True if KV rows were compacted."""
-        return self.states[actor].apply(update, keep=False) is not None
-
-    def observe(self, rows) -> None:
-        self.oracle.observe(rows)
-
-    def stage(self, j: int, batch: Batch, rows) -> None:
-        """Stage j computed `rows` (the live rows of `batch`)."""
-        self.states[j].append(rows, batch.committed)
-
-    def verify(self, batch: Batch, rows) -> dict[int, int]:
-        """The target's next token after each verified row."""
-        target = self.oracle.target
-        return {r.id: target(r) for r in rows}
-
-    def draft(self, request: Draft, rows) -> dict:
-        """The draft computed `rows` (live rows of `request`): proposals of the wanted ones."""
-        self.states["draft"].append(rows, request.committed)
-        alive = {r.id: r for r in rows}
-        propose = self.oracle.propose
-        return {i: propose(alive[i], request.k) for i in request.want if i in alive}
-
-
-class Holder:
-    """A KV holder's inbox of prune notices, applied lazily when work starts."""
-
-    def __init__(self, actor, compute, latency_ms: float):
-        self.actor, self.compute = actor, compute
-        self.state = compute.state(actor)
-        self.latency = latency_ms
-        self.notices: deque[tuple[float, Update]] = deque()
-
-    def catch_up(self, now: float) -> bool:
-        """Apply every notice that has arrived; True if KV rows were compacted."""
-        compacted = False
-        q = self.notices
-        while q and q[0][0] <= now:
-            compacted |= self.compute.apply(self.actor, q.popleft()[1])
-        return compacted
+ENGINES = ("fast", "reference")    # pipedec_sim.programs.simulate.ENGINES names the same
+__all__ = ["ENGINES", "Pipeline", "Replay", "RequestRun"]
 
 
 class Pipeline:
@@ -112,9 +38,12 @@ class Pipeline:
 
     def __init__(self, profile, stages: int, *, topology: str = "A",
                  prune: str = DEFAULT_PRUNE, cancel: bool = DEFAULT_CANCEL,
-                 timeline: bool = False, core_share=None):
+                 timeline: bool = False, core_share=None, engine: str = "fast"):
         if topology not in ("A", "B"):
             raise ValueError("topology must be 'A' or 'B'")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        self.engine = engine
         self.profile, self.S, self.topology = profile, stages, topology
         self.prune = check_prune(prune)
         self.layers = profile.stage_layers(stages)
@@ -123,366 +52,14 @@ class Pipeline:
         # The cores' share table now, if measured apart from the profile's (foreign load
         # changes): durations then scale by core_share[n-1] / profile.core_share[0].
         self.core_share = core_share
+        self.memo: dict = {}        # the fast engine's duration lookups, by their arguments
 
     def run(self, strategy, oracle=None, *, compute=None, recorder=None) -> RequestRun:
         """Simulate one request: `compute` does the work (default: `Replay(oracle)`);
         `recorder` sees every event and the actions it gave (pacing.Pacer)."""
-        return RequestSim(self, strategy, compute or Replay(oracle), recorder).run()
+        compute = compute or Replay(oracle)
+        if self.engine == "fast" and fast_model(self.profile, compute):
+            return FastRequestSim(self, strategy, compute, recorder).run()
+        return RequestSim(self, strategy, compute, recorder).run()
 
 
-class RequestSim:
-    """One request on a fresh SimPy calendar: the actors, their inboxes and KV holders.
-    It is the `Dispatch` of the request's pacer."""
-
-    def __init__(self, pipe: Pipeline, strategy, compute, recorder=None):
-        self.pipe, self.compute = pipe, compute
-        self.profile, self.S, self.layers = pipe.profile, pipe.S, pipe.layers
-        self.A = pipe.topology == "A"
-        self.record = pipe.record
-        self.env = env = simpy.Environment()
-        self.out = RequestRun()
-        self.done = env.event()
-        self.pacer = Pacer(strategy, self, prune=pipe.prune, recorder=recorder)
-        self._devices()
-        self._links()
-        S, hop = self.S, self.profile.link.latency_ms
-        self.holders: dict = {j: Holder(j, compute, hop if (self.A or j > 1) else 0.0)
-                              for j in range(1, S + 1)}
-        self.holders["draft"] = Holder("draft", compute, 0.0)
-        if self.A:                                    # the LM head on the head
-            self.holders["verify"] = Holder("verify", compute, 0.0)
-        self.inbox = {j: Inbox(env) for j in range(1, S + 1)}
-        self.draft_box = Inbox(env)
-        self.verify_box = Inbox(env) if self.A else None
-        self.busy: dict[int, set | None] = {j: None for j in range(1, S + 1)}
-        self.head_last: tuple[str, float] = ("", -1.0)   # the head device's last job, its end
-
-    def _devices(self) -> None:
-        """An exclusive device needs no resource; a shared one (B: stage 1 + draft + head)
-        or a host's shared cores serialise work."""
-        env, p = self.env, self.profile
-        self.cores = self.pool = None
-        if p.shared_cores:
-            if p.core_sharing == "fifo":
-                self.cores = simpy.Resource(env, p.shared_cores)
-            else:
-                share = self.pipe.core_share or p.core_share
-                base = p.core_share[0] if (self.pipe.core_share and p.core_share) else None
-                self.pool = CorePool(env, p.shared_cores, share, base, p.contention_slowdown)
-        self.head_dev = simpy.Resource(env, 1)
-        self.dev = {j: (self.head_dev if (j == 1 and not self.A) else None)
-                    for j in range(1, self.S + 1)}
-
-    def _links(self) -> None:
-        p, env = self.profile, self.env
-        bpms = p.link.bandwidth_gbps * 1e9 / 8 / 1e3 if p.link.bandwidth_gbps else 0.0
-
-        def hop() -> Hop:
-            return Hop(env, p.link.latency_ms, bpms)
-        self.links = {j: hop() for j in range(1, self.S)}
-        self.entry_link = hop() if self.A else None
-        self.back_link = hop()                            # last stage -> head
-
-    def run(self) -> RequestRun:
-        env, strategy = self.env, self.pacer.strategy
-        self.procs = {j: env.process(self._stage(j)) for j in range(1, self.S + 1)}
-        env.process(self._draft())
-        if self.A:
-            env.process(self._verifier())
-        self.pacer.dispatch(self.pacer.start())
-        try:
-            env.run(until=self.done)
-        except RuntimeError as e:
-            if self.done.triggered or "No scheduled events left" not in str(e):
-                raise
-            # Nothing left to happen but the request is unfinished: a scheduler bug.
-            raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
-                               f"after {len(strategy.output)} tokens ({e})") from None
-        self.out.end_ms = env.now
-        return self.out
-
-    # ---- compute ------------------------------------------------------------------------
-    def _compute(self, actor: str, device, ms: float, label: str, n: int, layers: int = 1):
-        """Hold the device (and a core) for `ms`; record busy time and a slice. An
-        interrupt (every row died) ends the work at the next layer boundary; returns
-        whether the work completed."""
-        env, out = self.env, self.out
-        held, start, completed = [], None, True
-        try:
-            for res in (device, self.cores):          # device first: never idle a core
-                if res is not None:
-                    req = res.request()
-                    held.append((res, req))
-                    yield req
-            start = env.now
-            if self.pool is None:
-                yield env.timeout(ms)
-            else:                                     # processor sharing of the cores
-                job, done = self.pool.start(ms)
-                try:
-                    yield done
-                finally:
-                    left = self.pool.stop(job) if not done.triggered else 0.0
-        except simpy.Interrupt:
-            completed = False
-            if start is not None:                     # finish the layer that is running
-                step = ms / layers
-                spent = env.now - start if self.pool is None else ms - left
-                rest = (math.ceil(spent / step - 1e-9) * step - spent) if step > 0 else 0.0
-                if rest > 0:
-                    if self.pool is None:
-                        yield env.timeout(rest)
-                    else:
-                        _, done = self.pool.start(rest)
-                        yield done
-        finally:
-            for res, req in held:
-                req.cancel()                          # still queued: leave the queue
-                res.release(req)
-        if start is not None:
-            ms = env.now - start
-            if device is self.head_dev:
-                self.head_last = (actor, env.now)
-            out.busy_ms[actor] = out.busy_ms.get(actor, 0.0) + ms
-            out.rows[actor] = out.rows.get(actor, 0) + (n if completed else 0)
-            if self.record:
-                out.timeline.append({"name": label if completed else f"{label} (cancelled)",
-                                     "ph": "X", "ts": start * 1e3, "dur": ms * 1e3, "pid": 0,
-                                     "tid": actor, "args": {"rows": n}})
-        return completed
-
-    def _stage_ms(self, j: int, n: int, ctx: int) -> float:
-        """Stage j's compute for n live rows over ctx cached ones. The grids are measured
-        warm; a stage's batch in a pipeline starts cold (the other stages evicted its
-        weights from the caches): the profile's cold_* extras, 0 when not measured."""
-        p = self.profile
-        ms = self.layers[j - 1] * (p.layer(n, ctx) + p.cold_layer_ms) + p.cold_stage_ms
-        return ms + p.embed(n) if j == 1 else ms
-
-    def _lm_head_ms(self, n: int) -> float:
-        return self.profile.lm_head(n) + self.profile.cold_lm_head_ms
-
-    # ---- actors -------------------------------------------------------------------------
-    def _stage(self, j: int):
-        box = self.inbox[j]
-        while True:
-            batch, notices = yield from box.get()
-            if batch is None:                         # in-band notices, on their own
-                yield from self._stage_notices(j, notices)
-                continue
-            if j == 1:
-                self._entry_taken()
-            rows = yield from self._stage_batch(j, batch, notices)
-            self._pass_on(j, stage_output(batch, rows), notices)
-
-    def _stage_notices(self, j: int, notices):
-        """Apply notices that came in the stream (compacting KV if rows died), pass them on."""
-        p, holder = self.profile, self.holders[j]
-        wire_ms = self._wire_ms(len(notices), batch=False)
-        if wire_ms > 0.0:
-            yield from self._compute(f"wire{j}", self.dev[j], wire_ms, "wire", 0)
-        for u in notices:
-            holder.notices.append((self.env.now, u))
-        if holder.catch_up(self.env.now) and p.kv_compact_ms:
-            yield from self._compute(f"stage{j}", self.dev[j], p.kv_compact_ms, "prune", 0)
-        if j < self.S:
-            nbytes = HEADER_BYTES + sum(len(u.commit) + len(u.kill) for u in notices) * TOKEN_BYTES
-            self.links[j].send(nbytes, lambda m=(None, notices), b=self.inbox[j + 1]: b.put(m))
-
-    def _stage_batch(self, j: int, batch: Batch, notices):
-        """Stage j's work on one batch: notices that rode with it first, then the live
-        rows. Returns the rows it computed (none if all died or it abandoned them)."""
-        env, p, holder, dev = self.env, self.profile, self.holders[j], self.dev[j]
-        wire_ms = self._wire_ms(len(notices))
-        if wire_ms > 0.0:                         # profiles without CPU-host fields: none
-            yield from self._compute(f"wire{j}", dev, wire_ms, "wire", 0)
-        for u in notices:
-            holder.notices.append((env.now, u))
-        compacted = holder.catch_up(env.now)
-        rows = holder.state.admit(batch.rows)
-        if not (rows or compacted):
-            return rows
-        ms = self._stage_ms(j, len(rows), holder.state.context) if rows else 0.0
-        ms += p.kv_compact_ms if compacted else 0.0
-        if j == self.S and not self.A and rows:
-            verify = rows[batch.verify_from:]
-            ms += self._lm_head_ms(len(verify)) if verify else 0.0
-        self.busy[j] = {r.id for r in rows}
-        done = yield from self._compute(f"stage{j}", dev, ms, batch.kind, len(rows),
-                                        self.layers[j - 1])
-        self.busy[j] = None
-        if not done:
-            self.out.cancelled += 1
-            return []                             # abandoned: every row died meanwhile
-        if rows:
-            self.compute.stage(j, batch, rows)
-        return rows
-
-    def _pass_on(self, j: int, out: Batch, notices) -> None:
-        """Send a stage's output on: to the next stage, or back to the head."""
-        p = self.profile
-        if j < self.S:
-            if not out.rows and not notices:      # header only
-                nbytes = HEADER_BYTES
-            else:
-                nbytes = HEADER_BYTES + len(out.rows) * (p.hidden_bytes(1) + TOKEN_BYTES)
-            self.links[j].send(nbytes, lambda m=(out, notices), b=self.inbox[j + 1]: b.put(m))
-        elif self.A:
-            nv = len(verify_rows(out))
-            self.back_link.send(HEADER_BYTES + nv * p.hidden_bytes(1),
-                                lambda m=out: self.verify_box.put(m))
-        else:
-            self.back_link.send(HEADER_BYTES + len(out.rows) * TOKEN_BYTES,
-                                lambda m=out: self._verified(m))
-
-    def _wire_ms(self, notices: int, *, batch: bool = True) -> float:
-        """A stage process's CPU for one message outside the compute (profile fields
-        stage_message_ms per batch message, stage_notice_ms per notice: the real runtime
-        sends each notice on its own)."""
-        p = self.profile
-        ms = (p.stage_message_ms if batch else 0.0) + notices * p.stage_notice_ms
-        if ms and self.pool is not None and self.pool.busy() + 1 > self.pool.cores:
-            ms *= p.message_contention       # handled while the cores are oversubscribed
-        return ms
-
-    def _entry_taken(self) -> None:
-        """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop), as
-        the torch runtime does; B (the head shares stage 1's device): no hop."""
-        hop = self.profile.link.latency_ms if self.A else 0.0
-        if hop > 0.0:
-            self.env.timeout(hop).callbacks.append(self._acked)
-        else:
-            self._acked()
-
-    def _acked(self, _e=None) -> None:
-        event = self.pacer.entry_taken()
-        if event is not None:
-            self._event(event)
-
-    def _verifier(self):
-        """Topology A: the LM head on the head's device."""
-        holder = self.holders["verify"]
-        while True:
-            batch = yield from self.verify_box.get()
-            holder.catch_up(self.env.now)
-            rows = holder.state.admit(verify_rows(batch))
-            if rows:
-                yield from self._compute("lm_head", self.head_dev,
-                                         self._lm_head_ms(len(rows)), batch.kind, len(rows))
-            self._verified(Batch(batch.id, tuple(rows), batch.kind))
-
-    def _verified(self, batch: Batch) -> None:
-        tokens = self.compute.verify(batch, verify_rows(batch)) if batch.rows else {}
-        self._event(self.pacer.verified(batch.id, tokens))
-
-    def _draft(self):
-        env, holder, p = self.env, self.holders["draft"], self.profile
-        while True:
-            d: Draft = yield from self.draft_box.get()
-            compacted = holder.catch_up(env.now)
-            rows = holder.state.admit(d.rows)
-            if rows:
-                ms = p.draft_step(len(rows), holder.state.context)
-                if self.head_last != ("draft", env.now):   # not back to back: cold caches
-                    ms += p.cold_draft_ms
-                ms += p.kv_compact_ms if compacted else 0.0
-                yield from self._compute("draft", self.head_dev, ms, "draft", len(rows))
-            proposals = self.compute.draft(d, rows) if rows else {}
-            self._event(self.pacer.drafted(d.ticket, proposals))
-
-    # ---- the head -----------------------------------------------------------------------
-    def _event(self, event) -> None:
-        if self.pacer.done:
-            return
-        actions = self.pacer.feed(event)
-        if self.profile.head_event_ms > 0.0:
-            # CPU work on the head's core before the actions leave (FIFO on head_dev
-            # keeps their order), then the optional pure delay.
-            self.env.process(self._head_cpu(actions))
-            return
-        self._after_head(actions)
-
-    def _head_cpu(self, actions):
-        yield from self._compute("head", self.head_dev, self.profile.head_event_ms, "event", 0)
-        self._after_head(actions)
-
-    def _after_head(self, actions) -> None:
-        delay = self.profile.head_overhead_ms
-        if delay > 0.0 and actions:
-            self.env.timeout(delay).callbacks.append(lambda _e: self.pacer.dispatch(actions))
-        else:
-            self.pacer.dispatch(actions)
-
-    # ---- pacing.Dispatch: what the head's actions do -----------------------------------
-    def inject(self, batch: Batch, notices) -> None:
-        self.compute.observe(batch.rows)
-        self.out.batches += 1
-        self._into_stage1((batch, list(notices)), len(batch.rows) * 4 * TOKEN_BYTES)
-
-    def inband(self, update: Update) -> None:
-        self._into_stage1((None, [update]), (len(update.commit) + len(update.kill)) * TOKEN_BYTES)
-
-    def _into_stage1(self, item, payload_bytes: int) -> None:
-        if self.entry_link is not None:
-            self.entry_link.send(HEADER_BYTES + payload_bytes, lambda: self.inbox[1].put(item))
-        else:
-            self.inbox[1].put(item)
-
-    def draft(self, request: Draft) -> None:
-        self.compute.observe(request.rows)
-        self.draft_box.put(request)
-
-    def prune(self, update: Update) -> None:
-        now = self.env.now
-        for key in ("draft", "verify"):
-            if key in self.holders:
-                self.holders[key].notices.append((now, update))
-
-    def broadcast(self, update: Update) -> None:
-        now = self.env.now
-        for j in range(1, self.S + 1):
-            at = now + self.holders[j].latency
-            if self._wire_ms(1, batch=False) > 0.0:   # CPU hosts: the stage receives it
-                self.env.timeout(at - now).callbacks.append(
-                    lambda _e, j=j: self.env.process(self._receive(j, update)))
-            else:
-                self._arrive(j, update, at)
-
-    def _receive(self, j: int, update: Update):
-        """A broadcast notice reaches stage j once its control reader has received it:
-        stage_notice_ms of CPU on the shared cores (beside the stage's compute), so under
-        contention notices land late and dead rows get computed, as on the real runtime."""
-        yield from self._compute(f"wire{j}", None, self._wire_ms(1, batch=False), "notice", 0)
-        self._arrive(j, update, self.env.now)
-
-    def _arrive(self, j: int, update: Update, at: float) -> None:
-        self.holders[j].notices.append((at, update))
-        if self.pipe.cancel and update.kill:
-            self._maybe_cancel(j, update, at)
-
-    def commit(self, commit: Commit) -> None:
-        now = self.env.now
-        self.out.commits.append((now, len(commit.tokens), commit.drafted, commit.outcome))
-        if self.record:
-            self.out.timeline.append({"name": commit.outcome, "ph": "i", "s": "t",
-                                      "ts": now * 1e3, "pid": 0, "tid": "head",
-                                      "args": {"tokens": list(commit.tokens)}})
-
-    def finish(self) -> None:
-        if not self.done.triggered:
-            self.done.succeed()
-
-    def _maybe_cancel(self, j: int, update: Update, at: float) -> None:
-        """If every row stage j is computing dies, it abandons the batch on arrival."""
-        busy = self.busy[j]
-        if not cancels(busy or set(), update):
-            return
-
-        def interrupt(_e=None):
-            if self.busy[j] is busy:
-                self.busy[j] = None
-                self.procs[j].interrupt("pruned")
-        if at <= self.env.now:
-            interrupt()
-        else:
-            self.env.timeout(at - self.env.now).callbacks.append(interrupt)

@@ -1,0 +1,529 @@
+"""The fast engine: the reference engine's model and event order, driven by callbacks.
+
+`reference.py` defines the model: one SimPy process per actor, one `StageState` per KV
+holder, a `simpy.Resource` for the head's device. This engine runs the same actors on a
+SimPy calendar and processes their work in exactly the reference's order, so that ties at
+one instant resolve the same way and the results are identical, but does far less per
+step:
+
+* **Callbacks, not processes.** A stage is a FIFO of stream items plus the job it is
+  computing; a job is one timed event.
+* **Work due "now" in a FIFO of its own.** Everything the reference schedules with no
+  delay (an inbox waiter's wake-up, a resource grant or release, a zero-length compute)
+  is a SimPy event it processes after the events already due at this instant, in the
+  order they were made. Here such work goes to `now_q`, drained in that order once no
+  SimPy event is due at this instant (a drain event is scheduled behind the ones that
+  are), instead of an event and a process switch each.
+* **One KV ledger for every stage** (`ledger.StageLedger`) instead of S StageStates.
+* **Memoised duration lookups.**
+
+It covers profiles whose devices are exclusive (`fast_model`); with shared CPU cores,
+processor sharing couples every running job at every instant and per-message CPU costs
+add processes on those cores, so those profiles run on the reference engine.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import simpy
+from simpy.events import NORMAL, URGENT
+
+from backends.simulated.ledger import StageLedger
+from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Hop
+from backends.simulated.replay import Holder, Replay, RequestRun
+from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
+from pipedec_sim.protocol.pacing import Pacer, stage_output, verify_rows
+
+
+def fast_model(profile, compute) -> bool:
+    """Whether the fast engine runs this request: trace replay (the stages' KV is only
+    bookkeeping) on a profile without shared cores or per-message CPU costs."""
+    p = profile
+    return (isinstance(compute, Replay) and not p.shared_cores and not p.head_event_ms
+            and not p.stage_message_ms and not p.stage_notice_ms)
+
+
+class Tick(simpy.Event):
+    """A timed call on the SimPy calendar (a Timeout without its checks)."""
+
+    def __init__(self, env, fn):
+        self.env, self.fn, self._ok, self._value = env, fn, True, None
+        self.callbacks = [env.sim_tick]
+
+
+class Job:
+    """One compute of `ms` on `device` (None: the actor's own); then `then(job, done)`."""
+    __slots__ = ("actor", "device", "ms", "label", "n", "layers", "then", "start",
+                 "stopped", "granted", "stage", "batch", "rows", "notices")
+
+    def __init__(self, actor, device, ms, label, n, layers, then, *, stage=0, batch=None,
+                 rows=(), notices=()):
+        self.actor, self.device, self.ms, self.label = actor, device, ms, label
+        self.n, self.layers, self.then = n, layers, then
+        self.stage, self.batch, self.rows, self.notices = stage, batch, rows, notices
+        self.start = None
+        self.stopped = False        # interrupted: the first timer no longer counts
+        self.granted = False        # holds its device
+
+
+class Device:
+    """The head's device: simpy.Resource(1)'s rules (FIFO grants; a release lets the next
+    waiter in when its release event is processed, or at once when a new request comes)
+    with its events on the engine's now_q."""
+    __slots__ = ("sim", "user", "waiters")
+
+    def __init__(self, sim):
+        self.sim, self.user, self.waiters = sim, None, deque()
+
+    def request(self, job: Job) -> None:
+        self.waiters.append(job)
+        self._grant()
+
+    def _grant(self) -> None:
+        if self.user is None and self.waiters:
+            self.user = job = self.waiters.popleft()
+            job.granted = True
+            self.sim.later(lambda: job.stopped or self.sim.hold(job))
+
+    def release(self, job: Job) -> None:
+        if self.user is job:
+            self.user = None
+        elif job in self.waiters:
+            self.waiters.remove(job)
+        self.sim.later(self._grant)
+
+
+class Stage:
+    """Stage j: its stream (FIFO of (batch or None, notices)), its prune-notice inbox and
+    the job it is running."""
+    __slots__ = ("j", "stream", "waiting", "notices", "job")
+
+    def __init__(self, j: int):
+        self.j = j
+        self.stream: deque = deque()
+        self.waiting = False        # the reference's process is blocked on its inbox
+        self.notices: deque[tuple[float, Update]] = deque()
+        self.job: Job | None = None
+
+
+class FastRequestSim:
+    """One request on a fresh SimPy calendar: the fast engine's `RequestSim`."""
+
+    def __init__(self, pipe, strategy, compute: Replay, recorder=None):
+        self.pipe, self.compute = pipe, compute
+        self.profile, self.S, self.layers = pipe.profile, pipe.S, pipe.layers
+        self.A = pipe.topology == "A"
+        self.record = pipe.record
+        self.env = env = simpy.Environment()
+        env.sim_tick = self._tick
+        self.now_q: deque = deque()
+        self.drain_due = False
+        self.out = RequestRun()
+        self.done = env.event()
+        self.pacer = Pacer(strategy, self, prune=pipe.prune, recorder=recorder)
+        self.ledger = StageLedger(self.S)
+        self.memo = pipe.memo
+        p, S = self.profile, self.S
+        hop = p.link.latency_ms
+        self.latency = [0.0] + [hop if (self.A or j > 1) else 0.0 for j in range(1, S + 1)]
+        self.stages = [Stage(j) for j in range(S + 1)]
+        self.head_dev = Device(self)
+        self.dev = [None] + [self.head_dev if (j == 1 and not self.A) else None
+                             for j in range(1, S + 1)]
+        self.head_last: tuple[str, float] = ("", -1.0)
+        self.draft_holder = Holder("draft", compute, 0.0)
+        self.verify_holder = Holder("verify", compute, 0.0) if self.A else None
+        self.drafts: deque[Draft] = deque()
+        self.verifies: deque[Batch] = deque()
+        self.waiting = {"draft": False, "verify": False}
+        bpms = p.link.bandwidth_gbps * 1e9 / 8 / 1e3 if p.link.bandwidth_gbps else 0.0
+        self.links = [Hop(env, p.link.latency_ms, bpms) for _ in range(S + 1)]  # j -> j+1
+        self.entry_link = Hop(env, p.link.latency_ms, bpms) if self.A else None
+        self.back_link = self.links[S]                     # last stage -> head
+
+    def run(self) -> RequestRun:
+        env, strategy = self.env, self.pacer.strategy
+        # The reference starts one process per actor (an urgent event each), then injects.
+        for j in range(1, self.S + 1):
+            self._urgent(lambda j=j: self._stage_next(j))
+        self._urgent(self._draft_next)
+        if self.A:
+            self._urgent(self._verify_next)
+        self.pacer.dispatch(self.pacer.start())
+        try:
+            env.run(until=self.done)
+        except RuntimeError as e:
+            if self.done.triggered or "No scheduled events left" not in str(e):
+                raise
+            raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
+                               f"after {len(strategy.output)} tokens ({e})") from None
+        self.out.end_ms = env.now
+        return self.out
+
+    # ---- the calendar -------------------------------------------------------------------
+    def _tick(self, ev: Tick) -> None:
+        ev.fn()
+        if self.now_q:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Run the work due now in order, behind any SimPy event due at this instant."""
+        env, q = self.env, self.now_q
+        while q:
+            if env.peek() <= env.now:           # an event due now goes first
+                if not self.drain_due:
+                    self.drain_due = True
+                    env.schedule(Tick(env, self._drained), NORMAL)
+                return
+            q.popleft()()
+
+    def _drained(self) -> None:
+        """The drain event's own work: none but to be one (its tick drains now_q)."""
+        self.drain_due = False
+
+    def later(self, fn) -> None:
+        """Work the reference schedules with no delay (an event due now)."""
+        self.now_q.append(fn)
+
+    def _at(self, delay: float, fn) -> None:
+        """Work due after `delay` ms (the reference's `env.timeout(delay)`); a delay too
+        small to move the clock is due now, behind the work already due now."""
+        env = self.env
+        if env.now + delay == env.now:
+            self.now_q.append(fn)
+        else:
+            env.schedule(Tick(env, fn), NORMAL, delay)
+
+    def _urgent(self, fn) -> None:
+        """Work in an urgent event now (a process start or an interruption)."""
+        self.env.schedule(Tick(self.env, fn), URGENT)
+
+    def _send(self, hop: Hop, nbytes: int, deliver) -> None:
+        """Hop.send."""
+        delay = hop.delay(nbytes)
+        if delay <= 0.0:
+            deliver()
+        else:
+            self._at(delay, deliver)
+
+    # ---- compute ------------------------------------------------------------------------
+    def _compute(self, job: Job) -> None:
+        """The reference's `_compute`: wait for the device (if shared), hold it for ms."""
+        if job.device is None:
+            self.hold(job)
+        else:
+            job.device.request(job)
+
+    def hold(self, job: Job) -> None:
+        job.start = self.env.now
+        self._at(job.ms, lambda: job.stopped or self._end(job, True))
+
+    def _interrupt(self, job: Job) -> None:
+        """Every row `job` computes died: it stops at the next layer boundary."""
+        if job.start is None:                         # still waiting for the device
+            self._end(job, False)
+            return
+        step = job.ms / job.layers
+        spent = self.env.now - job.start
+        rest = (math.ceil(spent / step - 1e-9) * step - spent) if step > 0 else 0.0
+        if rest > 0:
+            self._at(rest, lambda: self._end(job, False))
+        else:
+            self._end(job, False)
+
+    def _end(self, job: Job, completed: bool) -> None:
+        env, out = self.env, self.out
+        if job.device is not None:
+            job.device.release(job)
+        if job.start is not None:
+            ms = env.now - job.start
+            if job.device is self.head_dev:
+                self.head_last = (job.actor, env.now)
+            out.busy_ms[job.actor] = out.busy_ms.get(job.actor, 0.0) + ms
+            out.rows[job.actor] = out.rows.get(job.actor, 0) + (job.n if completed else 0)
+            if self.record:
+                label = job.label if completed else f"{job.label} (cancelled)"
+                out.timeline.append({"name": label, "ph": "X", "ts": job.start * 1e3,
+                                     "dur": ms * 1e3, "pid": 0, "tid": job.actor,
+                                     "args": {"rows": job.n}})
+        job.then(job, completed)
+
+    def _stage_ms(self, j: int, n: int, ctx: int) -> float:
+        key = (self.layers[j - 1], j == 1, n, ctx)
+        ms = self.memo.get(key)
+        if ms is None:
+            p = self.profile
+            ms = self.layers[j - 1] * (p.layer(n, ctx) + p.cold_layer_ms) + p.cold_stage_ms
+            ms = self.memo[key] = ms + p.embed(n) if j == 1 else ms
+        return ms
+
+    def _lm_head_ms(self, n: int) -> float:
+        key = ("lm", n)
+        ms = self.memo.get(key)
+        if ms is None:
+            ms = self.memo[key] = self.profile.lm_head(n) + self.profile.cold_lm_head_ms
+        return ms
+
+    def _draft_ms(self, n: int, ctx: int) -> float:
+        key = ("draft", n, ctx)
+        ms = self.memo.get(key)
+        if ms is None:
+            ms = self.memo[key] = self.profile.draft_step(n, ctx)
+        return ms
+
+    # ---- stages -------------------------------------------------------------------------
+    def _arrive(self, j: int, item) -> None:
+        """An item reaches stage j's stream (the reference's Inbox.put)."""
+        st = self.stages[j]
+        st.stream.append(item)
+        if st.waiting:
+            st.waiting = False
+            self.now_q.append(lambda: self._stage_next(j))
+
+    def _stage_next(self, j: int) -> None:
+        """The reference's stage loop: work through the stream until a job starts."""
+        st = self.stages[j]
+        while st.stream:
+            batch, notices = st.stream.popleft()
+            if batch is None:
+                started = self._stage_notices(j, notices)
+            else:
+                if j == 1:
+                    self._entry_taken()
+                started = self._stage_batch(j, batch, notices)
+            if started:
+                return
+        st.waiting = True
+
+    def _catch_up(self, st: Stage) -> bool:
+        q, now, ledger = st.notices, self.env.now, self.ledger
+        compacted = False
+        while q and q[0][0] <= now:
+            compacted |= ledger.apply(st.j, q.popleft()[1])
+        return compacted
+
+    def _stage_notices(self, j: int, notices) -> bool:
+        """In-band notices on their own: apply (compacting if rows died), pass them on.
+        Returns whether a job started (the stream waits for it)."""
+        st, now, p = self.stages[j], self.env.now, self.profile
+        for u in notices:
+            st.notices.append((now, u))
+        if self._catch_up(st) and p.kv_compact_ms:
+            self._compute(Job(f"stage{j}", self.dev[j], p.kv_compact_ms, "prune", 0, 1,
+                              self._notices_done, stage=j, notices=notices))
+            return True
+        self._notices_on(j, notices)
+        return False
+
+    def _notices_done(self, job: Job, _completed: bool) -> None:
+        j = job.stage
+        self._notices_on(j, job.notices)
+        self._stage_next(j)
+
+    def _notices_on(self, j: int, notices) -> None:
+        if j < self.S:
+            nbytes = HEADER_BYTES + sum(len(u.commit) + len(u.kill) for u in notices) * TOKEN_BYTES
+            item = (None, notices)
+            self._send(self.links[j], nbytes, lambda: self._arrive(j + 1, item))
+
+    def _stage_batch(self, j: int, batch: Batch, notices) -> bool:
+        """The reference's `_stage_batch`; returns whether a job started."""
+        st, now, p = self.stages[j], self.env.now, self.profile
+        for u in notices:
+            st.notices.append((now, u))
+        compacted = self._catch_up(st) if st.notices else False
+        rows = self.ledger.admit(j, batch.id, batch.rows)
+        if not (rows or compacted):
+            self._pass_on(j, stage_output(batch, rows), notices)
+            return False
+        ms = self._stage_ms(j, len(rows), self.ledger.context(j)) if rows else 0.0
+        ms += p.kv_compact_ms if compacted else 0.0
+        if j == self.S and not self.A and rows:
+            verify = rows[batch.verify_from:]
+            ms += self._lm_head_ms(len(verify)) if verify else 0.0
+        st.job = Job(f"stage{j}", self.dev[j], ms, batch.kind, len(rows), self.layers[j - 1],
+                     self._stage_done, stage=j, batch=batch, rows=rows, notices=notices)
+        self._compute(st.job)
+        return True
+
+    def _stage_done(self, job: Job, completed: bool) -> None:
+        batch, rows, j = job.batch, job.rows, job.stage
+        self.stages[j].job = None
+        if not completed:
+            self.out.cancelled += 1
+            rows = ()
+        elif rows:
+            self.ledger.computed_rows(j, rows)
+        out = batch if rows is batch.rows else stage_output(batch, rows)
+        self._pass_on(j, out, job.notices)
+        self._stage_next(j)
+
+    def _pass_on(self, j: int, out: Batch, notices) -> None:
+        p = self.profile
+        if j < self.S:
+            if not out.rows and not notices:
+                nbytes = HEADER_BYTES
+            else:
+                nbytes = HEADER_BYTES + len(out.rows) * (p.hidden_bytes(1) + TOKEN_BYTES)
+            item = (out, notices)
+            self._send(self.links[j], nbytes, lambda: self._arrive(j + 1, item))
+        elif self.A:
+            nv = len(verify_rows(out))
+            self._send(self.back_link, HEADER_BYTES + nv * p.hidden_bytes(1),
+                       lambda: self._verify_put(out))
+        else:
+            self._send(self.back_link, HEADER_BYTES + len(out.rows) * TOKEN_BYTES,
+                       lambda: self._verified(out))
+
+    def _entry_taken(self) -> None:
+        hop = self.profile.link.latency_ms if self.A else 0.0
+        if hop > 0.0:
+            self._at(hop, self._acked)
+        else:
+            self._acked()
+
+    def _acked(self) -> None:
+        event = self.pacer.entry_taken()
+        if event is not None:
+            self._event(event)
+
+    # ---- the head's actors: verifier (topology A) and draft -----------------------------
+    def _verify_put(self, batch: Batch) -> None:
+        self.verifies.append(batch)
+        if self.waiting["verify"]:
+            self.waiting["verify"] = False
+            self.now_q.append(self._verify_next)
+
+    def _verify_next(self) -> None:
+        holder = self.verify_holder
+        while self.verifies:
+            batch = self.verifies.popleft()
+            holder.catch_up(self.env.now)
+            rows = holder.state.admit(verify_rows(batch))
+            out = Batch(batch.id, tuple(rows), batch.kind)
+            if rows:
+                self._compute(Job("lm_head", self.head_dev, self._lm_head_ms(len(rows)),
+                                  batch.kind, len(rows), 1, self._lm_head_done, batch=out))
+                return
+            self._verified(out)
+        self.waiting["verify"] = True
+
+    def _lm_head_done(self, job: Job, _completed: bool) -> None:
+        self._verified(job.batch)
+        self._verify_next()
+
+    def _verified(self, batch: Batch) -> None:
+        self.ledger.left(batch.id)
+        tokens = self.compute.verify(batch, verify_rows(batch)) if batch.rows else {}
+        self._event(self.pacer.verified(batch.id, tokens))
+
+    def _draft_next(self) -> None:
+        env, holder = self.env, self.draft_holder
+        while self.drafts:
+            d = self.drafts.popleft()
+            compacted = holder.catch_up(env.now)
+            rows = holder.state.admit(d.rows)
+            if rows:
+                ms = self._draft_ms(len(rows), holder.state.context)
+                if self.head_last != ("draft", env.now):   # not back to back: cold caches
+                    ms += self.profile.cold_draft_ms
+                ms += self.profile.kv_compact_ms if compacted else 0.0
+                self._compute(Job("draft", self.head_dev, ms, "draft", len(rows), 1,
+                                  self._draft_done, batch=d, rows=rows))
+                return
+            self._drafted(d, rows)
+        self.waiting["draft"] = True
+
+    def _draft_done(self, job: Job, _completed: bool) -> None:
+        self._drafted(job.batch, job.rows)
+        self._draft_next()
+
+    def _drafted(self, d: Draft, rows) -> None:
+        proposals = self.compute.draft(d, rows) if rows else {}
+        self._event(self.pacer.drafted(d.ticket, proposals))
+
+    def _event(self, event) -> None:
+        if self.pacer.done:
+            return
+        actions = self.pacer.feed(event)
+        delay = self.profile.head_overhead_ms
+        if delay > 0.0 and actions:
+            self._at(delay, lambda: self.pacer.dispatch(actions))
+        else:
+            self.pacer.dispatch(actions)
+
+    # ---- pacing.Dispatch ----------------------------------------------------------------
+    def inject(self, batch: Batch, notices) -> None:
+        self.compute.observe(batch.rows)
+        self.ledger.injected(batch.id, batch.rows)
+        self.out.batches += 1
+        self._into_stage1((batch, list(notices)), len(batch.rows) * 4 * TOKEN_BYTES)
+
+    def inband(self, update: Update) -> None:
+        self._into_stage1((None, [update]), (len(update.commit) + len(update.kill)) * TOKEN_BYTES)
+
+    def _into_stage1(self, item, payload_bytes: int) -> None:
+        if self.entry_link is not None:
+            self._send(self.entry_link, HEADER_BYTES + payload_bytes,
+                       lambda: self._arrive(1, item))
+        else:
+            self._arrive(1, item)
+
+    def draft(self, request: Draft) -> None:
+        self.compute.observe(request.rows)
+        self.drafts.append(request)
+        if self.waiting["draft"]:
+            self.waiting["draft"] = False
+            self.now_q.append(self._draft_next)
+
+    def prune(self, update: Update) -> None:
+        now = self.env.now
+        self.ledger.dispatched(update)
+        self.draft_holder.notices.append((now, update))
+        if self.verify_holder is not None:
+            self.verify_holder.notices.append((now, update))
+
+    def broadcast(self, update: Update) -> None:
+        now = self.env.now
+        kill = set(update.kill) if (self.pipe.cancel and update.kill) else None
+        for j in range(1, self.S + 1):
+            at = now + self.latency[j]
+            st = self.stages[j]
+            st.notices.append((at, update))
+            if kill is not None and st.job is not None:
+                self._maybe_cancel(st, kill, at)
+
+    def commit(self, commit: Commit) -> None:
+        now = self.env.now
+        self.out.commits.append((now, len(commit.tokens), commit.drafted, commit.outcome))
+        if self.record:
+            self.out.timeline.append({"name": commit.outcome, "ph": "i", "s": "t",
+                                      "ts": now * 1e3, "pid": 0, "tid": "head",
+                                      "args": {"tokens": list(commit.tokens)}})
+
+    def finish(self) -> None:
+        # The reference's done event is due now, behind the work already due now.
+        self.now_q.append(self._stop)
+
+    def _stop(self) -> None:
+        self.now_q.clear()              # what would follow the done event never runs
+        if not self.done.triggered:
+            self.done.succeed()
+
+    def _maybe_cancel(self, st: Stage, kill: set[int], at: float) -> None:
+        """If every row stage j is computing dies, it abandons the batch on arrival
+        (pacing.cancels: the rows running when the notice left the head)."""
+        job = st.job
+        if job.stopped or not job.rows or any(r.id not in kill for r in job.rows):
+            return
+
+        def interrupt():
+            if st.job is job and not job.stopped:
+                job.stopped = True              # the reference clears `busy` here
+                self._urgent(lambda: self._interrupt(job))
+        if at <= self.env.now:
+            interrupt()
+        else:
+            self._at(at - self.env.now, interrupt)
+

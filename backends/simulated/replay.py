@@ -1,0 +1,77 @@
+"""What both SimPy engines share: a request's outcome, the trace-replay compute and the
+KV holders' notice inboxes."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pipedec_sim.protocol.messages import Batch, Draft, Update
+from pipedec_sim.protocol.stage_state import StageState
+
+
+@dataclass
+class RequestRun:
+    """What one simulated request did (times in ms)."""
+    # (t, tokens, drafted, outcome) per commit
+    commits: list[tuple[float, int, int, str]] = field(default_factory=list)
+    end_ms: float = 0.0
+    busy_ms: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)       # rows computed per actor
+    batches: int = 0
+    cancelled: int = 0       # batches a stage abandoned mid-compute (broadcast + cancel)
+    timeline: list[dict] = field(default_factory=list)
+
+
+class Replay:
+    """The simulator's compute: KV bookkeeping only, with the draft's proposals and the
+    target's tokens from a trace oracle. Another compute (the torch inline driver's real
+    models) can stand in: the same calls at the same simulated moments."""
+
+    def __init__(self, oracle):
+        self.oracle = oracle
+        self.states: dict = {}
+
+    def state(self, actor) -> StageState:
+        """The KV bookkeeping of one holder: stage j, "draft" or "verify"."""
+        return self.states.setdefault(actor, StageState())
+
+    def apply(self, actor, update: Update) -> bool:
+        """Apply a prune notice; True if KV rows were compacted."""
+        return self.states[actor].apply(update, keep=False) is not None
+
+    def observe(self, rows) -> None:
+        self.oracle.observe(rows)
+
+    def stage(self, j: int, batch: Batch, rows) -> None:
+        """Stage j computed `rows` (the live rows of `batch`)."""
+        self.states[j].append(rows, batch.committed)
+
+    def verify(self, batch: Batch, rows) -> dict[int, int]:
+        """The target's next token after each verified row."""
+        target = self.oracle.target
+        return {r.id: target(r) for r in rows}
+
+    def draft(self, request: Draft, rows) -> dict:
+        """The draft computed `rows` (live rows of `request`): proposals of the wanted ones."""
+        self.states["draft"].append(rows, request.committed)
+        alive = {r.id: r for r in rows}
+        propose = self.oracle.propose
+        return {i: propose(alive[i], request.k) for i in request.want if i in alive}
+
+
+class Holder:
+    """A KV holder's inbox of prune notices, applied lazily when work starts."""
+
+    def __init__(self, actor, compute, latency_ms: float):
+        self.actor, self.compute = actor, compute
+        self.state = compute.state(actor)
+        self.latency = latency_ms
+        self.notices: deque[tuple[float, Update]] = deque()
+
+    def catch_up(self, now: float) -> bool:
+        """Apply every notice that has arrived; True if KV rows were compacted."""
+        compacted = False
+        q = self.notices
+        while q and q[0][0] <= now:
+            compacted |= self.compute.apply(self.actor, q.popleft()[1])
+        return compacted
