@@ -84,16 +84,16 @@ class StageLedger:
             if seen[0] == epoch:
                 return seen[1]
             rows = seen[1]                      # survivors only shrink as epochs grow
-        out = []
         death = self._death
-        for r in rows:
-            if death(r.id) <= epoch:
-                continue
-            k = death(r.parent)
-            if k <= epoch:                      # a dead row's descendants die too
-                self.orphans[r.id] = k
-                continue
-            out.append(r)
+        if self.orphans:
+            out = [r for r in rows if death(r.id) > epoch and death(r.parent) > epoch]
+        else:                                   # the same, without a call per row
+            get = self.kill_at.get
+            out = [r for r in rows if get(r.id, ALIVE) > epoch and get(r.parent, ALIVE) > epoch]
+        if len(out) < len(rows):
+            for r in rows:                      # a dead row's descendants die too
+                if death(r.id) > epoch and death(r.parent) <= epoch:
+                    self.orphans[r.id] = death(r.parent)
         alive = rows if len(out) == len(rows) else tuple(out)
         if seen is None or seen[0] <= epoch:
             self.survivors[batch_id] = (epoch, alive)

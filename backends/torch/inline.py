@@ -15,11 +15,19 @@ import dataclasses
 
 from backends.simulated.pipeline import Pipeline
 from backends.torch.head import Request, RunRecord
-from backends.torch.shard import DraftModel, Shard, Verifier, select_rows
+from backends.torch.shard import (
+    GREEDY_TARGET,
+    DraftModel,
+    Shard,
+    TargetSampler,
+    Verifier,
+    select_rows,
+)
 from backends.torch.stage import stage_bounds
 from pipedec_sim.inputs.profile import Grid2D, Profile, constant_profile
 from pipedec_sim.protocol.messages import Batch, Draft, Update
 from pipedec_sim.protocol.pacing import DEFAULT_CANCEL, DEFAULT_PRUNE, window_for
+from pipedec_sim.protocol.sampling import GREEDY, Sampling, request_key
 from pipedec_sim.protocol.stage_state import StageState
 from pipedec_sim.protocol.strategies import make_strategy
 
@@ -45,8 +53,9 @@ class ModelCompute:
     models: hidden states follow each batch from stage to stage."""
 
     def __init__(self, shards: list[Shard], verifier: Verifier | None,
-                 draft: DraftModel | None):
+                 draft: DraftModel | None, sampler: TargetSampler = GREEDY_TARGET):
         self.shards, self.verifier, self.draft_model = shards, verifier, draft
+        self.sampler = sampler                   # the target's token rule, this request
         self.no_draft = StageState()             # plain PP asks no draft
         self.inputs: dict[tuple[int, int], tuple] = {}   # (stage, batch) -> (rows, hidden)
         self.outputs: dict[int, tuple] = {}              # batch -> last stage's (rows, hidden)
@@ -82,7 +91,8 @@ class ModelCompute:
 
     def verify(self, batch: Batch, rows) -> dict[int, int]:
         rows_out, hidden = self.outputs.pop(batch.id)
-        tokens = self.shards[-1].greedy(select_rows(rows_out, hidden, rows)).tolist()
+        tokens = self.sampler.tokens(self.shards[-1], select_rows(rows_out, hidden, rows),
+                                     rows)
         return {r.id: t for r, t in zip(rows, tokens)}
 
     def draft(self, request: Draft, rows) -> dict:
@@ -94,7 +104,8 @@ class InlinePipeline:
     def __init__(self, target, draft=None, stages: int = 2, *, topology: str = "A",
                  recorder=None, knobs=None, device="cpu", dtype=None,
                  prune: str = DEFAULT_PRUNE, cancel: bool = DEFAULT_CANCEL,
-                 profile: Profile | None = None, timeline: bool = True):
+                 profile: Profile | None = None, timeline: bool = True,
+                 sampling: Sampling = GREEDY):
         model = target.model.to(device, dtype)
         n_layers = model.config.num_hidden_layers
         bounds = stage_bounds(n_layers, stages)
@@ -107,6 +118,7 @@ class InlinePipeline:
         self.pipe = Pipeline(profile or clock_profile(n_layers), S, topology=topology,
                              prune=prune, cancel=cancel, timeline=timeline)
         self.eos, self.recorder = target.eos, recorder
+        self.sampling = sampling
         self.knobs = {**(knobs or {})}
         self.knobs.setdefault("window", None)
 
@@ -120,7 +132,8 @@ class InlinePipeline:
         if self.recorder is not None:
             self.recorder.request(strategy=name, id=req.id, prompt_ids=list(req.prompt_ids),
                                   max_new_tokens=req.max_new_tokens, eos=self.eos, knobs=knobs)
-        compute = ModelCompute(self.shards, self.verifier, self.draft)
+        compute = ModelCompute(self.shards, self.verifier, self.draft,
+                               TargetSampler(self.sampling, request_key(req.id)))
         out = self.pipe.run(strategy, compute=compute, recorder=self.recorder)
         return RunRecord(name, req, output=list(strategy.output), commits=out.commits,
                          end_ms=out.end_ms, busy_ms=out.busy_ms, rows=out.rows,

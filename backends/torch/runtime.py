@@ -43,7 +43,14 @@ from backends.torch.checkpoint import load_stage
 from backends.torch.head import Head, Request, RunRecord
 from backends.torch.link import connect, rank_device
 from backends.torch.models import load
-from backends.torch.shard import DraftModel, Shard, Verifier, rows_tensor, tensor_rows
+from backends.torch.shard import (
+    DraftModel,
+    Shard,
+    TargetSampler,
+    Verifier,
+    rows_tensor,
+    tensor_rows,
+)
 from backends.torch.worker import (
     IDLE_TIMEOUT,
     SLICE_CANCEL,
@@ -54,6 +61,7 @@ from backends.torch.worker import (
 from pipedec_sim.errors import InputError
 from pipedec_sim.protocol.messages import Batch, Update
 from pipedec_sim.protocol.pacing import window_for
+from pipedec_sim.protocol.sampling import request_key
 
 
 class StageFailed(RuntimeError):
@@ -336,7 +344,10 @@ class DistributedPipeline:
     def run(self, name: str, req: Request) -> RunRecord:
         self.seq += 1
         cfg = self.cfg
-        self.out.send([wire.reset(self.seq, cfg.prune, cfg.cancel)], 1)
+        key = request_key(req.id)
+        if self.verifier is not None:
+            self.verifier.sampler = TargetSampler(cfg.target_sampling(), key)
+        self.out.send([wire.reset(self.seq, cfg.prune, cfg.cancel, key)], 1)
         self.control_open |= cfg.prune == "broadcast"
         head = self.head
         head.begin(name, req, self.seq)

@@ -9,11 +9,14 @@ proposes top-k children with log-probabilities.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
 from backends.torch.compat import with_cache
 from pipedec_sim.protocol.messages import Row, Update
+from pipedec_sim.protocol.sampling import GREEDY, Sampling, sample
 from pipedec_sim.protocol.stage_state import StageState
 
 
@@ -128,6 +131,26 @@ class Shard:
         return self.logits(hidden).argmax(-1).cpu()
 
 
+@dataclass(frozen=True)
+class TargetSampler:
+    """The target's token rule for one request: greedy (temperature 0, the argmax as
+    before) or the core's seeded sampler keyed on the request (pipedec_sim.protocol.
+    sampling), so that every strategy, batch and stage layout gets the same token."""
+    sampling: Sampling = GREEDY
+    key: int = 0                   # sampling.request_key(request id)
+
+    def tokens(self, shard: "Shard", hidden: torch.Tensor, rows) -> list[int]:
+        """The target's next token after each of `rows` (hidden states [1, n, H])."""
+        if self.sampling.greedy:
+            return shard.greedy(hidden).tolist()
+        logits = shard.logits(hidden).double().cpu().numpy()
+        return [sample(logits[i], self.sampling, self.key, r.pos + 1)
+                for i, r in enumerate(rows)]
+
+
+GREEDY_TARGET = TargetSampler()
+
+
 class Verifier:
     """The LM head where verification happens (topology A: the head; B: the last stage).
     It holds no KV but must drop rows killed since they left the last stage."""
@@ -135,6 +158,7 @@ class Verifier:
     def __init__(self, shard: Shard):
         self.shard = shard
         self.state = StageState()
+        self.sampler = GREEDY_TARGET      # set per request by the driver
 
     def reset(self) -> None:
         self.state.reset()
@@ -143,13 +167,13 @@ class Verifier:
         self.state.apply(update)
 
     def verify(self, rows, verify_from: int, hidden: torch.Tensor) -> dict[int, int]:
-        """Target argmax after each live row of rows[verify_from:]."""
+        """The target's token after each live row of rows[verify_from:]."""
         rows = list(rows[verify_from:])
         hidden = hidden[:, verify_from:]
         live = self.state.admit(rows)
         if not live:
             return {}
-        tokens = self.shard.greedy(select_rows(rows, hidden, live)).tolist()
+        tokens = self.sampler.tokens(self.shard, select_rows(rows, hidden, live), live)
         return {r.id: t for r, t in zip(live, tokens)}
 
 

@@ -1,7 +1,7 @@
 """A stage's work on one batch, shared by the distributed stages and the profiler."""
 from __future__ import annotations
 
-from backends.torch.shard import Shard
+from backends.torch.shard import GREEDY_TARGET, Shard, TargetSampler
 from pipedec_sim.inputs.profile import split_layers
 from pipedec_sim.protocol.messages import Batch
 from pipedec_sim.protocol.pacing import stage_output, verify_rows
@@ -28,10 +28,11 @@ def run_stage(shard: Shard, batch: Batch, hidden, between=None):
     return stage_output(batch, rows), (hidden if rows else None)
 
 
-def lm_head(shard: Shard, batch: Batch, hidden) -> dict[int, int]:
+def lm_head(shard: Shard, batch: Batch, hidden, sampler: TargetSampler = GREEDY_TARGET
+            ) -> dict[int, int]:
     """Topology B's last stage: the target's token after each row to verify."""
     rows = verify_rows(batch)
     if not rows:
         return {}
-    toks = shard.greedy(hidden[:, batch.verify_from:]).tolist()
+    toks = sampler.tokens(shard, hidden[:, batch.verify_from:], rows)
     return {r.id: t for r, t in zip(rows, toks)}

@@ -47,11 +47,17 @@ def batch_header(kind: int, req: int, batch: Batch) -> torch.Tensor:
                   committed=batch.committed)
 
 
-def reset(req: int, prune: str, cancel: bool) -> torch.Tensor:
-    """RESET for request `req`, saying how its prune notices travel. The stages take the
-    mode from here rather than from their own flags, so a torchrun rank started with
+def reset(req: int, prune: str, cancel: bool, key: int = 0) -> torch.Tensor:
+    """RESET for request `req`, saying how its prune notices travel and the request's
+    sampling key (`sampling.request_key`, for topology B's last stage). The stages take
+    the mode from here rather than from their own flags, so a torchrun rank started with
     other flags cannot disagree with the head."""
-    return header(RESET, req, n=PRUNE_MODES.index(prune) + 1, n2=int(cancel))
+    return header(RESET, req, id=key, n=PRUNE_MODES.index(prune) + 1, n2=int(cancel))
+
+
+def reset_key(h: torch.Tensor) -> int:
+    """The sampling key a RESET carries (0 from a sender that states none)."""
+    return int(h[ID])
 
 
 def reset_mode(h: torch.Tensor) -> tuple[str | None, bool]:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from backends.torch import wire
 from backends.torch.checkpoint import load_stage, num_layers
 from backends.torch.link import Links, connect, rank_device
-from backends.torch.shard import Shard, rows_tensor, tensor_rows
+from backends.torch.shard import GREEDY_TARGET, Shard, TargetSampler, rows_tensor, tensor_rows
 from backends.torch.stage import lm_head, run_stage, stage_bounds
 from pipedec_sim.protocol.messages import Batch, Update
 from pipedec_sim.protocol.pacing import (
@@ -36,6 +36,7 @@ from pipedec_sim.protocol.pacing import (
     check_prune,
     verify_rows,
 )
+from pipedec_sim.protocol.sampling import GREEDY, Sampling
 
 IDLE_TIMEOUT = timedelta(days=1)
 SLICE_BATCH, SLICE_PRUNE, SLICE_CANCEL = 0, 1, 2   # what a stage's timeline slice was
@@ -56,9 +57,15 @@ class StageConfig:
     dtype: str = "float32"       # weights and activations, a torch dtype name
     prune: str = DEFAULT_PRUNE   # how prune notices reach the stages (pacing.PRUNE_MODES)
     cancel: bool = DEFAULT_CANCEL    # broadcast: abandon a batch whose rows all died
+    # The target's sampling (pipedec_sim.protocol.sampling.Sampling's fields; none: greedy)
+    sampling: dict | None = None
 
     def __post_init__(self):
         check_prune(self.prune)
+        self.target_sampling()                 # a bad setting fails here, not mid-run
+
+    def target_sampling(self) -> Sampling:
+        return Sampling(**self.sampling) if self.sampling else GREEDY
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -129,6 +136,7 @@ class Stage:
         self.out = wire.Outbox()
         self.req = -1
         self.cancel = False           # this request's: broadcast + cancel (from its RESET)
+        self.sampler = GREEDY_TARGET      # this request's (B's last stage verifies)
         self.control: Control | None = None    # started by the first broadcast RESET
         self.notices: list[tuple[int, Update]] = []    # arrived broadcast notices, unapplied
         self.abandoned = False        # the batch being computed was cancelled
@@ -191,6 +199,7 @@ class Stage:
     # ---- messages ------------------------------------------------------------------------
     def on_reset(self, h) -> None:
         self.req = int(h[wire.REQ])
+        self.sampler = TargetSampler(self.cfg.target_sampling(), wire.reset_key(h))
         prune, cancel = wire.reset_mode(h)
         self.cancel = cancel and prune == "broadcast"
         if prune == "broadcast" and self.control is None:
@@ -239,7 +248,7 @@ class Stage:
                                 between=self._between if self.cancel else None)
         tokens = None
         if self.next == 0 and self.cfg.topology == "B":
-            tokens = lm_head(self.shard, out, hidden)
+            tokens = lm_head(self.shard, out, hidden, self.sampler)
         self.busy_us += int((time.perf_counter() - t) * 1e6)
         self.rows += len(out.rows)
         self._slice(SLICE_CANCEL if self.abandoned else SLICE_BATCH, batch.id, t,

@@ -29,7 +29,7 @@ from pipedec_sim.inputs.files import (
 )
 from pipedec_sim.inputs.limits import MAX_PROMPT_LEN
 from pipedec_sim.inputs.traces import FORMAT as TRACE_FORMAT
-from pipedec_sim.inputs.traces import Trace, is_trace_file, read_trace
+from pipedec_sim.inputs.traces import Trace, is_trace_file, read_trace, trace_sampling
 
 FORMATS = ("alpaca", "sharegpt", "mtbench", "humaneval", "gsm8k", "plain")
 # What `load_workload(format=)` (and `pipedec-sim run --format`) accepts: auto-detection,
@@ -391,7 +391,7 @@ def load_workload(path: FilePath, *, max_requests: int | None = None, max_new_to
 def _describe_trace(trace: Trace, name: str, acceptance: AcceptanceModel | None) -> str:
     h = trace.header
     desc = (f"{h.source} trace {name} ({len(trace.requests)} requests; target {h.target}, "
-            f"draft {h.draft}, dataset {h.dataset})")
+            f"draft {h.draft}, dataset {h.dataset}; target tokens {trace_sampling(h).describe()})")
     if h.acceptance_model:
         desc += f" drawn from acceptance model {h.acceptance_model.get('name') or 'unnamed'}"
     if acceptance is not None:

@@ -10,6 +10,7 @@ so a bad trace stops at the edge instead of deep inside a simulation.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import gzip
 import json
@@ -34,12 +35,13 @@ from pipedec_sim.inputs.files import (
     utf8_problem,
 )
 from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_PROMPT_LEN, MAX_TOP_K, SNIFF_BYTES
+from pipedec_sim.protocol.sampling import GREEDY, Sampling
 
 FORMAT = "pipedec-trace/1"
 SOURCES = ("recorded", "synthetic")
 _HEADER_STR_FIELDS = ("target", "draft", "tokenizer", "dataset", "command")
 _HEADER_KEYS = {"format", "source", *_HEADER_STR_FIELDS, "top_k", "created",
-                "acceptance_model", "notes"}
+                "acceptance_model", "notes", "sampling"}
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Probabilities are usually rounded (4 decimals in bundled files): a row's sum and its order may
 # be off by rounding, not by more.
@@ -59,6 +61,8 @@ class TraceHeader:
     created: str
     acceptance_model: dict | None = None
     notes: str = ""
+    # How the target chose its tokens (protocol.sampling.Sampling's fields); None: greedy.
+    sampling: dict | None = None
     extra: dict = field(default_factory=dict)  # unknown header keys, kept for round trips
 
 
@@ -159,9 +163,30 @@ def parse_header(obj: Any, *, file: FilePath | None = None, line: int | None = 1
     if not isinstance(notes, str):
         ck.fail("notes", f"expected a string, got {json_type(notes)}")
     ck.utf8(notes, "notes")
+    sampling = _check_sampling(obj["sampling"], ck) if obj.get("sampling") is not None else None
     extra = {k: v for k, v in obj.items() if k not in _HEADER_KEYS}
     return TraceHeader(source=source, top_k=top_k, created=created, acceptance_model=acceptance,
-                       notes=notes, extra=extra, **strs)
+                       notes=notes, sampling=sampling, extra=extra, **strs)
+
+
+def _check_sampling(d: Any, ck: _Checker) -> dict:
+    """A header's `sampling`: the Sampling fields the target was sampled with."""
+    if not isinstance(d, dict):
+        ck.fail("sampling", f"expected an object, got {json_type(d)}")
+    known = {f.name for f in dataclasses.fields(Sampling)}
+    for k in d:
+        if k not in known:
+            ck.fail(f"sampling.{k}", f"unknown setting; known: {', '.join(sorted(known))}")
+    try:
+        Sampling(**d)
+    except (TypeError, ValueError) as e:
+        ck.fail("sampling", str(e))
+    return dict(d)
+
+
+def trace_sampling(header: TraceHeader) -> Sampling:
+    """How the trace's target tokens were chosen (greedy when the header says nothing)."""
+    return Sampling(**header.sampling) if header.sampling else GREEDY
 
 
 def _valid_date(s: str) -> bool:
@@ -295,6 +320,8 @@ def header_to_dict(h: TraceHeader) -> dict:
         d["acceptance_model"] = h.acceptance_model
     if h.notes:
         d["notes"] = h.notes
+    if h.sampling is not None:
+        d["sampling"] = h.sampling
     for k, v in h.extra.items():
         d.setdefault(k, v)  # never let an extra key shadow a known one
     return d

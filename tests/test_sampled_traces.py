@@ -1,0 +1,52 @@
+"""Traces recorded at temperature > 0: the header's `sampling`, read, written and checked."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pipedec_sim.errors import InputError
+from pipedec_sim.inputs.traces import read_trace, trace_sampling, write_trace
+from pipedec_sim.programs.cli import main as sim_main
+from pipedec_sim.protocol.sampling import GREEDY, Sampling
+from tests.helpers import bernoulli_trace
+
+
+def _with_sampling(trace, sampling):
+    return dataclasses.replace(trace, header=dataclasses.replace(trace.header,
+                                                                   sampling=sampling))
+
+
+def test_a_sampled_header_round_trips_and_greedy_is_the_default(tmp_path):
+    plain = bernoulli_trace(2, 10, 0.5)
+    assert trace_sampling(plain.header) == GREEDY
+    s = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 3}
+    write_trace(_with_sampling(plain, s), tmp_path / "t.jsonl")
+    back = read_trace(tmp_path / "t.jsonl")
+    assert back.header.sampling == s
+    assert trace_sampling(back.header) == Sampling(0.7, 0.9, 0, 3)
+
+
+@pytest.mark.parametrize("bad, field", [({"temperature": -1}, "sampling"),
+                                        ({"temprature": 0.7}, "sampling.temprature"),
+                                        ("hot", "sampling")])
+def test_a_bad_sampling_header_names_the_field(tmp_path, bad, field):
+    path = tmp_path / "t.jsonl"
+    write_trace(bernoulli_trace(1, 5, 0.5), path)
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["sampling"] = bad
+    path.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    with pytest.raises(InputError) as e:
+        read_trace(path)
+    assert e.value.field == field and e.value.line == 1
+
+
+def test_run_says_how_the_trace_sampled(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    write_trace(_with_sampling(bernoulli_trace(1, 8, 0.5), {"temperature": 0.7, "seed": 5}),
+                path)
+    assert sim_main(["run", "--stages", "2", "--trace", str(path), "--strategies", "ar",
+                     "--profile", "analytic-llama70b-1b"]) == 0
+    assert "target tokens sampled at temperature 0.7, seed 5" in capsys.readouterr().err
