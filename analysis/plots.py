@@ -2,8 +2,8 @@
 
 Every function takes a frame (or a timeline), draws into a new figure (or the `ax` given)
 and returns the figure; `save(fig, path)` writes a PNG. The Agg backend is used, so this
-runs headless. Summary frames are `summary.csv` from a sweep (one row per configuration;
-`cfg_*` columns) or from `run --out` (one row per strategy).
+runs headless. Summary frames are `summary.csv` or `summary.parquet` from a sweep (one row
+per configuration; `cfg_*` columns) or from `run --out` (one row per strategy).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipedec_sim.results.metrics import ideal_speedup
+from pipedec_sim.results.tables import read_table, table_name
 
 STRATEGY_ORDER = ["ar", "tree-sd", "pipedec"]
 LABELS = {"ar": "plain PP", "tree-sd": "tree SD (EAGLE-2)", "pipedec": "PipeDec"}
@@ -33,11 +34,13 @@ SLICE_COLORS = {"layer": "#4c72b0", "layer (cancelled)": "#c44e52", "prefill": "
 # --------------------------------------------------------------------------- frames
 
 def load_summary(path: str | Path) -> pd.DataFrame:
-    """A sweep folder, its summary.csv, or a `run --out` summary.csv."""
+    """A sweep or `run --out` folder (its summary.csv, or its summary.parquet if it has only
+    that one, as `pipedec-sim plot` reads it), or a summary .csv or .parquet file."""
     p = Path(path)
     if p.is_dir():
-        p = p / "summary.csv"
-    df = pd.read_csv(p)
+        csv, parquet = p / table_name("summary", "csv"), p / table_name("summary", "parquet")
+        p = parquet if not csv.exists() and parquet.exists() else csv
+    df = read_table(p, "parquet" if p.suffix.lower() == ".parquet" else "csv")
     if "strategy" not in df.columns or "tbt_ms" not in df.columns:
         raise ValueError(f"{p}: not a summary table (needs strategy and tbt_ms columns)")
     return df

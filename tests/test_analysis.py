@@ -90,6 +90,20 @@ def test_helpers(sweep_dir, timeline_json):
     assert sorted(n.split(" /")[0] for n in runs.values()) == ["ar", "pipedec", "tree-sd"]
 
 
+def test_load_summary_parquet_sweep(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    from analysis import plots
+
+    from .test_output_format import SWEEP, same_as_csv
+    assert main([*SWEEP, "--out", str(tmp_path / "csv")]) == 0
+    assert main([*SWEEP, "--out", str(tmp_path / "pq"), "--out-format", "parquet"]) == 0
+    csv = plots.load_summary(tmp_path / "csv")
+    same_as_csv(plots.load_summary(tmp_path / "pq"), csv)
+    same_as_csv(plots.load_summary(tmp_path / "pq" / "summary.parquet"), csv)
+    csv.head(1).to_csv(tmp_path / "pq" / "summary.csv", index=False)
+    assert len(plots.load_summary(tmp_path / "pq")) == 1          # both: the CSV, as plot does
+
+
 @pytest.mark.parametrize("name, figures", [
     ("speedup.ipynb", ["speedup_bars.png", "speedup_vs_stages.png", "width_heatmap.png",
                        "utilization.png"]),

@@ -121,6 +121,9 @@ def test_simulate_tables_are_identical_on_both_engines():
 
 
 def test_an_unknown_engine_is_refused():
+    from backends.simulated.pipeline import ENGINES
+    from pipedec_sim.programs.flags import ENGINES as FLAG_ENGINES
+    assert ENGINES == FLAG_ENGINES
     with pytest.raises(ValueError, match="engine must be one of fast, reference"):
         Pipeline(constant_profile(), 2, engine="turbo")
     with pytest.raises(ValueError, match="engine must be one of fast, reference"):

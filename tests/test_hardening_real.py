@@ -355,7 +355,9 @@ def test_trace_live_line_in_a_terminal(tmp_path, prompts, capsys, monkeypatch):
                      "--batch-size", "3", "--top-k", "4"])
     assert code == 0
     text = term.getvalue()
-    assert "\r\x1b[K[trace] 0/3 requests" in text and "at token 16/32" in text, text
+    # a bar per phase (tqdm: redrawn with \r), the batch's position beside it
+    assert "[trace] target outputs:" in text and "0/3" in text and "3/3" in text, text
+    assert "at token 16/32" in text and "[trace] draft top-k:" in text and "\r" in text, text
 
 
 def test_trace_takes_the_model_specs_of_run(tmp_path, prompts, capsys):

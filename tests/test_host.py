@@ -127,7 +127,7 @@ def test_cli_run_warns_once_and_goes_on(tmp_path, capsys, monkeypatch):
                  str(tmp_path / "p.json"), "--stages", "2", "--max-new-tokens", "4",
                  "--quiet"]) == 0
     out = capsys.readouterr()
-    warns = [x for x in out.err.splitlines() if "warning" in x]
+    warns = [x for x in out.err.splitlines() if "warning: CPU profile" in x]
     assert len(warns) == 1 and warns[0].startswith("pipedec-sim: warning: CPU profile")
     assert "pipedec" in out.out
 

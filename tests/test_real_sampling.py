@@ -94,3 +94,73 @@ def test_the_distributed_runtime_samples_the_same_tokens(tiny, topology):
             for i, (prompt, ref) in enumerate(zip(prompts, refs["T1-top-p0.9"])):
                 run = pipe.run(strategy, Request(str(i), prompt, len(ref)))
                 assert run.output == ref, (strategy, i)
+
+
+@pytest.mark.parametrize("driver", [["--inline"], []])
+def test_pipedec_real_run_commits_the_reference_samples(tiny, tmp_path, driver):
+    """The CLI end to end: `--temperature/--top-p/--seed` reach the verifying rank, and
+    every strategy's outputs.jsonl equals the target-alone reference for its request id."""
+    import json
+
+    from backends.torch.cli import main as real_main
+    target = tiny[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat sat\nOnce upon a time\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert real_main(["run", "--target", "tiny", "--draft", "tiny-noisy", "--stages", "2",
+                      "--prompts", str(prompts), "--max-new-tokens", "12", "--quiet",
+                      "--temperature", "0.8", "--top-p", "0.95", "--seed", "4",
+                      "--out", str(out), *driver]) == 0
+    s = Sampling(temperature=0.8, top_p=0.95, seed=4)
+    rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert {r["strategy"] for r in rows} == set(STRATEGIES)
+    for r in rows:
+        assert r["output_ids"] == reference_output(target, r["prompt_ids"], 12, s, r["id"])
+
+
+def test_a_sampled_trace_records_the_targets_samples(tiny, tmp_path):
+    """`pipedec-real trace --temperature`: the outputs are the reference samples (batched
+    generation repaired to the unbatched rule), the header says how they were sampled."""
+    from backends.torch.trace_recorder import main as trace_main
+    from pipedec_sim.inputs.traces import read_trace, trace_sampling
+    target = tiny[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    path = tmp_path / "t.jsonl"
+    assert trace_main(["--target", "tiny", "--draft", "tiny-noisy", "--prompts", str(prompts),
+                       "--out", str(path), "--max-new-tokens", "16", "--batch-size", "3",
+                       "--temperature", "0.7", "--seed", "11", "--quiet"]) == 0
+    trace = read_trace(path)
+    s = trace_sampling(trace.header)
+    assert s == Sampling(temperature=0.7, seed=11)
+    for req in trace.requests:
+        assert req.output == reference_output(target, req.prompt_ids, 16, s, req.id)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        from backends.torch.smollm2 import SmolLM2Missing
+        t = load("smollm2")
+    except (ImportError, SmolLM2Missing) as e:       # the offline package is optional
+        pytest.skip(f"SmolLM2 not available: {e}")
+    torch.set_num_threads(1)
+    prompts = [t.encode(p) for p in ("What is the capital of France?",
+                                     "Write a haiku about the sea.")]
+    return t, load("smollm2-draft"), prompts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages, sampling", [(1, "T0.7"), (2, "T0.7"), (4, "T0.7"),
+                                              (2, "T1-top-p0.9")])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_smollm2_lossless_when_sampling(smollm2, strategy, stages, sampling):
+    """SmolLM2-135M with its distilled draft, 32 sampled tokens per prompt: real weights,
+    misses and partial acceptance, and still the target's own seeded samples (the tiny
+    models cover every S with both samplings)."""
+    target, draft, prompts = smollm2
+    s = SAMPLINGS[sampling]
+    pipe = InlinePipeline(target, draft, stages, knobs=KNOBS, sampling=s)
+    for i, prompt in enumerate(prompts):
+        ref = reference_output(target, prompt, 32, s, str(i))
+        assert pipe.run(strategy, Request(str(i), prompt, 32)).output == ref, f"request {i}"

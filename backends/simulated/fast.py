@@ -30,7 +30,7 @@ import simpy
 from simpy.events import NORMAL, URGENT
 
 from backends.simulated.ledger import StageLedger
-from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Hop
+from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Hop, ring_hop
 from backends.simulated.replay import Holder, Replay, RequestRun
 from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
 from pipedec_sim.protocol.pacing import Pacer, stage_output, verify_rows
@@ -125,8 +125,9 @@ class FastRequestSim:
         self.ledger = StageLedger(self.S)
         self.memo = pipe.memo
         p, S = self.profile, self.S
-        hop = p.link.latency_ms
-        self.latency = [0.0] + [hop if (self.A or j > 1) else 0.0 for j in range(1, S + 1)]
+        # a broadcast notice takes one hop from the head (B: stage 1 shares its device)
+        self.latency = [0.0] + [p.head_link(j, S).latency_ms if (self.A or j > 1) else 0.0
+                                for j in range(1, S + 1)]
         self.stages = [Stage(j) for j in range(S + 1)]
         self.head_dev = Device(self)
         self.dev = [None] + [self.head_dev if (j == 1 and not self.A) else None
@@ -137,9 +138,8 @@ class FastRequestSim:
         self.drafts: deque[Draft] = deque()
         self.verifies: deque[Batch] = deque()
         self.waiting = {"draft": False, "verify": False}
-        bpms = p.link.bandwidth_gbps * 1e9 / 8 / 1e3 if p.link.bandwidth_gbps else 0.0
-        self.links = [Hop(env, p.link.latency_ms, bpms) for _ in range(S + 1)]  # j -> j+1
-        self.entry_link = Hop(env, p.link.latency_ms, bpms) if self.A else None
+        self.links = [ring_hop(env, p, j, S) for j in range(S + 1)]   # j -> j+1 (0 unused)
+        self.entry_link = ring_hop(env, p, 0, S) if self.A else None
         self.back_link = self.links[S]                     # last stage -> head
 
     def run(self) -> RequestRun:
@@ -237,16 +237,9 @@ class FastRequestSim:
         if job.device is not None:
             job.device.release(job)
         if job.start is not None:
-            ms = env.now - job.start
             if job.device is self.head_dev:
                 self.head_last = (job.actor, env.now)
-            out.busy_ms[job.actor] = out.busy_ms.get(job.actor, 0.0) + ms
-            out.rows[job.actor] = out.rows.get(job.actor, 0) + (job.n if completed else 0)
-            if self.record:
-                label = job.label if completed else f"{job.label} (cancelled)"
-                out.timeline.append({"name": label, "ph": "X", "ts": job.start * 1e3,
-                                     "dur": ms * 1e3, "pid": 0, "tid": job.actor,
-                                     "args": {"rows": job.n}})
+            out.worked(job.actor, job.start, env.now, job.label, job.n, completed, self.record)
         job.then(job, completed)
 
     def _stage_ms(self, j: int, n: int, ctx: int) -> float:
@@ -377,9 +370,9 @@ class FastRequestSim:
                        lambda: self._verified(out))
 
     def _entry_taken(self) -> None:
-        hop = self.profile.link.latency_ms if self.A else 0.0
-        if hop > 0.0:
-            self._at(hop, self._acked)
+        ack = self.profile.head_link(1, self.S).latency_ms if self.A else 0.0
+        if ack > 0.0:
+            self._at(ack, self._acked)
         else:
             self._acked()
 
@@ -495,12 +488,7 @@ class FastRequestSim:
                 self._maybe_cancel(st, kill, at)
 
     def commit(self, commit: Commit) -> None:
-        now = self.env.now
-        self.out.commits.append((now, len(commit.tokens), commit.drafted, commit.outcome))
-        if self.record:
-            self.out.timeline.append({"name": commit.outcome, "ph": "i", "s": "t",
-                                      "ts": now * 1e3, "pid": 0, "tid": "head",
-                                      "args": {"tokens": list(commit.tokens)}})
+        self.out.committed(self.env.now, commit, self.record)
 
     def finish(self) -> None:
         # The reference's done event is due now, behind the work already due now.

@@ -30,6 +30,14 @@ class Hop:
             self.env.timeout(delay).callbacks.append(lambda _e: deliver())
 
 
+def ring_hop(env: simpy.Environment, profile, j: int, stages: int) -> Hop:
+    """Hop j of the ring (0: head -> stage 1, j: stage j -> j+1, S: stage S -> head) with
+    the profile's link for it (`Profile.hop_link`)."""
+    link = profile.hop_link(j, stages)
+    bpms = link.bandwidth_gbps * 1e9 / 8 / 1e3 if link.bandwidth_gbps else 0.0
+    return Hop(env, link.latency_ms, bpms)
+
+
 class Inbox:
     """A FIFO an actor waits on; cheaper than simpy.Store (no event per put/get when
     work is already queued), which matters at tens of thousands of steps per second."""

@@ -29,7 +29,7 @@ from backends.simulated.reference import RequestSim
 from backends.simulated.replay import Replay, RequestRun
 from pipedec_sim.protocol.pacing import DEFAULT_CANCEL, DEFAULT_PRUNE, check_prune
 
-ENGINES = ("fast", "reference")    # pipedec_sim.programs.simulate.ENGINES names the same
+ENGINES = ("fast", "reference")    # pipedec_sim.programs.flags.ENGINES names the same
 __all__ = ["ENGINES", "Pipeline", "Replay", "RequestRun"]
 
 

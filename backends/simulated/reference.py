@@ -13,7 +13,7 @@ import math
 import simpy
 
 from backends.simulated.cores import CorePool
-from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Hop, Inbox
+from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Inbox, ring_hop
 from backends.simulated.replay import Holder, RequestRun
 from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
 from pipedec_sim.protocol.pacing import Pacer, cancels, stage_output, verify_rows
@@ -34,8 +34,10 @@ class RequestSim:
         self.pacer = Pacer(strategy, self, prune=pipe.prune, recorder=recorder)
         self._devices()
         self._links()
-        S, hop = self.S, self.profile.link.latency_ms
-        self.holders: dict = {j: Holder(j, compute, hop if (self.A or j > 1) else 0.0)
+        S, p = self.S, self.profile
+        # a broadcast notice takes one hop from the head (B: stage 1 shares its device)
+        self.holders: dict = {j: Holder(j, compute, p.head_link(j, S).latency_ms
+                                        if (self.A or j > 1) else 0.0)
                               for j in range(1, S + 1)}
         self.holders["draft"] = Holder("draft", compute, 0.0)
         if self.A:                                    # the LM head on the head
@@ -63,14 +65,9 @@ class RequestSim:
                     for j in range(1, self.S + 1)}
 
     def _links(self) -> None:
-        p, env = self.profile, self.env
-        bpms = p.link.bandwidth_gbps * 1e9 / 8 / 1e3 if p.link.bandwidth_gbps else 0.0
-
-        def hop() -> Hop:
-            return Hop(env, p.link.latency_ms, bpms)
-        self.links = {j: hop() for j in range(1, self.S)}
-        self.entry_link = hop() if self.A else None
-        self.back_link = hop()                            # last stage -> head
+        self.links = {j: ring_hop(self.env, self.profile, j, self.S) for j in range(1, self.S)}
+        self.entry_link = ring_hop(self.env, self.profile, 0, self.S) if self.A else None
+        self.back_link = ring_hop(self.env, self.profile, self.S, self.S)   # last stage -> head
 
     def run(self) -> RequestRun:
         env, strategy = self.env, self.pacer.strategy
@@ -129,15 +126,9 @@ class RequestSim:
                 req.cancel()                          # still queued: leave the queue
                 res.release(req)
         if start is not None:
-            ms = env.now - start
             if device is self.head_dev:
                 self.head_last = (actor, env.now)
-            out.busy_ms[actor] = out.busy_ms.get(actor, 0.0) + ms
-            out.rows[actor] = out.rows.get(actor, 0) + (n if completed else 0)
-            if self.record:
-                out.timeline.append({"name": label if completed else f"{label} (cancelled)",
-                                     "ph": "X", "ts": start * 1e3, "dur": ms * 1e3, "pid": 0,
-                                     "tid": actor, "args": {"rows": n}})
+            out.worked(actor, start, env.now, label, n, completed, self.record)
         return completed
 
     def _stage_ms(self, j: int, n: int, ctx: int) -> float:
@@ -237,7 +228,7 @@ class RequestSim:
     def _entry_taken(self) -> None:
         """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop), as
         the torch runtime does; B (the head shares stage 1's device): no hop."""
-        hop = self.profile.link.latency_ms if self.A else 0.0
+        hop = self.profile.head_link(1, self.S).latency_ms if self.A else 0.0
         if hop > 0.0:
             self.env.timeout(hop).callbacks.append(self._acked)
         else:
@@ -350,12 +341,7 @@ class RequestSim:
             self._maybe_cancel(j, update, at)
 
     def commit(self, commit: Commit) -> None:
-        now = self.env.now
-        self.out.commits.append((now, len(commit.tokens), commit.drafted, commit.outcome))
-        if self.record:
-            self.out.timeline.append({"name": commit.outcome, "ph": "i", "s": "t",
-                                      "ts": now * 1e3, "pid": 0, "tid": "head",
-                                      "args": {"tokens": list(commit.tokens)}})
+        self.out.committed(self.env.now, commit, self.record)
 
     def finish(self) -> None:
         if not self.done.triggered:

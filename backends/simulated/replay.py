@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pipedec_sim.protocol.messages import Batch, Draft, Update
+from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
 from pipedec_sim.protocol.stage_state import StageState
 
 
@@ -20,6 +20,24 @@ class RequestRun:
     batches: int = 0
     cancelled: int = 0       # batches a stage abandoned mid-compute (broadcast + cancel)
     timeline: list[dict] = field(default_factory=list)
+
+    def worked(self, actor, start: float, end: float, label: str, rows: int,
+               completed: bool, record: bool) -> None:
+        """An actor's compute from `start` to `end` (`completed`, or cut short)."""
+        ms = end - start
+        self.busy_ms[actor] = self.busy_ms.get(actor, 0.0) + ms
+        self.rows[actor] = self.rows.get(actor, 0) + (rows if completed else 0)
+        if record:
+            self.timeline.append({"name": label if completed else f"{label} (cancelled)",
+                                  "ph": "X", "ts": start * 1e3, "dur": ms * 1e3, "pid": 0,
+                                  "tid": actor, "args": {"rows": rows}})
+
+    def committed(self, now: float, commit: Commit, record: bool) -> None:
+        self.commits.append((now, len(commit.tokens), commit.drafted, commit.outcome))
+        if record:
+            self.timeline.append({"name": commit.outcome, "ph": "i", "s": "t",
+                                  "ts": now * 1e3, "pid": 0, "tid": "head",
+                                  "args": {"tokens": list(commit.tokens)}})
 
 
 class Replay:

@@ -21,7 +21,9 @@ from pipedec_sim.programs.flags import (
     Parser,
     add_pipeline_flags,
     add_policy_flags,
+    add_sampling_flags,
     positive,
+    sampling_of,
     strategy_list,
 )
 
@@ -91,21 +93,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL of every event fed to the strategy and the actions returned "
                         "(default none)")
     w.add_argument("--quiet", action="store_true", help="no progress on stderr (default off)")
+    add_sampling_flags(run)
     sub.add_parser("trace", add_help=False,
                    help="record a speculation trace (pipedec-real trace --help)")
     sub.add_parser("distill-draft", add_help=False,
                    help="train a draft model for a target (pipedec-real distill-draft --help)")
-    prof = sub.add_parser("profile", help="measure a calibration profile for pipedec-sim")
-    prof.add_argument("--target", required=True,
-                      help="tiny | smollm2 | an HF Llama-family folder (required)")
-    prof.add_argument("--draft", required=True,
-                      help="the draft model, as for pipedec-real run --draft (required)")
+    prof = sub.add_parser("profile", help="measure a calibration profile for pipedec-sim",
+                          description="Measure a pipedec-profile/1 profile on this machine: "
+                          "a checkpoint's layers (--target/--draft), or random-weight layers "
+                          "of a model's shape (--target-shape/--draft-shape: a preset name "
+                          "such as llama-3.1-70b, or an HF config.json; no checkpoint needed).")
+    tgt = prof.add_mutually_exclusive_group(required=True)
+    tgt.add_argument("--target",
+                     help="tiny | smollm2 | an HF Llama-family folder (required: this or "
+                          "--target-shape; no default)")
+    tgt.add_argument("--target-shape", metavar="NAME|CONFIG",
+                     help="time random-weight layers of this shape instead of a checkpoint: a "
+                          "preset (pipedec-sim profile list) or an HF config.json; the profile "
+                          "keeps the model's full layer count (required: this or --target; "
+                          "no default)")
+    drf = prof.add_mutually_exclusive_group(required=True)
+    drf.add_argument("--draft",
+                     help="the draft model, as for pipedec-real run --draft (required: this "
+                          "or --draft-shape; no default)")
+    drf.add_argument("--draft-shape", metavar="NAME|CONFIG",
+                     help="the draft as random weights of this shape, as --target-shape "
+                          "(required: this or --draft; no default)")
+    prof.add_argument("--stage-layers", type=int, default=None, metavar="N",
+                      help="--target-shape: decoder layers to build and time in sequence, the "
+                           "layer grid being their mean (default 6, one stage of 80 over 14; "
+                           "fewer for a large shape on a small GPU)")
+    prof.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                      help="dtype of the random-weight shape models (default bf16 on cuda, "
+                           "fp32 on cpu); checkpoints load in float32 as before")
     prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                       help="where to measure (default cpu)")
     prof.add_argument("--out", required=True, type=Path,
                       help="profile JSON to write, for pipedec-sim run --profile (required)")
     prof.add_argument("--quick", action="store_true",
                       help="smaller grids, fewer repeats (default off)")
+    prof.add_argument("--quiet", action="store_true",
+                      help="no progress on stderr (default off: a bar on a terminal, a line "
+                           "per phase in a log)")
     return parser
 
 
@@ -170,10 +199,14 @@ def _knobs(args) -> dict:
 
 
 def _stage_config(args):
+    import dataclasses
+
     from backends.torch.worker import StageConfig
+    sampling = sampling_of(args)
     return StageConfig(target=args.target, stages=args.stages, topology=args.topology,
                        device=args.device, timeout_s=args.timeout, transport=args.transport,
-                       dtype=args.dtype, prune=args.prune, cancel=args.cancel)
+                       dtype=args.dtype, prune=args.prune, cancel=args.cancel,
+                       sampling=None if sampling.greedy else dataclasses.asdict(sampling))
 
 
 def _pipeline(args, recorder):
@@ -187,18 +220,22 @@ def _pipeline(args, recorder):
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
                               topology=args.topology, prune=args.prune, cancel=args.cancel,
                               recorder=recorder, knobs=_knobs(args), device=args.device,
-                              dtype=getattr(torch, args.dtype))
+                              dtype=getattr(torch, args.dtype), sampling=sampling_of(args))
     return DistributedPipeline(_stage_config(args), draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
 
 def _run_all(args, pipe, requests, runs: list) -> None:
+    """Every (strategy, request) run into `runs`: a progress bar on a terminal, a line per
+    run in a log (runs take seconds each); the bar ends before any error line."""
+    from pipedec_sim.programs.flags import progress_bar
     total = len(args.strategies) * len(requests)
-    for name in args.strategies:
-        for req in requests:
-            runs.append(pipe.run(name, req))
-            if not args.quiet:
-                print(f"real request runs: {len(runs)}/{total}", file=sys.stderr, flush=True)
+    with progress_bar("real request runs:", args.quiet, unit="run", lines=None) as bar:
+        bar(0, total)
+        for name in args.strategies:
+            for req in requests:
+                runs.append(pipe.run(name, req))
+                bar(len(runs), total)
 
 
 def _write(args, runs) -> None:
@@ -297,6 +334,9 @@ def cmd_run(args) -> int:
             return _torchrun_stage(args)
     _check_outputs(args)
     check_device(args.device)
+    sampling = sampling_of(args)                  # a bad combination: one line, exit 2
+    if not args.quiet and not sampling.greedy:
+        print(f"target tokens: {sampling.describe()}", file=sys.stderr)
     runs: list = []
     with _signals_stop_the_run(torchrun):
         failure = _run(args, runs)
@@ -364,7 +404,26 @@ def cmd_profile(args) -> int:
     check_output(args.out, "--out")                  # before minutes of measuring
     check_device(args.device)
     from backends.torch import models
+    from backends.torch.profiler import SHAPE_PREFIX
+    from pipedec_sim.inputs.model_shapes import resolve_model
+    shapes = {}
+    for value, flag, key in ((args.target_shape, "--target-shape", "target"),
+                             (args.draft_shape, "--draft-shape", "draft")):
+        if value is not None:                    # a bad name exits 2 listing the presets
+            shapes[key] = resolve_model(value, flag=flag)
+            setattr(args, key, SHAPE_PREFIX + value)
+    if len(shapes) == 2 and shapes["target"].vocab != shapes["draft"].vocab:
+        raise InputError(f"draft vocab {shapes['draft'].vocab} differs from target vocab "
+                         f"{shapes['target'].vocab}: they must share a tokenizer",
+                         field="--draft-shape")
+    if args.stage_layers is not None and (args.stage_layers < 1 or "target" not in shapes):
+        raise InputError("needs --target-shape and a positive layer count", field="--stage-layers")
+    if args.dtype is not None and not shapes:
+        raise InputError("sets the dtype of --target-shape/--draft-shape models only",
+                         field="--dtype")
     for spec, flag in ((args.target, "--target"), (args.draft, "--draft")):
+        if spec.startswith(SHAPE_PREFIX):
+            continue
         if spec not in models.TINY and spec not in models.NOISY:
             try:
                 models.resolve_path(spec)         # a folder: config and safetensors weights
@@ -388,6 +447,7 @@ def main(argv=None) -> int:
         module = importlib.import_module(f"backends.torch.{DELEGATED[argv[0]]}")
         return guarded("pipedec-real", lambda: module.main(argv[1:]))
     args = build_parser().parse_args(argv)
+    args.argv = argv                     # the command as given (a profile records it)
     return guarded("pipedec-real", lambda: COMMANDS[args.command](args))
 
 

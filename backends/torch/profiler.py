@@ -66,8 +66,9 @@ def _tree(ctx: int, n: int, base: int) -> list[Row]:
     return [Row(base + k, ctx - 1, 1 + k, ctx) for k in range(n)]
 
 
-def time_grid(step, shard: Shard, grid, repeats: int) -> list[list[float]]:
-    """ms[tokens][context] of `step(rows)` on `shard`, each new batch pruned afterwards."""
+def time_grid(step, shard: Shard, grid, repeats: int, tick=None) -> list[list[float]]:
+    """ms[tokens][context] of `step(rows)` on `shard`, each new batch pruned afterwards;
+    `tick()` after each cell (progress)."""
     out = []
     for n in grid["tokens"]:
         row = []
@@ -80,14 +81,76 @@ def time_grid(step, shard: Shard, grid, repeats: int) -> list[list[float]]:
                 step(rows)
                 shard.apply(Update(kill=tuple(r.id for r in rows)))
             row.append(round(_median_ms(once, repeats), 4))
+            if tick:
+                tick()
         out.append(row)
     return out
 
 
-def shape(name: str, cfg) -> dict:
-    return {"name": name, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+def shape(name: str, cfg, layers: int | None = None, dtype_bytes: int = 4) -> dict:
+    return {"name": name, "layers": layers or cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
-            "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size, "dtype_bytes": 4}
+            "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size,
+            "dtype_bytes": dtype_bytes}
+
+
+# ---- random-weight models of a shape (--target-shape / --draft-shape) ---------------------
+
+SHAPE_PREFIX = "shape:"      # a spec "shape:NAME|config.json": random weights of that shape
+SHAPE_STAGE_LAYERS = 6       # target layers built and timed in sequence: one stage of 80 / 14
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def is_shape(spec: str) -> bool:
+    return spec.startswith(SHAPE_PREFIX)
+
+
+def shape_spec(spec: str):
+    """The ModelSpec of a "shape:..." spec (a preset name or an HF config.json path)."""
+    from pipedec_sim.inputs.model_shapes import resolve_model
+    return resolve_model(spec[len(SHAPE_PREFIX):], flag="--target-shape")
+
+
+def shaped_model(spec: str, layers: int | None, device: str, dtype):
+    """A seeded random-weight Llama of a shape spec with `layers` decoder layers (default
+    all), built directly on `device` in `dtype` (as benchmarks/gpu/check.py does): no
+    checkpoint is read. Returns (Loaded, ModelSpec)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backends.torch.models import Loaded, tiny_encode
+    m = shape_spec(spec)
+    cfg = LlamaConfig(num_hidden_layers=min(layers or m.layers, m.layers),
+                      hidden_size=m.hidden, intermediate_size=m.intermediate,
+                      num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                      vocab_size=m.vocab, tie_word_embeddings=m.tied,
+                      max_position_embeddings=131072, rope_theta=500000.0,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)          # build in dtype: no float32 copy at peak
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)             # never time zeros or uninitialised memory
+    return Loaded(spec, model.eval(), tiny_encode, None), m
+
+
+def _short_name(spec: str) -> str:
+    """A spec as it goes into a profile name: 'shape:llama-3.1-70b' -> 'llama-3.1-70b-shape'."""
+    if is_shape(spec):
+        return shape_spec(spec).name.split("/")[-1].lower() + "-shape"
+    return spec
+
+
+def _load_for_profile(spec: str, device: str, dtype, layers: int | None = None):
+    """(Loaded, ModelSpec or None): a shape spec as random weights, else the checkpoint."""
+    if is_shape(spec):
+        return shaped_model(spec, layers, device, dtype)
+    return load(spec), None
 
 
 def _trimmed_mean(xs, trim: float = 0.02) -> float:
@@ -281,12 +344,21 @@ def measure_head_overhead(events: int = 400) -> tuple[float, dict]:
 
 
 def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
-                  command: str) -> dict:
+                  command: str, steps: "Steps | None" = None, *, dtype: str | None = None,
+                  stage_layers: int | None = None) -> dict:
+    """Measure a profile; `steps` reports the progress (default: a line per phase). A
+    "shape:..." spec builds random weights of that shape in `dtype` (default bf16 on cuda,
+    fp32 on cpu), the target with `stage_layers` layers (default SHAPE_STAGE_LAYERS)."""
+    steps = steps or Steps(quick, device)
+    _phase = steps.phase
     torch.set_num_threads(1)
     load_at_start = [round(x, 2) for x in os.getloadavg()]   # others' work on the cores
     grid = QUICK if quick else GRID
     reps = 5 if quick else 9
-    target, draft = load(target_spec), load(draft_spec)
+    dt = DTYPES[dtype or ("fp32" if device == "cpu" else "bf16")]
+    target, tspec = _load_for_profile(target_spec, device, dt,
+                                      stage_layers or SHAPE_STAGE_LAYERS)
+    draft, dspec = _load_for_profile(draft_spec, device, dt)
     tm, cfg = target.model.to(device), target.config
     # Every layer in sequence, per layer: a stage streams its layers' weights from memory
     # in turn, so re-running one layer (whose weights then stay in cache: 14 MB for
@@ -296,35 +368,45 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     H = cfg.hidden_size
 
     def layer_step(rows):
-        layer.forward(rows, 0, torch.zeros(1, len(rows), H, device=device))
+        layer.forward(rows, 0, torch.zeros(1, len(rows), H, device=device, dtype=layer.dtype))
     d = DraftModel(draft.model.to(device), device)
     _phase("target layers")
     layer_ms = [[round(v / K, 4) for v in row] for row in time_grid(layer_step, layer, grid,
-                                                                     reps)]
+                                                                     reps, steps.step)]
     _phase("draft step")
     draft_ms = time_grid(lambda rows: d.propose(rows, [r.id for r in rows], 16, 0),
-                         d.shard, grid, reps)
+                         d.shard, grid, reps, steps.step)
     _phase("LM head, embedding, KV compaction")
-    lm = [round(_median_ms(lambda n=n: layer.logits(torch.zeros(1, n, H, device=device))
+    lm = [round(_median_ms(lambda n=n: layer.logits(torch.zeros(1, n, H, device=device,
+                                                                dtype=layer.dtype))
                            .argmax(-1), reps), 4) for n in grid["tokens"]]
     emb = [round(_median_ms(lambda n=n: tm.model.embed_tokens(
         torch.ones(1, n, dtype=torch.long, device=device)), reps), 4) for n in grid["tokens"]]
     compact = _compact_ms(tm, max(1, cfg.num_hidden_layers // 2), grid["context"][-1], device,
                           reps)
+    steps.step()
     _phase("link between two processes")
     lat, bw, link_details = measure_link(50 if quick else 200, hidden=H)
+    steps.step()
     _phase("head overhead")
     head_ms, head_details = measure_head_overhead(200 if quick else 600)
+    steps.step()
     share, cpu_costs, cpu_details = None, {}, None       # CPU hosts only
     cold, cold_details = {}, None
     if device == "cpu":
         _phase("cold caches (compute after the caches were evicted)")
         ctx_mid = grid["context"][min(1, len(grid["context"]) - 1)]
         cold, cold_details = measure_cold(tm, d, ctx_mid, reps, layer)
+        steps.step()
         _phase("core share")
         share = measure_core_share()
-        _phase("CPU per message (real stage processes; about a minute)")
-        cpu_costs, cpu_details = isolated_cpu_costs(target_spec)
+        steps.step()
+        if tspec is None:
+            _phase("CPU per message (real stage processes; about a minute)")
+            cpu_costs, cpu_details = isolated_cpu_costs(target_spec)
+        else:                   # stage processes load checkpoints: a shape has none
+            _phase("CPU per message: skipped (random-weight shape, no checkpoint)")
+        steps.step()
     import platform
 
     import transformers
@@ -332,9 +414,20 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                 "python": platform.python_version()}
     host = host_record()
     host["load_average"] = load_at_start
+    tname, dname = (f"{m.name} (shape)" if m else spec
+                    for m, spec in ((tspec, target_spec), (dspec, draft_spec)))
+    shaped_bytes = torch.finfo(dt).bits // 8       # checkpoints load in float32: 4
+    shapes = "" if not (tspec or dspec) else (
+        f" Random-weight {str(dt).split('.')[-1]} model(s) built from the shape (no checkpoint): "
+        + "; ".join(f"{w} {m.source}" for w, m in (("target", tspec), ("draft", dspec)) if m)
+        + (f"; the target's layer grid times {K} of its {tspec.layers} layers in sequence"
+           if tspec else "")
+        + ("; CPU per-message costs not measured (their stage processes load checkpoints)"
+           if tspec and device == "cpu" else "") + ".")
+    short = "-".join(_short_name(x) for x in (target_spec, draft_spec))
     return {
         "schema": "pipedec-profile/1",
-        "name": f"cpu-{target_spec}-{draft_spec}" if device == "cpu" else f"{device}-{target_spec}",
+        "name": f"cpu-{short}" if device == "cpu" else f"{device}-{_short_name(target_spec)}",
         "provenance": {
             "kind": "measured", "device": _device_name(device), "date": date.today().isoformat(),
             "command": command, "versions": versions, "host": host,
@@ -344,13 +437,15 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                       "link = gloo between two local processes, a batch-shaped message to an "
                       "idle receiver, mean one-way; head_overhead_ms = strategy step + wire "
                       "tensors + reader-thread hand-off per event; core_share = share of a "
-                      "core each of n busy processes got while profiling (n = 1..5)."),
+                      "core each of n busy processes got while profiling (n = 1..5)."
+                      + shapes),
             "details": {"link": link_details, "head_overhead": head_details,
                         **({"cpu_costs": cpu_details} if cpu_details else {}),
                         **({"cold": cold_details} if cold_details else {})},
         },
-        "target": shape(target_spec, cfg),
-        "draft": shape(draft_spec, draft.config),
+        "target": shape(tname, cfg, tspec.layers if tspec else None,
+                        shaped_bytes if tspec else 4),
+        "draft": shape(dname, draft.config, None, shaped_bytes if dspec else 4),
         "latency": {
             "layer": {**_axes(grid), "ms": layer_ms},
             "draft_step": {**_axes(grid), "ms": draft_ms},
@@ -369,8 +464,37 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     }
 
 
-def _phase(what: str) -> None:
-    print(f"pipedec-real profile: {what}...", file=sys.stderr, flush=True)
+class Steps:
+    """The profiler's progress on stderr: on a terminal a bar over its measurements (each
+    grid cell, each other phase) with the phase beside it; in a log a line per phase and
+    one at every 10%; nothing when `quiet`. A context manager (the bar ends on error)."""
+
+    def __init__(self, quick: bool, device: str, quiet: bool = False):
+        from pipedec_sim.programs.flags import progress_bar
+        grid = QUICK if quick else GRID
+        cells = len(grid["tokens"]) * len(grid["context"])
+        # the two grids, then: LM head..., link, head overhead (+ cold, core share, CPU)
+        self.total = 2 * cells + (6 if device == "cpu" else 3)
+        self.done, self.quiet = 0, quiet
+        self.bar = progress_bar("pipedec-real profile:", quiet, unit="step")
+        self.bar(0, self.total)
+
+    def phase(self, what: str) -> None:
+        """A phase begins: named beside the bar, or on a line of its own."""
+        if self.bar.tty:
+            self.bar.note(what)
+        elif not self.quiet:
+            print(f"pipedec-real profile: {what}...", file=sys.stderr, flush=True)
+
+    def step(self) -> None:
+        self.done = min(self.done + 1, self.total)
+        self.bar(self.done, self.total)
+
+    def __enter__(self) -> "Steps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def _axes(grid) -> dict:
@@ -446,13 +570,14 @@ def measure_cold(model, draft, ctx: int, reps: int, head_shard) -> tuple[dict, d
         for n in (1, 4):
             def step(n=n, sh=sh):
                 rows = _tree(ctx, n, next(ids))
-                sh.forward(rows, ctx, torch.zeros(1, n, H))
+                sh.forward(rows, ctx, torch.zeros(1, n, H, dtype=sh.dtype))
                 sh.apply(Update(kill=tuple(r.id for r in rows)))
             c, w = medians(step)
             details["stage"][f"K{K}_n{n}"] = {"cold_ms": round(c, 4), "warm_ms": round(w, 4)}
             stage_pts.append((K, c - w))
     a, b = _fit_line(stage_pts)
-    c, w = medians(lambda: head_shard.logits(torch.zeros(1, 1, H)).argmax(-1))
+    c, w = medians(lambda: head_shard.logits(torch.zeros(1, 1, H, dtype=head_shard.dtype))
+                   .argmax(-1))
     details["lm_head"] = {"cold_ms": round(c, 4), "warm_ms": round(w, 4)}
     lm = max(0.0, c - w)
     _prefilled(draft.shard, ctx)
@@ -495,9 +620,14 @@ def _device_name(device: str) -> str:
 
 
 def profile_main(args) -> int:
-    command = "pipedec-real " + " ".join(sys.argv[1:]) if sys.argv[1:] else "pipedec-real profile"
+    import shlex
+    argv = getattr(args, "argv", None) or sys.argv[1:]      # as given to the CLI's main()
+    command = "pipedec-real " + shlex.join(argv) if argv else "pipedec-real profile"
     t = time.perf_counter()
-    prof = build_profile(args.target, args.draft, args.device, args.quick, command)
+    with Steps(args.quick, args.device, args.quiet) as steps:
+        prof = build_profile(args.target, args.draft, args.device, args.quick, command, steps,
+                             dtype=getattr(args, "dtype", None),
+                             stage_layers=getattr(args, "stage_layers", None))
     save_profile(prof, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return 0

@@ -12,7 +12,8 @@ the draft's top-k ids and probabilities at every output position given the true 
 tiny-draft, tiny-noisy, smollm2, smollm2-draft or an HF folder). `--prompts` takes a prompt
 file in any format pipedec_sim.inputs.prompts reads, or the name of an offline data set
 (mtbench, humaneval, gsm8k, sharegpt: see backends.torch.datasets). Progress goes to stderr
-(not with --quiet): one line per request, and in a terminal a live line every 16 tokens.
+(not with --quiet): in a terminal a progress bar per phase (rate, ETA, and the batch's
+position every 16 tokens), in a log one line per request (tokens, tok/s, ETA).
 
 Batched generation (--batch-size > 1) left-pads; padding changes float rounding, so every
 output is re-checked with one unpadded teacher-forced target pass and, from the first position
@@ -22,6 +23,8 @@ greedy continuation as defined by the teacher-forced argmax.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -30,7 +33,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -38,7 +41,8 @@ from backends.torch.compat import with_cache
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.prompts import Prompt
 from pipedec_sim.inputs.traces import Trace, TraceHeader, TraceRequest, write_trace
-from pipedec_sim.programs.flags import Parser, positive
+from pipedec_sim.programs.flags import Parser, add_sampling_flags, positive, sampling_of
+from pipedec_sim.protocol.sampling import GREEDY, Sampling, request_key, sample
 
 PROB_DECIMALS = 4
 
@@ -84,10 +88,28 @@ def _quiet(*_) -> None:
     pass
 
 
+class TokenRule:
+    """How the target picks the token at a position: the argmax (greedy, as always) or the
+    core's seeded sampler keyed on the request (`--temperature`), the same rule that
+    `pipedec-real run` applies, so a sampled trace holds the target's own samples."""
+
+    def __init__(self, sampling: Sampling = GREEDY):
+        self.sampling = sampling
+
+    def __call__(self, logits: torch.Tensor, key: int, position: int) -> int:
+        if self.sampling.greedy:
+            return int(logits.argmax())
+        return sample(logits.double().cpu().numpy(), self.sampling, key, position)
+
+
+GREEDY_RULE = TokenRule()
+
+
 @torch.no_grad()
 def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[int],
                     cache=None, n_cached: int = 0, hidden: list | None = None,
-                    on_step: Callable[[int], None] = _quiet) -> list[int]:
+                    on_step: Callable[[int], None] = _quiet, rule: TokenRule = GREEDY_RULE,
+                    key: int = 0) -> list[int]:
     """Unbatched greedy continuation of `ids` (which hold the prompt and any output so far).
 
     `cache` may already hold the first `n_cached` positions. Returns the new tokens only,
@@ -106,7 +128,7 @@ def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[
                     logits_to_keep=1, output_hidden_states=hidden is not None)
         if hidden is not None:
             hidden.append(res.hidden_states[-1][0])
-        tok = int(res.logits[0, -1].argmax())
+        tok = rule(res.logits[0, -1], key, pos + n)     # the token at position pos + n
         out.append(tok)
         on_step(len(out))
         pos += n
@@ -119,7 +141,8 @@ def greedy_continue(model, ids: Sequence[int], *, max_new_tokens: int, eos: set[
 @torch.no_grad()
 def greedy_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos: set[int],
                  pad_id: int, on_step: Callable[[int], None] = _quiet,
-                 on_done: Callable[[int, int], None] = _quiet) -> list[list[int]]:
+                 on_done: Callable[[int, int], None] = _quiet, rule: TokenRule = GREEDY_RULE,
+                 keys: Sequence[int] = ()) -> list[list[int]]:
     """Greedy continuations of several prompts at once (left padding, one KV cache).
     `on_step(n)` after the n-th step; `on_done(b, tokens)` when prompt b's output ends."""
     B = len(prompts)
@@ -138,7 +161,11 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     for step in range(1, max_new_tokens + 1):
         res = model(input_ids=feed, attention_mask=mask, position_ids=feed_pos,
                     use_cache=True, logits_to_keep=1, **with_cache(cache))
-        nxt = res.logits[:, -1].argmax(-1)
+        if rule.sampling.greedy:
+            nxt = res.logits[:, -1].argmax(-1)
+        else:
+            nxt = torch.tensor([rule(res.logits[b, -1], keys[b], len(prompts[b]) + step - 1)
+                                for b in range(B)])
         for b in range(B):
             if not done[b]:
                 outs[b].append(int(nxt[b]))
@@ -159,14 +186,17 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
 
 @torch.no_grad()
 def repair(model, prompt: Sequence[int], output: list[int], *, max_new_tokens: int,
-           eos: set[int]) -> tuple[list[int], int]:
-    """Make `output` the unpadded greedy continuation: one teacher-forced pass finds the first
-    position whose argmax differs; regenerate from there. Returns (output, first fix or -1)."""
+           eos: set[int], rule: TokenRule = GREEDY_RULE, key: int = 0) -> tuple[list[int], int]:
+    """Make `output` the unpadded continuation: one teacher-forced pass finds the first
+    position whose token (argmax, or the seeded sample) differs; regenerate from there.
+    Returns (output, first fix or -1)."""
     P = len(prompt)
     seq = torch.tensor([list(prompt) + output], dtype=torch.long)
     cache = _new_cache(model)
     logits = model(input_ids=seq, **with_cache(cache), use_cache=True).logits[0, P - 1:]
-    pred = logits.argmax(-1).tolist()  # pred[j] = greedy token for output position j
+    # pred[j] = the target's token for output position j (absolute position P + j)
+    pred = (logits.argmax(-1).tolist() if rule.sampling.greedy
+            else [rule(logits[j], key, P + j) for j in range(len(output))])
     for j, tok in enumerate(output):
         if pred[j] != tok:
             fixed = output[:j] + [pred[j]]
@@ -174,7 +204,7 @@ def repair(model, prompt: Sequence[int], output: list[int], *, max_new_tokens: i
                 cache.crop(-(len(output) - j))  # keep prompt + output[:j]
                 more = greedy_continue(model, list(prompt) + fixed,
                                        max_new_tokens=max_new_tokens - len(fixed), eos=eos,
-                                       cache=cache, n_cached=P + j)
+                                       cache=cache, n_cached=P + j, rule=rule, key=key)
                 fixed += more
             return fixed, j
     # Output cut at max_new_tokens without EOS is complete; one that stopped early is too.
@@ -185,13 +215,14 @@ def repair(model, prompt: Sequence[int], output: list[int], *, max_new_tokens: i
 
 @torch.no_grad()
 def draft_topk(draft, prompt: Sequence[int], output: Sequence[int], top_k: int,
-               decimals: int | None = PROB_DECIMALS) -> tuple[list[list[int]], list[list[float]]]:
+               decimals: int | None = PROB_DECIMALS, temperature: float = 1.0
+               ) -> tuple[list[list[int]], list[list[float]]]:
     """Draft's top-k ids/probs at every output position given the true prefix: one
-    teacher-forced forward over prompt + output[:-1]."""
+    teacher-forced forward over prompt + output[:-1]; probabilities at `temperature`."""
     P, N = len(prompt), len(output)
     seq = torch.tensor([list(prompt) + list(output[:-1])], dtype=torch.long)
     logits = draft(input_ids=seq, use_cache=False).logits[0, P - 1:P - 1 + N].float()
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
     p, i = probs.topk(top_k, dim=-1)
     ids = i.tolist()
     pr = p.tolist()
@@ -205,39 +236,45 @@ def draft_topk(draft, prompt: Sequence[int], output: Sequence[int], top_k: int,
 def target_outputs(target, prompt_ids: list[list[int]], *, max_new_tokens: int, eos: set[int],
                    pad_id: int, batch_size: int = 1,
                    say: Callable[[str], None] = _quiet, tick: Callable[[str], None] = _quiet,
-                   every: int = 16) -> tuple[list[list[int]], int]:
+                   count: Callable[[int, int], None] = _quiet,
+                   every: int = 16, rule: TokenRule = GREEDY_RULE,
+                   keys: Sequence[int] = ()) -> tuple[list[list[int]], int]:
     """The target's greedy outputs (batched + repaired, see the module doc) and how many
-    needed a repair. Progress: `say` one line as each request's output ends, `tick` a
-    line every `every` tokens (the live line of a terminal)."""
+    needed a repair. Progress: `say` one line as each request's output ends, `count(done,
+    total)` too (a progress bar), `tick` a status every `every` tokens (beside the bar)."""
     outs_all: list[list[int]] = []
     repaired = 0
     t0 = time.perf_counter()
     total = len(prompt_ids)
     ended = [0, 0]                 # requests whose output has ended, their tokens
+    count(0, total)
 
     def on_done(b: int, n: int) -> None:
         ended[0] += 1
         ended[1] += n
         say(_progress_line(ended[0], total, ended[1], t0))
+        count(ended[0], total)
 
     bs = max(1, batch_size)
+    keys = list(keys) or [0] * total
     for s in range(0, total, bs):
-        chunk = prompt_ids[s:s + bs]
+        chunk, chunk_keys = prompt_ids[s:s + bs], keys[s:s + bs]
 
         def on_step(n: int) -> None:
             if n % every == 0:
-                tick(f"{_progress_line(ended[0], total, ended[1], t0)}; requests "
-                     f"{s + 1}-{s + len(chunk)} at token {n}/{max_new_tokens}")
+                tick(f"requests {s + 1}-{s + len(chunk)} at token {n}/{max_new_tokens}")
         if len(chunk) == 1:
             outs = [greedy_continue(target, chunk[0], max_new_tokens=max_new_tokens, eos=eos,
-                                    on_step=on_step)]
+                                    on_step=on_step, rule=rule, key=chunk_keys[0])]
             on_done(0, len(outs[0]))
         else:
             outs = greedy_batch(target, chunk, max_new_tokens=max_new_tokens, eos=eos,
-                                pad_id=pad_id, on_step=on_step, on_done=on_done)
+                                pad_id=pad_id, on_step=on_step, on_done=on_done, rule=rule,
+                                keys=chunk_keys)
             fixed = []
-            for pids, out in zip(chunk, outs):
-                o, where = repair(target, pids, out, max_new_tokens=max_new_tokens, eos=eos)
+            for pids, out, key in zip(chunk, outs, chunk_keys):
+                o, where = repair(target, pids, out, max_new_tokens=max_new_tokens, eos=eos,
+                                  rule=rule, key=key)
                 repaired += where >= 0
                 fixed.append(o)
             outs = fixed
@@ -253,19 +290,33 @@ def _progress_line(done: int, total: int, tokens: int, t0: float) -> str:
             f"elapsed {el:.0f} s, eta {eta:.0f} s")
 
 
-def stderr_progress() -> tuple[Callable[[str], None], Callable[[str], None]]:
-    """(say, tick) on stderr: `say` prints a line; `tick` rewrites a live line in place,
-    in a terminal only (a log or a pipe gets the `say` lines alone)."""
-    tty = sys.stderr.isatty()
-    clear = "\r\x1b[K" if tty else ""
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
-    def say(line: str) -> None:
-        print(clear + line, file=sys.stderr, flush=True)
 
-    def tick(line: str) -> None:
-        if tty:
-            print(clear + line, end="", file=sys.stderr, flush=True)
-    return say, tick
+class _Report:
+    """Where record_trace's progress goes. `progress` True: on a terminal a progress bar per
+    phase (rate, ETA, the batch's position beside it), in a log or a pipe one line per request; a
+    callable: given those lines; False: nowhere."""
+
+    def __init__(self, progress: bool | Callable[[str], None]):
+        self.bars = progress is True and sys.stderr.isatty()
+        self.say: Callable[[str], None] = _quiet
+        if callable(progress):
+            self.say = progress
+        elif progress is True and not self.bars:
+            self.say = _stderr_line
+
+    @contextlib.contextmanager
+    def phase(self, label: str) -> Iterator[tuple[Callable[[int, int], None],
+                                                  Callable[[str], None]]]:
+        """(count(done, total), tick(status)) for one phase: a bar's, or no-ops."""
+        if not self.bars:
+            yield _quiet, _quiet
+            return
+        from pipedec_sim.programs.flags import progress_bar
+        with progress_bar(label, unit="request") as bar:
+            yield bar, bar.note
 
 
 def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[int]], *,
@@ -276,12 +327,14 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
                  notes: str = "", extra: dict | None = None, keep_prompt_ids: bool = True,
                  decimals: int | None = PROB_DECIMALS,
                  outputs: list[list[int]] | None = None,
-                 encode: Callable[[str], list[int]] | None = None) -> Trace:
+                 encode: Callable[[str], list[int]] | None = None,
+                 sampling: Sampling = GREEDY) -> Trace:
     """Record a trace. `prompts` are Prompt objects (encoded with `encode` if given, else
     with `tokenizer`, chat template by default) or lists of token ids (then `tokenizer` may
     be None). `outputs`, if given, are the target's greedy outputs computed earlier
     (target_outputs), so that only the draft pass runs. `progress`: True for stderr
-    (`stderr_progress`), False for none, or a function given one line per request."""
+    (`_Report`: bars on a terminal, lines in a log), False for none, or a function given
+    one line per request."""
     if top_k < 1:
         raise InputError(f"must be >= 1, got {top_k}", field="top_k")
     if max_new_tokens < 1:
@@ -291,12 +344,7 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
         items = items[:max_requests]
     if not items:
         raise InputError("no prompts to record")
-    say: Callable[[str], None] = _quiet
-    tick: Callable[[str], None] = _quiet
-    if progress is True:
-        say, tick = stderr_progress()
-    elif callable(progress):
-        say = progress
+    report = _Report(progress)
     target.eval()
     draft.eval()
     vocab = min(target.config.vocab_size, draft.config.vocab_size)
@@ -321,24 +369,31 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
     requests: list[TraceRequest] = []
     t0 = time.perf_counter()
     if outputs is None:
-        outputs, repaired = target_outputs(target, [e[1] for e in encoded],
-                                           max_new_tokens=max_new_tokens, eos=eos,
-                                           pad_id=pad_id, batch_size=batch_size, say=say,
-                                           tick=tick)
+        with report.phase("[trace] target outputs") as (count, tick):
+            outputs, repaired = target_outputs(target, [e[1] for e in encoded],
+                                               max_new_tokens=max_new_tokens, eos=eos,
+                                               pad_id=pad_id, batch_size=batch_size,
+                                               say=report.say, tick=tick, count=count,
+                                               rule=TokenRule(sampling),
+                                               keys=[request_key(e[0]) for e in encoded])
     else:
         if len(outputs) != len(encoded):
             raise InputError(f"{len(outputs)} cached outputs for {len(encoded)} prompts")
         repaired = 0
     tokens = 0
     t1 = time.perf_counter()
-    for (rid, pids), out in zip(encoded, outputs):
-        ids, probs = draft_topk(draft, pids, out, top_k_eff, decimals)
-        requests.append(TraceRequest(id=rid, prompt_len=len(pids), output=list(out),
-                                     topk_ids=ids, topk_probs=probs,
-                                     prompt_ids=pids if keep_prompt_ids else None))
-        tokens += len(out)
-        tick(f"[trace] draft top-k: {len(requests)}/{len(encoded)} requests")
-    say(f"[trace] draft top-k: {len(requests)} requests in {time.perf_counter() - t1:.0f} s")
+    with report.phase("[trace] draft top-k") as (count, _):
+        count(0, len(encoded))
+        for (rid, pids), out in zip(encoded, outputs):
+            ids, probs = draft_topk(draft, pids, out, top_k_eff, decimals,
+                                    temperature=sampling.temperature or 1.0)
+            requests.append(TraceRequest(id=rid, prompt_len=len(pids), output=list(out),
+                                         topk_ids=ids, topk_probs=probs,
+                                         prompt_ids=pids if keep_prompt_ids else None))
+            tokens += len(out)
+            count(len(requests), len(encoded))
+    report.say(f"[trace] draft top-k: {len(requests)} requests in "
+               f"{time.perf_counter() - t1:.0f} s")
     elapsed = time.perf_counter() - t0
     hits = sum(r.topk_ids[i][0] == t for r in requests for i, t in enumerate(r.output))
     ex = {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
@@ -353,11 +408,19 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
         draft=draft_name or _model_name(draft),
         tokenizer=tokenizer_name or _tok_name(tokenizer), dataset=dataset or "unspecified",
         top_k=top_k_eff, command=command, created=_dt.date.today().isoformat(),
-        notes=notes or (f"target greedy (stops after EOS, which is recorded), then one "
-                        f"teacher-forced draft pass; probabilities rounded to {decimals} "
+        notes=notes or (f"target {_how(sampling)} (stops after EOS, which is recorded), then "
+                        f"one teacher-forced draft pass; probabilities rounded to {decimals} "
                         f"decimals"),
+        sampling=None if sampling.greedy else dataclasses.asdict(sampling),
         extra=ex)
     return Trace(header=header, requests=requests)
+
+
+def _how(sampling: Sampling) -> str:
+    if sampling.greedy:
+        return "greedy"
+    return (f"{sampling.describe()} (the core's seeded sampler, keyed on each request id; "
+            f"draft probabilities at the same temperature)")
 
 
 def _model_name(m) -> str:
@@ -440,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", default=None, help="dataset label for the header")
     ap.add_argument("--threads", type=positive(), default=None, help="torch threads")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_sampling_flags(ap)
     return ap
 
 
@@ -480,11 +544,12 @@ def _record(argv: list[str] | None) -> int:
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          progress=not args.quiet, chat=False if args.no_chat else None,
                          dataset=args.dataset or ds, target_name=tname,
-                         draft_name=f"{dpath.name if dpath else args.draft} "
+                         draft_name=f"{dpath.name if os.path.exists(args.draft) else args.draft} "
                                     f"({drf.config.num_hidden_layers} layers, "
                                     f"hidden {drf.config.hidden_size})",
                          tokenizer_name=tok_name, command=cmd, extra=extra,
-                         encode=tiny_encode if tok is None else None)
+                         encode=tiny_encode if tok is None else None,
+                         sampling=sampling_of(args))
     write_trace(trace, args.out)
     n = sum(len(r.output) for r in trace.requests)
     print(f"wrote {args.out}: {len(trace.requests)} requests, {n} output tokens, top-1 "

@@ -29,6 +29,7 @@ from pipedec_sim.inputs.traces import (
     TraceRequest,
     is_trace_file,
     read_trace,
+    trace_sampling,
 )
 
 DEFAULT_ACCEPTANCE = AcceptanceModel(
@@ -66,13 +67,18 @@ def fit_acceptance(traces: list[Trace], *, name: str = "") -> AcceptanceModel:
     max_id = max(max(max(r.output), max(max(row) for row in r.topk_ids))
                  for t in traces for r in t.requests)
     h = traces[0].header
+    temps = {trace_sampling(t.header).temperature for t in traces}
+    if len(temps) > 1:
+        raise InputError(f"traces sampled at different temperatures ({sorted(temps)}): fit "
+                         "one model per temperature", file=where)
     source = (f"method-of-moments Beta fit to {len(top1)} top-1 draft probabilities from {where} "
               f"(target {h.target}, draft {h.draft}); mean set to the recorded top-1 "
               f"agreement {hits / len(top1):.3f} (mean top-1 probability {mean:.3f})")
     return AcceptanceModel(alpha=agree * common, beta=(1.0 - agree) * common, top_k=top_k,
                            vocab=max(max_id + 1, top_k + 1),  # a lower bound on the real vocab
                            name=name or f"fitted:{os.path.basename(traces[0].path or 'trace')}",
-                           source=source)
+                           source=source, target=h.target, draft=h.draft,
+                           temperature=temps.pop())
 
 
 def save_acceptance(model: AcceptanceModel, path: FilePath) -> None:
@@ -94,16 +100,30 @@ def bundled_acceptance() -> dict[str, str]:
             if f.endswith(".json")}
 
 
-def acceptance_for_format(fmt: str) -> AcceptanceModel:
-    """The default model for a prompt file: fitted on the same data set where we have one."""
+def acceptance_for_format(fmt: str, temperature: float = 0.0) -> AcceptanceModel:
+    """The default model for a prompt file: fitted on the same data set where we have one
+    (ShareGPT's otherwise), at the target's sampling `temperature`: `<name>` was fitted on
+    greedy traces, `<name>-t<T>` on traces sampled at T."""
     bundled = bundled_acceptance()
     name = FITTED_FOR_FORMAT.get(fmt, "sharegpt")
-    return load_acceptance(bundled[name]) if name in bundled else DEFAULT_ACCEPTANCE
+    if temperature == 0:
+        return load_acceptance(bundled[name]) if name in bundled else DEFAULT_ACCEPTANCE
+    key = f"{name}-t{temperature:g}"
+    if key in bundled:
+        return load_acceptance(bundled[key])
+    have = sorted({0.0} | {load_acceptance(p).temperature for k, p in bundled.items()
+                           if k.startswith(f"{name}-t")})
+    raise InputError(f"no bundled acceptance model for {name} prompts at temperature "
+                     f"{temperature:g} (bundled: {', '.join(f'{t:g}' for t in have)}); fit one "
+                     f"from a trace recorded at that temperature (pipedec-real trace "
+                     f"--temperature {temperature:g}) and pass it with --acceptance",
+                     field="--temperature")
 
 
 def load_acceptance(path: FilePath) -> AcceptanceModel:
     """Read an acceptance-model JSON file (or a bundled model's name: mtbench, humaneval,
-    gsm8k, sharegpt, synthetic-default); a trace file is accepted too and fitted on the fly."""
+    gsm8k, sharegpt, the llama70b-1b-proxy and llama8b-1b-proxy proxies, synthetic-default);
+    a trace file is accepted too and fitted on the fly."""
     spec = os.fspath(path)
     if spec == DEFAULT_ACCEPTANCE.name:
         return DEFAULT_ACCEPTANCE

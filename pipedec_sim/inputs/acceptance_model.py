@@ -13,7 +13,8 @@ from pipedec_sim.inputs.files import FilePath, short, utf8_problem
 from pipedec_sim.inputs.limits import MAX_BETA_PARAM, MAX_TOP_K, MAX_VOCAB
 
 KIND = "beta-geometric"
-_FIELDS = ("alpha", "beta", "top_k", "vocab", "name", "source")
+_FIELDS = ("alpha", "beta", "top_k", "vocab", "name", "source", "target", "draft",
+           "temperature")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,13 @@ class AcceptanceModel:
     vocab: int = 128256
     name: str = ""
     source: str = ""  # what it was fitted from, or "hand-set: ..."
+    # The model pair it stands for (optional): a run warns when the profile's target is
+    # another model (pipedec_sim.inputs.targets).
+    target: str = ""
+    draft: str = ""
+    # The target's sampling temperature the fit stands for (0: greedy, as recorded traces
+    # were before sampling): acceptance falls as the target samples.
+    temperature: float = 0.0
 
     def __post_init__(self) -> None:
         _validate(asdict(self), file=None)
@@ -56,7 +64,11 @@ class AcceptanceModel:
                          - log_norm) for r in range(self.top_k)]
 
     def to_dict(self) -> dict:
-        return {"kind": KIND, **asdict(self)}
+        d = asdict(self)
+        for key in ("target", "draft", "temperature"):  # optional: absent when unset
+            if not d[key]:
+                del d[key]
+        return {"kind": KIND, **d}
 
     @classmethod
     def from_dict(cls, d: Any, *, file: FilePath | None = None) -> "AcceptanceModel":
@@ -98,7 +110,10 @@ def _validate(d: dict, *, file: FilePath | None) -> None:
     if d.get("vocab", 128256) <= d.get("top_k", 16):
         bad("vocab", f"must exceed top_k ({d.get('top_k', 16)}) to fill the top-k with "
                      "distinct ids")
-    for key in ("name", "source"):
+    t = d.get("temperature", 0.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        bad("temperature", f"expected a number >= 0, got {short(t)}")
+    for key in ("name", "source", "target", "draft"):
         if not isinstance(d.get(key, ""), str):
             bad(key, f"expected a string, got {short(d[key])}")
         problem = utf8_problem(d.get(key, ""))

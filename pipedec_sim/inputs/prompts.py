@@ -355,10 +355,13 @@ def read_prompts(path: FilePath, *, format: str = "auto",
 
 def load_workload(path: FilePath, *, max_requests: int | None = None, max_new_tokens: int = 256,
                   seed: int = 0, acceptance: AcceptanceModel | None = None,
-                  format: str = "auto") -> tuple[Trace, str]:
+                  format: str = "auto", temperature: float | None = None
+                  ) -> tuple[Trace, str]:
     """A trace file as is, or a prompt file run through an acceptance model.
 
     `format` (WORKLOAD_FORMATS) forces "trace" or a prompt format; "auto" sniffs the file.
+    `temperature` (prompt files): the target's sampling temperature, which picks the bundled
+    acceptance model fitted at it; a trace carries its own (a different one is an error).
     Returns the trace and one line saying what was used (for logs and result headers).
     """
     if format not in WORKLOAD_FORMATS:
@@ -367,9 +370,18 @@ def load_workload(path: FilePath, *, max_requests: int | None = None, max_new_to
     name = os.path.basename(os.fspath(path))
     if format == "trace" or (format == "auto" and is_trace_file(path)):
         trace = read_trace(path, max_requests=max_requests)
+        recorded = trace_sampling(trace.header).temperature
+        if temperature is not None and temperature != recorded:
+            raise InputError(f"the trace's target was sampled at temperature {recorded:g}, not "
+                             f"{temperature:g}: --temperature picks the acceptance model of a "
+                             "prompt file; a trace replays its own tokens", field="--temperature")
         return trace, _describe_trace(trace, name, acceptance)
     pf = _read(path, format, max_requests)
-    model = acceptance or acceptance_for_format(pf.format)
+    model = acceptance or acceptance_for_format(pf.format, temperature or 0.0)
+    if acceptance is not None and temperature is not None and acceptance.temperature != temperature:
+        raise InputError(f"acceptance model {acceptance.name or 'given'} was fitted at "
+                         f"temperature {acceptance.temperature:g}, not {temperature:g}",
+                         field="--temperature")
     trace = trace_from_prompts(pf.prompts, model=model, max_new_tokens=max_new_tokens, seed=seed,
                                chars_per_token=CHARS_PER_TOKEN, dataset=f"{pf.format}: {name}")
     notes = [f"{pf.format}, {len(pf.prompts)} prompts"]

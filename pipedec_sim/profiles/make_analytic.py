@@ -4,6 +4,8 @@
 
 Writes analytic-llama70b-1b.json (10 GbE) and analytic-llama70b-1b-100gbe.json (100 GbE)
 from `pipedec_sim.inputs.profile.analytic_profile`; see that function for the formula.
+For a profile of your own cluster (any catalogue GPU, model shape, servers and links) use
+`pipedec-sim profile analytic` instead.
 """
 from __future__ import annotations
 

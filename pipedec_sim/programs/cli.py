@@ -16,11 +16,14 @@ from pipedec_sim.programs.flags import (
     DEFAULT_STAGES,
     STRATEGY_NAMES,
     Parser,
+    add_engine_flag,
+    add_out_format_flag,
     add_pipeline_flags,
     add_policy_flags,
+    add_workers_flag,
     number,
     positive,
-    progress_printer,
+    progress_bar,
     seed,
     strategy_list,
 )
@@ -62,23 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--acceptance", default=None,
                    help="acceptance model for prompt files: a JSON file, a trace to fit, or a "
                         "bundled name (mtbench, humaneval, gsm8k, sharegpt: fitted on "
-                        "SmolLM2 traces; synthetic-default: hand-set). Default: the model "
+                        "SmolLM2 traces; llama70b-1b-proxy, llama8b-1b-proxy: proxies from "
+                        "published figures; synthetic-default: hand-set). Default: the model "
                         "fitted on the prompt file's data set, else sharegpt")
+    w.add_argument("--temperature", type=number(float, lo=0), default=None,
+                   help="the target's sampling temperature for prompt files: picks the "
+                        "bundled acceptance model fitted on traces sampled at it (mtbench-t0.7, "
+                        "gsm8k-t0.7; default 0: greedy). A trace replays its own sampled "
+                        "tokens (its header says how)")
     w.add_argument("--seed", type=seed, default=0,
                    help="seed for off-path proposals and synthesis (default 0)")
     w.add_argument("--out", type=Path, default=None,
-                   help="write summary.csv and requests.csv into this folder")
+                   help="write summary.csv and requests.csv (or .parquet: --out-format) into "
+                        "this folder")
+    add_out_format_flag(w, "the --out tables (--format is the workload's input format)")
     w.add_argument("--timeline", type=Path, default=None,
                    help="write a Chrome/Perfetto trace JSON of the first request per strategy")
     w.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    s = run.add_argument_group("speed")
+    add_workers_flag(s, "the (strategy, request) runs")
+    add_engine_flag(s)
     from pipedec_sim.programs import plot, sweep, tune  # exploration commands (issue 5)
     sweep.add_parser(sub)
     plot.add_parser(sub)
     tune.add_parser(sub)
+    from pipedec_sim.programs import profile_cmd  # analytic profiles of any cluster (issue 14)
+    profile_cmd.add_parser(sub)
     return parser
 
 
-RUN_FILES = ("summary.csv", "requests.csv")     # what run --out writes into its folder
+RUN_TABLES = ("summary", "requests")     # what run --out writes into its folder
 
 
 def cmd_run(args) -> int:
@@ -89,8 +105,10 @@ def cmd_run(args) -> int:
     from pipedec_sim.programs.simulate import SimConfig, simulate
     from pipedec_sim.protocol.knobs import values_of
     from pipedec_sim.results.metrics import format_table
+    from pipedec_sim.results.tables import check_out_format, table_names
 
-    check_output(args.out, "--out", folder=True, files=RUN_FILES)   # before any work
+    check_out_format(args.out_format)                                # before any work
+    check_output(args.out, "--out", folder=True, files=table_names(RUN_TABLES))
     check_output(args.timeline, "--timeline")
     profile = load_profile(args.profile)
     from pipedec_sim.inputs.host import warn_profile_host
@@ -104,32 +122,39 @@ def cmd_run(args) -> int:
     acceptance = load_acceptance(args.acceptance) if args.acceptance else None
     trace, described = load_workload(args.trace, max_requests=args.max_requests,
                                      max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                     acceptance=acceptance, format=args.format)
+                                     acceptance=acceptance, format=args.format,
+                                     temperature=args.temperature)
+    from pipedec_sim.inputs.targets import warn_target_mismatch
+    warn_target_mismatch(profile, trace.header, acceptance, "pipedec-sim")   # 8B on a 70B?
     cfg = SimConfig(stages=args.stages, strategies=args.strategies, seed=args.seed,
-                    **values_of(args))
+                    engine=args.engine, **values_of(args))
     if not args.quiet:
         print(f"workload: {described}", file=sys.stderr)
         print(f"profile:  {profile.name} ({profile.provenance.get('kind')}, "
               f"{profile.provenance.get('device')}); stages {args.stages}: "
               f"layers {profile.stage_layers(args.stages)}", file=sys.stderr)
-    result = simulate(trace, profile, cfg, timeline_requests=1 if args.timeline else 0,
-                      progress=progress_printer("simulated request runs:", args.quiet))
+    with progress_bar("simulated request runs:", args.quiet, unit="run") as progress:
+        result = simulate(trace, profile, cfg, workers=args.workers,
+                          timeline_requests=1 if args.timeline else 0, progress=progress)
     print(format_table(result.summary))
     write_run_outputs(args, result)
     return 0
 
 
 def write_run_outputs(args, result) -> None:
-    """summary.csv, requests.csv (--out) and the timeline (--timeline), all or none: each
-    is written to a temp file, and they replace their targets only once all are written."""
+    """summary and requests (--out, in --out-format) and the timeline (--timeline), all or
+    none: each is written to a temp file, and they replace their targets only once all
+    are written."""
     import json
 
     from pipedec_sim.atomic import atomic_paths
+    from pipedec_sim.results.tables import table_name, write_table
     from pipedec_sim.results.timeline import chrome_trace
+    fmt = args.out_format
     outputs = []
     if args.out:
-        outputs += [(args.out / "summary.csv", result.summary),
-                    (args.out / "requests.csv", result.requests)]
+        outputs += [(args.out / table_name("summary", fmt), result.summary),
+                    (args.out / table_name("requests", fmt), result.requests)]
     if args.timeline:
         outputs.append((args.timeline, chrome_trace({f"{s} / request {r}": evs for (s, r), evs
                                                      in result.timelines.items()})))
@@ -140,9 +165,9 @@ def write_run_outputs(args, result) -> None:
             if isinstance(data, dict):
                 tmp.write_text(json.dumps(data), encoding="utf-8")
             else:
-                data.to_csv(tmp, index=False)
+                write_table(data, tmp, fmt)
     if args.out:
-        print(f"wrote {args.out / 'summary.csv'} and {args.out / 'requests.csv'}", file=sys.stderr)
+        print(f"wrote {outputs[0][0]} and {outputs[1][0]}", file=sys.stderr)
     if args.timeline:
         print(f"wrote {args.timeline} (open in ui.perfetto.dev or chrome://tracing)",
               file=sys.stderr)
@@ -158,7 +183,8 @@ def _lazy(module: str, name: str):
 COMMANDS = {"run": cmd_run,
             "sweep": _lazy("sweep", "cmd_sweep"),
             "plot": _lazy("plot", "cmd_plot"),
-            "tune": _lazy("tune", "cmd_tune")}
+            "tune": _lazy("tune", "cmd_tune"),
+            "profile": _lazy("profile_cmd", "cmd_profile")}
 
 
 def main(argv=None) -> int:

@@ -1,19 +1,28 @@
 """Flags and output helpers shared by the programs of both CLIs: the one-line argparse
 error, value parsers (bounded numbers, the one seed parser), the knob flags (derived from
-pipedec_sim.protocol.knobs), and the progress line."""
+pipedec_sim.protocol.knobs), the --workers/--engine/--out-format flags, and the
+progress bar."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import time
 
-from pipedec_sim.inputs.limits import MAX_SEED
+from pipedec_sim.inputs.limits import MAX_SEED, MAX_WORKERS
+from pipedec_sim.programs.pool import default_workers
 from pipedec_sim.protocol.knobs import Knob, PipeDecKnobs, PipelineKnobs, TreeSDKnobs, knobs_of
 from pipedec_sim.protocol.strategies import STRATEGIES
+from pipedec_sim.results.tables import DEFAULT_OUT_FORMAT, OUT_FORMATS
 
 DEFAULT_PROFILE = "analytic-llama70b-1b"
 DEFAULT_STAGES = 14             # pipedec-sim's pipeline, as in the paper
 STRATEGY_NAMES = tuple(STRATEGIES)
+# The SimPy engines (backends.simulated): "fast" (the default) and "reference", the
+# event-by-event model it must reproduce exactly (pipedec_sim.programs.simulate uses these).
+ENGINES = ("fast", "reference")
+DEFAULT_ENGINE = "fast"
 
 
 class Parser(argparse.ArgumentParser):
@@ -130,19 +139,152 @@ def add_pipeline_flags(p: argparse.ArgumentParser):
     return add_knob_flags(p, "pipeline", PipelineKnobs)
 
 
-def progress_printer(label: str, quiet: bool = False):
-    """A progress line on stderr: redrawn on a terminal, every 10% otherwise."""
-    if quiet:
-        return None
-    tty = sys.stderr.isatty()
-    shown = [-1]
+def add_sampling_flags(p: argparse.ArgumentParser):
+    """How the target picks its tokens (pipedec_sim.protocol.sampling): greedy by default.
+    `sampling_of(args)` turns them into a Sampling."""
+    g = p.add_argument_group("target sampling")
+    g.add_argument("--temperature", type=number(float, lo=0), default=0.0,
+                   help="sample the target's tokens at this temperature with the core's "
+                        "seeded sampler (default 0: greedy). Lossless: every strategy commits "
+                        "the tokens the target alone would sample")
+    g.add_argument("--top-p", type=number(float, lo=0, lo_open=True, hi=1), default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens holding this "
+                        "probability (default 1: all); only with --temperature > 0")
+    g.add_argument("--top-k-sampling", type=number(int, lo=0), default=0,
+                   help="sample among the target's k likeliest tokens (default 0: no limit); "
+                        "only with --temperature > 0. Not the draft's --topk")
+    g.add_argument("--seed", type=seed, default=0,
+                   help="sampling seed: with the request id and the position it fixes the "
+                        "target's token (default 0)")
+    return g
 
-    def show(done: int, total: int) -> None:
-        tenth = done * 10 // max(total, 1)
-        if tty:
-            end = "\n" if done == total else ""
-            print(f"\r{label} {done}/{total}", end=end, file=sys.stderr, flush=True)
-        elif tenth != shown[0]:
-            shown[0] = tenth
-            print(f"{label} {done}/{total}", file=sys.stderr, flush=True)
-    return show
+
+def sampling_of(args):
+    """The Sampling of `add_sampling_flags`' flags; top-p/top-k without a temperature is
+    a mistake worth one line, not a silent greedy run."""
+    from pipedec_sim.errors import InputError
+    from pipedec_sim.protocol.sampling import Sampling
+    if args.temperature == 0 and (args.top_p < 1 or args.top_k_sampling):
+        raise InputError("--top-p and --top-k-sampling need --temperature > 0 (greedy ignores "
+                         "them)", field="--temperature")
+    return Sampling(temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k_sampling, seed=args.seed)
+
+
+def add_engine_flag(g) -> None:
+    """--engine, into parser or group `g` (the value lands in `args.engine`)."""
+    g.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                   help="simulation engine: fast (default) or reference, the event-by-event "
+                        "SimPy model that the fast engine must reproduce exactly (the same "
+                        "results, slower: for checking)")
+
+
+def add_workers_flag(g, what: str) -> None:
+    """--workers N (default: one per CPU): `what` says what runs in parallel."""
+    g.add_argument("--workers", type=positive(hi=MAX_WORKERS), default=default_workers(),
+                   help=f"worker processes for {what} (default: one per CPU, "
+                        f"{default_workers()} here); the results are the same for any N")
+
+
+def add_out_format_flag(g, tables: str) -> None:
+    """--out-format csv|parquet: how `tables` are written (args.out_format)."""
+    g.add_argument("--out-format", choices=OUT_FORMATS, default=DEFAULT_OUT_FORMAT,
+                   help=f"file format of {tables}: csv (default) or parquet (keeps column "
+                        "types; needs pyarrow: pip install 'pipedec-sim[parquet]')")
+
+
+class Progress:
+    """`progress(done, total)` on stderr. On a terminal a tqdm bar with rate and ETA; where
+    stderr is a file or a pipe (a log) a line with the rate and ETA at every 10% (`lines`
+    lines in all; None: a line per call); nothing when `quiet`. `close()` ends the bar (a
+    context manager: closed on error too); `write(line)` prints a line (even when quiet)
+    without breaking the bar; `note(text)` shows a status beside the bar."""
+
+    def __init__(self, label: str, quiet: bool = False, *, unit: str = "it",
+                 lines: int | None = 10):
+        self.label, self.quiet, self.unit, self.lines = label, quiet, unit, lines
+        self.stream = sys.stderr
+        self.tty = not quiet and self.stream.isatty()
+        self._bar = None
+        self._start: tuple[float, int] | None = None    # (time, done) of the first call
+        self._shown: int | None = None                  # the last line's step
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self._start is None:
+            self._start = (time.monotonic(), done)
+        if self.tty:
+            self._draw(done, total)
+            return
+        step = done if self.lines is None else done * self.lines // max(total, 1)
+        if step != self._shown:
+            self._shown = step
+            print(f"{self.label} {done}/{total}{self._rate(done, total)}", file=self.stream,
+                  flush=True)
+
+    def _draw(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+            sized = min(_size(self.stream)) > 0    # a terminal may have no size (0 x 0)
+            self._bar = tqdm(total=total, initial=done, desc=self.label.rstrip(":"),
+                             unit=self.unit, file=self.stream, dynamic_ncols=sized,
+                             ncols=None if sized else 120, nrows=None if sized else 24)
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def _rate(self, done: int, total: int) -> str:
+        """", 2.5 it/s, eta 0:40" once there is a rate to tell."""
+        assert self._start is not None
+        t0, d0 = self._start
+        elapsed = time.monotonic() - t0
+        if done <= d0 or elapsed <= 0:
+            return ""
+        rate = (done - d0) / elapsed
+        eta = (total - done) / rate
+        return f" ({done / max(total, 1):.0%}), {rate:.3g} {self.unit}/s, " \
+               f"elapsed {_clock(elapsed)}, eta {_clock(eta)}"
+
+    def note(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+
+    def write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _size(stream) -> tuple[int, int]:
+    """(columns, lines) of the terminal `stream` is, (0, 0) where unknown."""
+    try:
+        cols, lines = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):     # not a real terminal (tests)
+        return (0, 0)
+    return cols, lines
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def progress_bar(label: str, quiet: bool = False, *, unit: str = "it",
+                 lines: int | None = 10) -> Progress:
+    """The progress of a program (see Progress): `with progress_bar(...) as p: work(p)`."""
+    return Progress(label, quiet, unit=unit, lines=lines)

@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
     from pipedec_sim.programs.flags import number, positive
     p = sub.add_parser("plot", help="draw a PNG from sweep results or a timeline JSON",
                        description="Draw one PNG. RESULTS is a sweep folder or a summary.csv "
-                       "(from `sweep` or `run --out`) for speedup/stages/width/utilization, or "
-                       "a timeline JSON (`run --timeline`) for timeline (and for utilization "
-                       "per stage).")
+                       "or .parquet (from `sweep` or `run --out`) for speedup/stages/width/"
+                       "utilization, or a timeline JSON (`run --timeline`) for timeline (and for "
+                       "utilization per stage).")
     p.add_argument("results", type=Path, metavar="RESULTS")
     p.add_argument("--kind", required=True, choices=KINDS,
                    help="speedup: bars vs plain PP and tree SD; stages: speedup vs S with the "
@@ -62,15 +62,39 @@ def _read_summary(path: Path):
     import pandas as pd
 
     from pipedec_sim.inputs.files import file_problem
-    p = path / "summary.csv" if path.is_dir() else path
+    p = _summary_file(path)
     problem = file_problem(p)
     if problem is not None:
-        raise InputError(problem + (" (expected a sweep folder with summary.csv)"
-                                    if path.is_dir() else ""), file=p)
+        raise InputError(problem + (" (expected a sweep folder with summary.csv or "
+                                    "summary.parquet)" if path.is_dir() else ""), file=p)
+    if p.suffix.lower() == ".parquet":
+        return _checked_summary(_read_parquet(p), p)
     try:
         df = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InputError(f"not a CSV table: {e}", file=p) from None
+    return _checked_summary(df, p)
+
+
+def _summary_file(path: Path) -> Path:
+    """A folder's summary.csv, or its summary.parquet if it has only that one."""
+    if not path.is_dir():
+        return path
+    if not (path / "summary.csv").exists() and (path / "summary.parquet").exists():
+        return path / "summary.parquet"
+    return path / "summary.csv"
+
+
+def _read_parquet(p: Path):
+    from pipedec_sim.results.tables import check_out_format, read_table
+    check_out_format("parquet", field="RESULTS")          # pyarrow, or one line
+    try:
+        return read_table(p, "parquet")
+    except (OSError, ValueError) as e:                   # pyarrow's ArrowInvalid is one
+        raise InputError(f"not a Parquet table: {str(e).splitlines()[0]}", file=p) from None
+
+
+def _checked_summary(df, p: Path):
     missing = [c for c in ("strategy", "stages", "tbt_ms") if c not in df.columns]
     if missing:
         raise InputError(f"not a summary table: missing column(s) {', '.join(missing)}", file=p)

@@ -24,13 +24,16 @@ Results in DIR:
   requests.csv           one row per configuration and request (`config_id`, `cfg_*`).
   summary.csv            one row per configuration, with speedup vs plain PP and vs the
                          best tree-SD configuration of the same group (the two tables
-                         are replaced together).
+                         are replaced together; .parquet instead with --out-format
+                         parquet; the parts stay CSV).
   grid.json              the expanded grid (what each config_id means).
   .sweep.lock            held (flock) while a sweep writes here: a second sweep on the
                          same folder is refused, naming the first one's process.
 
-Worker processes die with the sweep (PR_SET_PDEATHSIG, and a pipe only the sweep holds
-open): a killed sweep leaves no orphans behind.
+Configurations run in worker processes (`--workers`, default one per CPU) that die with
+the sweep (PR_SET_PDEATHSIG, and a pipe only the sweep holds open: programs/pool.py), so
+a killed sweep leaves no orphans behind; or, with `--executor ray`, as Ray tasks
+(programs/ray_tasks.py) whose frames the sweep writes as the same part files.
 """
 from __future__ import annotations
 
@@ -54,8 +57,9 @@ try:
 except ModuleNotFoundError:             # pragma: no cover (3.10: pip install tomli)
     import tomli as tomllib
 
-from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES, MAX_WORKERS
+from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES
 from pipedec_sim.programs.flags import (
+    DEFAULT_ENGINE,
     DEFAULT_PROFILE,
     DEFAULT_STAGES,
     STRATEGY_NAMES,
@@ -385,18 +389,22 @@ def _trace(cfg: dict):
     return _CACHE[key]
 
 
-def sim_config(cfg: dict):
+def sim_config(cfg: dict, engine: str = DEFAULT_ENGINE):
     from pipedec_sim.programs.simulate import SimConfig
     knobs = {k: (DEFAULTS[k] if cfg.get(k) is None else cfg[k]) for k in POLICY_KNOBS}
     return SimConfig(stages=cfg["stages"], strategies=(cfg["strategy"],), seed=cfg["seed"],
-                     **{k: cfg[k] for k in PIPELINE_KNOBS}, **knobs)
+                     engine=engine, **{k: cfg[k] for k in PIPELINE_KNOBS}, **knobs)
 
 
-def run_config(cfg: dict):
-    """Simulate one configuration; its per-request frame with `config_id` and `cfg_*`."""
+def run_config(cfg: dict, *, engine: str = DEFAULT_ENGINE, workers: int = 1,
+               trace=None, profile=None):
+    """Simulate one configuration (its requests in `workers` processes); its per-request
+    frame with `config_id` and `cfg_*`. `trace` and `profile` default to the files the
+    configuration names (Ray tasks get them from the object store instead)."""
     from pipedec_sim.programs.simulate import simulate
-    profile = _profile(cfg)
-    result = simulate(_trace(cfg), profile, sim_config(cfg))
+    profile = _profile(cfg) if profile is None else profile
+    trace = _trace(cfg) if trace is None else trace
+    result = simulate(trace, profile, sim_config(cfg, engine), workers=workers)
     df = result.requests
     df.insert(0, "config_id", cfg["config_id"])
     for col in CFG_COLUMNS:
@@ -412,88 +420,36 @@ def run_config(cfg: dict):
     return df
 
 
-PRELOAD = ["pipedec_sim.programs.sweep", "pipedec_sim.programs.simulate",
-           "backends.simulated.pipeline"]
-
-
-def pool_context():
-    """Worker start method: a fork server that has imported the simulator once (workers
-    start in milliseconds), where the platform has one; spawn elsewhere. Both re-import
-    nothing from the parent's state, so workers behave the same either way."""
-    import multiprocessing as mp
-    forced = os.environ.get("PIPEDEC_START_METHOD")        # e.g. spawn, to test spawn-safety
-    if forced:
-        return mp.get_context(forced)
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        return ctx
-    return mp.get_context("spawn")
-
-
-class WorkerPool:
-    """A process pool whose workers die with this process, so a killed sweep (or tuner)
-    leaves no orphans: each worker asks for SIGTERM when its parent dies
-    (PR_SET_PDEATHSIG), and, since under a fork server that parent is the server (which
-    itself lives as long as any worker holds its pipe), also exits when a pipe that only
-    this process holds open reaches EOF. A context manager; `pool` is the executor."""
-
-    def __init__(self, workers: int):
-        from concurrent.futures import ProcessPoolExecutor
-        ctx = pool_context()
-        self._lifeline, self._keep = ctx.Pipe(duplex=False)    # workers read, we hold
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                        initializer=_die_with_parent,
-                                        initargs=(self._lifeline,))
-
-    def __enter__(self) -> "WorkerPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown(wait=exc[0] is None)
-
-    def shutdown(self, wait: bool = True) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=True)
-        if wait:                         # the workers are gone: nothing reads the pipe
-            self._lifeline.close()
-            self._keep.close()
-
-
-def _die_with_parent(lifeline) -> None:
-    """Worker initializer (see WorkerPool)."""
-    import signal
-    import threading
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:
-        try:
-            lifeline.recv()               # nothing is ever sent: returns at EOF only
-        except (EOFError, OSError):
-            pass
-        os._exit(1)
-
-    threading.Thread(target=watch, name="lifeline", daemon=True).start()
-
-
 def _part_path(out: Path, cid: str) -> Path:
     return out / "parts" / f"{cid}.csv"
 
 
-def _run_and_commit(cfg: dict, out: str) -> tuple[str, float, str | None]:
-    """Worker entry point (module level, picklable: safe under spawn)."""
-    from pipedec_sim.atomic import atomic_path
+def _attempt(cfg: dict, engine: str, trace=None, profile=None):
+    """(config_id, seconds, frame or None, error or None): a failed configuration is
+    reported by the sweep and the others go on. The Ray task (module level: picklable)."""
     t0 = time.perf_counter()
     try:
-        df = run_config(cfg)
-    except Exception as e:                       # reported by the parent, others go on
-        return cfg["config_id"], time.perf_counter() - t0, f"{type(e).__name__}: {e}"
-    with atomic_path(_part_path(Path(out), cfg["config_id"])) as tmp:
+        df = run_config(cfg, engine=engine, trace=trace, profile=profile)
+    except Exception as e:
+        return cfg["config_id"], time.perf_counter() - t0, None, f"{type(e).__name__}: {e}"
+    return cfg["config_id"], time.perf_counter() - t0, df, None
+
+
+def _write_part(out: Path, cid: str, df) -> None:
+    """A finished configuration's part file, whole or not at all (temp file, rename)."""
+    from pipedec_sim.atomic import atomic_path
+    with atomic_path(_part_path(Path(out), cid)) as tmp:
         df.to_csv(tmp, index=False)
-    return cfg["config_id"], time.perf_counter() - t0, None
+
+
+def _run_and_commit(cfg: dict, out: str, engine: str = DEFAULT_ENGINE
+                    ) -> tuple[str, float, str | None]:
+    """Worker entry point (module level, picklable: safe under spawn): run a
+    configuration and write its part file."""
+    cid, seconds, df, err = _attempt(cfg, engine)
+    if df is not None:
+        _write_part(Path(out), cid, df)
+    return cid, seconds, err
 
 
 def finished_ids(out: Path) -> set[str]:
@@ -595,20 +551,38 @@ def sweep_lock(out: Path):
         os.close(fd)                    # releases the lock
 
 
+EXECUTORS = ("process", "ray")
+
+
+@dataclass
+class Execution:
+    """How a sweep runs its configurations: `workers` processes (`executor` "process") or
+    Ray tasks ("ray": a local instance of `workers` CPUs, or the cluster at `address`);
+    the simulator's `engine`; the merged tables' `out_format`."""
+    workers: int = 1
+    executor: str = "process"
+    address: str | None = None
+    engine: str = DEFAULT_ENGINE
+    out_format: str = "csv"
+
+
 def run_sweep(configs: list[dict], out: Path, *, workers: int = 1,
               progress: Callable[[int, int], None] | None = None,
               on_error: Callable[[dict, str], None] | None = None,
-              on_damaged: Callable[[Path, str], None] | None = None) -> dict:
+              on_damaged: Callable[[Path, str], None] | None = None,
+              execution: Execution | None = None) -> dict:
     """Run every configuration without a whole part in `out/parts`; merge; return counts.
 
     A damaged part is renamed to <id>.csv.damaged (reported to `on_damaged(path,
-    problem)`) and its configuration runs again. InputError if another sweep holds `out`."""
+    problem)`) and its configuration runs again. InputError if another sweep holds `out`.
+    `execution` (default: `workers` processes) says how the configurations run."""
     out = Path(out)
+    ex = execution or Execution(workers=workers)
     with sweep_lock(out):
-        return _run_locked(configs, out, workers, progress, on_error, on_damaged)
+        return _run_locked(configs, out, ex, progress, on_error, on_damaged)
 
 
-def _run_locked(configs, out: Path, workers, progress, on_error, on_damaged) -> dict:
+def _run_locked(configs, out: Path, ex: Execution, progress, on_error, on_damaged) -> dict:
     (out / "parts").mkdir(parents=True, exist_ok=True)
     for stale in (out / "parts").glob(".*.tmp"):      # torn writes of a killed run
         stale.unlink(missing_ok=True)
@@ -642,33 +616,53 @@ def _run_locked(configs, out: Path, workers, progress, on_error, on_damaged) -> 
     todo.sort(key=lambda c: -(c["stages"] * (c["width"] or 4 if c["strategy"] == "pipedec"
                                              else 2)))
     try:
-        if workers <= 1 or len(todo) <= 1:
-            for c in todo:
-                finish(*_run_and_commit(c, str(out))[::2])
-        else:
-            from concurrent.futures import as_completed
-            with WorkerPool(min(workers, len(todo))) as wp:
-                futures = [wp.pool.submit(_run_and_commit, c, str(out)) for c in todo]
-                try:
-                    for f in as_completed(futures):
-                        cid, _, err = f.result()
-                        finish(cid, err)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+        _execute(todo, out, ex, finish)
     finally:
-        merged = merge(out, configs)
+        merged = merge(out, configs, ex.out_format)
     return {"configs": len(configs), "skipped": skipped, "ran": len(todo) - len(failed),
             "failed": failed, "merged": merged, "damaged": sorted(damaged)}
 
 
-def merge(out: Path, configs: list[dict]) -> int:
-    """Write requests.csv and summary.csv (together: both or neither change) from the
-    finished parts of this grid; InputError naming a damaged part."""
+def _execute(todo: list[dict], out: Path, ex: Execution, finish) -> None:
+    """Run `todo`, calling finish(config_id, error or None) as each ends."""
+    if not todo:
+        return
+    if ex.executor == "ray":
+        _execute_ray(todo, out, ex, finish)
+    elif ex.workers <= 1 or len(todo) <= 1:
+        for c in todo:
+            finish(*_run_and_commit(c, str(out), ex.engine)[::2])
+    else:
+        from pipedec_sim.programs.pool import WorkerPool, results_in_order
+        with WorkerPool(min(ex.workers, len(todo))) as wp:
+            results_in_order(wp, _run_and_commit, [(c, str(out), ex.engine) for c in todo],
+                             lambda task, r: finish(r[0], r[2]))
+
+
+def _execute_ray(todo: list[dict], out: Path, ex: Execution, finish) -> None:
+    """Each configuration is a Ray task given its trace and profile (each put into the
+    object store once); the driver writes the part files, as a worker process would."""
+    from pipedec_sim.programs.ray_tasks import run_tasks
+    tasks = [(c, ex.engine, _trace(c), _profile(c)) for c in todo]
+    shared = list({id(o): o for t in tasks for o in t[2:]}.values())
+
+    def done(task, result) -> None:
+        cid, _, df, err = result
+        if df is not None:
+            _write_part(out, cid, df)
+        finish(cid, err)
+
+    run_tasks(_attempt, tasks, done, lambda task, msg: finish(task[0]["config_id"], msg),
+              workers=ex.workers, address=ex.address, shared=shared)
+
+
+def merge(out: Path, configs: list[dict], out_format: str = "csv") -> int:
+    """Write the requests and summary tables (together: both or neither change; CSV or
+    Parquet) from the finished parts of this grid; InputError naming a damaged part."""
     import pandas as pd
 
     from pipedec_sim.atomic import atomic_paths
+    from pipedec_sim.results.tables import table_name, write_table
     out = Path(out)
     done, damaged = check_parts(out, configs)
     if damaged:
@@ -684,9 +678,10 @@ def merge(out: Path, configs: list[dict]) -> int:
     req["request"] = req["request"].astype(str)
     req = _int_columns(req)
     summary = summarize_sweep(req)
-    with atomic_paths([out / "requests.csv", out / "summary.csv"]) as (req_tmp, sum_tmp):
-        req.to_csv(req_tmp, index=False)
-        summary.to_csv(sum_tmp, index=False)
+    paths = [out / table_name("requests", out_format), out / table_name("summary", out_format)]
+    with atomic_paths(paths) as (req_tmp, sum_tmp):
+        write_table(req, req_tmp, out_format)
+        write_table(summary, sum_tmp, out_format)
     return len(frames)
 
 
@@ -785,7 +780,7 @@ FLAG_AXES = [  # (flag, key, type, help)
 
 
 def add_parser(sub) -> None:
-    from pipedec_sim.programs.flags import positive
+    from pipedec_sim.programs.flags import add_engine_flag, add_out_format_flag, add_workers_flag
     p = sub.add_parser("sweep", help="run a grid of configurations in parallel, resumably",
                        description=__doc__.split("\n\n")[0] + " A TOML grid file has one "
                        "top-level key per axis (a value or a list); flags take "
@@ -796,24 +791,57 @@ def add_parser(sub) -> None:
         g.add_argument(flag, dest=f"axis_{key}", type=_list_of(kind), default=None, help=help_)
     p.add_argument("--out", type=Path, default=Path("sweep-results"),
                    help="results folder (default sweep-results); re-running resumes")
-    p.add_argument("--workers", type=positive(hi=MAX_WORKERS), default=os.cpu_count() or 1,
-                   help="worker processes (default: one per CPU)")
+    add_out_format_flag(p, "the merged requests and summary tables (the parts stay CSV)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the grid and list its configurations; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    x = p.add_argument_group("execution")
+    add_workers_flag(x, "the configurations (with --executor ray and no --address: the CPUs "
+                        "of the local Ray instance)")
+    x.add_argument("--executor", choices=EXECUTORS, default="process",
+                   help="process (default): a pool of worker processes on this machine; ray: "
+                        "each configuration a Ray task, on a local Ray instance or the cluster "
+                        "at --address (needs pip install 'pipedec-sim[ray]'); the same part "
+                        "files, resume and tables either way")
+    x.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="with --executor ray: the Ray cluster to join (its nodes need "
+                        "pipedec-sim installed); default: start a local instance on loopback")
+    add_engine_flag(x)
 
 
 def _overrides(args) -> dict[str, list]:
     return {key: getattr(args, f"axis_{key}") for _, key, _, _ in FLAG_AXES}
 
 
-SWEEP_FILES = ("requests.csv", "summary.csv", "grid.json", ".sweep.lock")
+SWEEP_TABLES = ("requests", "summary")
+
+
+def sweep_files() -> tuple[str, ...]:
+    """What a sweep writes into its folder besides parts/ (either table format)."""
+    from pipedec_sim.results.tables import table_names
+    return table_names(SWEEP_TABLES) + ("grid.json", ".sweep.lock")
+
+
+def _check_execution(args) -> Execution:
+    """The execution flags, checked before any work (InputError naming the flag)."""
+    from pipedec_sim.results.tables import check_out_format
+    check_out_format(args.out_format)
+    if args.address is not None and args.executor != "ray":
+        raise InputError("only goes with --executor ray", field="--address")
+    if args.executor == "ray":
+        from pipedec_sim.programs.ray_tasks import check_address, import_ray
+        import_ray()
+        if args.address is not None:
+            check_address(args.address)
+    return Execution(workers=args.workers, executor=args.executor, address=args.address,
+                     engine=args.engine, out_format=args.out_format)
 
 
 def cmd_sweep(args) -> int:
     from pipedec_sim.atomic import check_output
     if not args.dry_run:                          # before any work: can DIR be written?
-        check_output(args.out, "--out", folder=True, files=SWEEP_FILES)
+        _check_execution(args)
+        check_output(args.out, "--out", folder=True, files=sweep_files())
         check_output(args.out / "parts", "--out", folder=True)
     grid = build_grid(args.grid, _overrides(args))      # validates; writes nothing
     if args.dry_run:
@@ -823,7 +851,6 @@ def cmd_sweep(args) -> int:
 
 
 def _sweep(args, grid: Grid) -> int:
-    from pipedec_sim.programs.flags import progress_printer
     configs = grid.configs()
     done, damaged = check_parts(args.out, configs)
     if not args.quiet or args.dry_run:
@@ -839,43 +866,56 @@ def _sweep(args, grid: Grid) -> int:
                   f"{'done' if c['config_id'] in done else ''}")
         return 0
     t0 = time.perf_counter()
-
-    def on_error(cfg, err):
-        print(f"pipedec-sim: configuration {cfg['config_id']} ({cfg['strategy']}, "
-              f"S={cfg['stages']}) failed: {err}", file=sys.stderr)
-
-    def on_damaged(part, problem):
-        print(f"pipedec-sim: {part} {problem}: kept as {part.name}.damaged, running "
-              f"configuration {part.stem} again", file=sys.stderr)
-
     try:
-        res = run_sweep(configs, args.out, workers=args.workers,
-                        progress=progress_printer("configurations:", args.quiet),
-                        on_error=on_error, on_damaged=on_damaged)
+        res = _run_with_progress(args, configs)
     except KeyboardInterrupt:
         n = len(finished_ids(args.out) & {c["config_id"] for c in configs})
         print(f"pipedec-sim: interrupted with {n}/{len(configs)} configurations finished "
               f"(kept in {args.out / 'parts'}); run the same command again to resume",
               file=sys.stderr)
         return 130
+    from pipedec_sim.results.tables import table_name
+    tables = [args.out / table_name(t, args.out_format) for t in SWEEP_TABLES]
     if not args.quiet:
         print(f"ran {res['ran']}, skipped {res['skipped']} finished, {len(res['failed'])} failed "
-              f"in {time.perf_counter() - t0:.1f}s; wrote {args.out / 'summary.csv'} and "
-              f"{args.out / 'requests.csv'}", file=sys.stderr)
+              f"in {time.perf_counter() - t0:.1f}s; wrote {tables[1]} and {tables[0]}",
+              file=sys.stderr)
     if res["merged"]:
-        import pandas as pd
-
-        from pipedec_sim.results.metrics import format_table
-        s = _int_columns(pd.read_csv(args.out / "summary.csv"))
-        cols = ["strategy", "stages"] + [c for c in ("cfg_width", "cfg_topk", "cfg_floor")
-                                         if s[c].nunique(dropna=True) > 1] \
-            + ["tbt_ms", "speedup_vs_ar", "speedup_vs_tree_sd", "hit_rate", "utilization"]
-        group = [f"cfg_{k}" for k in GROUP_KEYS if k != "stages" and s[f"cfg_{k}"].nunique() > 1]
-        show = s[group + cols].rename(columns=lambda c: c.removeprefix("cfg_"))
-        show["speedup_vs_tree_sd"] = ["-" if pd.isna(v) else f"{v:.2f}x"
-                                      for v in show["speedup_vs_tree_sd"]]
-        for c in ("width", "topk", "floor"):
-            if c in show:
-                show[c] = ["-" if pd.isna(v) else f"{v:g}" for v in show[c]]
-        print(format_table(show))
+        _print_summary(tables[1], args.out_format)
     return 1 if res["failed"] else 0
+
+
+def _run_with_progress(args, configs: list[dict]) -> dict:
+    """run_sweep with the flags' execution, a progress bar and one line per problem."""
+    from pipedec_sim.programs.flags import progress_bar
+    with progress_bar("configurations:", args.quiet, unit="config") as bar:
+        def on_error(cfg, err):
+            bar.write(f"pipedec-sim: configuration {cfg['config_id']} ({cfg['strategy']}, "
+                      f"S={cfg['stages']}) failed: {err}")
+
+        def on_damaged(part, problem):
+            bar.write(f"pipedec-sim: {part} {problem}: kept as {part.name}.damaged, running "
+                      f"configuration {part.stem} again")
+
+        return run_sweep(configs, args.out, progress=bar, on_error=on_error,
+                         on_damaged=on_damaged, execution=_check_execution(args))
+
+
+def _print_summary(path: Path, out_format: str) -> None:
+    """The merged summary as a table on stdout: the axes that vary, the main metrics."""
+    import pandas as pd
+
+    from pipedec_sim.results.metrics import format_table
+    from pipedec_sim.results.tables import read_table
+    s = _int_columns(read_table(path, out_format))
+    cols = ["strategy", "stages"] + [c for c in ("cfg_width", "cfg_topk", "cfg_floor")
+                                     if s[c].nunique(dropna=True) > 1] \
+        + ["tbt_ms", "speedup_vs_ar", "speedup_vs_tree_sd", "hit_rate", "utilization"]
+    group = [f"cfg_{k}" for k in GROUP_KEYS if k != "stages" and s[f"cfg_{k}"].nunique() > 1]
+    show = s[group + cols].rename(columns=lambda c: c.removeprefix("cfg_"))
+    show["speedup_vs_tree_sd"] = ["-" if pd.isna(v) else f"{v:.2f}x"
+                                  for v in show["speedup_vs_tree_sd"]]
+    for c in ("width", "topk", "floor"):
+        if c in show:
+            show[c] = ["-" if pd.isna(v) else f"{v:g}" for v in show[c]]
+    print(format_table(show))

@@ -14,7 +14,6 @@ ends sooner; none left is an error, before any tuning).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipedec_sim.errors import InputError
+from pipedec_sim.programs.flags import DEFAULT_ENGINE
 from pipedec_sim.protocol.knobs import KNOBS, PipeDecKnobs, knobs_of
 
 # The search space: three of PipeDec's knobs (a point is their values, in this order).
@@ -63,15 +63,17 @@ class Trial:
         return (self.width, self.topk, self.floor)
 
 
-def _evaluate(point: tuple[int, int, float], common: dict) -> dict:
-    """Worker entry point: PipeDec at one point; module level so it pickles under spawn."""
+def _evaluate(point: tuple[int, int, float], common: dict, engine: str = DEFAULT_ENGINE,
+              workers: int = 1) -> dict:
+    """PipeDec at one point (its requests in `workers` processes). The worker entry point
+    of a batch of points: module level, so it pickles under spawn."""
     from pipedec_sim.programs.sweep import POLICY_KNOBS, run_config
     from pipedec_sim.results.metrics import summarize
     w, k, f = point
     cfg = {**common, "strategy": common.get("strategy", "pipedec"),
            **{name: None for name in POLICY_KNOBS}, **dict(zip(SPACE, point)),
            "config_id": f"tune-{w}-{k}-{f}"}
-    df = run_config(cfg)
+    df = run_config(cfg, engine=engine, workers=workers)
     s = summarize(df[[c for c in df.columns if not c.startswith("cfg_") and c != "config_id"]])
     r = s.iloc[0]
     return {"point": point, "tbt_ms": float(r.tbt_ms), "hit_rate": float(r.hit_rate),
@@ -79,18 +81,23 @@ def _evaluate(point: tuple[int, int, float], common: dict) -> dict:
 
 
 class Evaluator:
-    """Evaluates batches of points (in parallel if workers > 1) with a cache and a budget."""
+    """Evaluates batches of points with a cache and a budget: in parallel if workers > 1,
+    a point per worker, or one point's requests across the workers when it is alone."""
 
     def __init__(self, common: dict, budget: int, workers: int = 1,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None,
+                 engine: str = DEFAULT_ENGINE):
         self.common, self.budget, self.workers, self.progress = common, budget, workers, progress
+        self.engine = engine
         self.trials: dict[tuple, Trial] = {}
         self._pool = None
 
     def __enter__(self):
         if self.workers > 1:
-            from pipedec_sim.programs.sweep import WorkerPool
+            from pipedec_sim.programs.pool import WorkerPool
             self._pool = WorkerPool(self.workers)     # workers die with this process
+        if self.progress:
+            self.progress(0, self.budget)
         return self
 
     def __exit__(self, *exc):
@@ -103,10 +110,12 @@ class Evaluator:
 
     def run(self, points) -> list[Trial]:
         new = list(dict.fromkeys(p for p in points if p not in self.trials))[:max(self.left, 0)]
-        if self._pool and len(new) > 1:
-            results = list(self._pool.pool.map(_evaluate, new, [self.common] * len(new)))
+        n = len(new)
+        if self._pool and n > 1:
+            results = list(self._pool.pool.map(_evaluate, new, [self.common] * n,
+                                               [self.engine] * n))
         else:
-            results = [_evaluate(p, self.common) for p in new]
+            results = [_evaluate(p, self.common, self.engine, self.workers) for p in new]
         for r in results:
             t = Trial(*r["point"], r["tbt_ms"], r["hit_rate"], r["wasted_per_token"])
             self.trials[t.key] = t
@@ -139,11 +148,12 @@ def _neighbours(p: tuple[int, int, float], step: float) -> list[tuple[int, int, 
 
 
 def tune(common: dict, *, budget: int = 30, workers: int = 1,
-         progress: Callable[[int, int], None] | None = None) -> tuple[Trial, Trial, list[Trial]]:
+         progress: Callable[[int, int], None] | None = None,
+         engine: str = DEFAULT_ENGINE) -> tuple[Trial, Trial, list[Trial]]:
     """Returns (best, default, all trials sorted by TBT)."""
     if budget < 1:
         raise ValueError("budget must be >= 1")
-    with Evaluator(common, budget, workers, progress) as ev:
+    with Evaluator(common, budget, workers, progress, engine) as ev:
         coarse = [DEFAULT] + [(w, k, FLOORS[0]) for k in COARSE_TOPKS for w in COARSE_WIDTHS]
         ev.run(coarse)
         step = 2.0
@@ -183,11 +193,14 @@ def _holdout(common: dict, tuned: int, asked: int) -> int:
 
 
 def add_parser(sub) -> None:
-    from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES, MAX_WORKERS
+    from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES
     from pipedec_sim.programs.flags import (
         DEFAULT_PROFILE,
         DEFAULT_STAGES,
+        add_engine_flag,
+        add_out_format_flag,
         add_pipeline_flags,
+        add_workers_flag,
         number,
         positive,
         seed,
@@ -217,19 +230,23 @@ def add_parser(sub) -> None:
     p.add_argument("--acceptance", type=Path, default=None,
                    help="acceptance model JSON for prompt files (default: by data set)")
     p.add_argument("--seed", type=seed, default=0, help="seed (default 0)")
-    p.add_argument("--workers", type=positive(hi=MAX_WORKERS), default=os.cpu_count() or 1,
-                   help="worker processes (default: one per CPU)")
-    p.add_argument("--out", type=Path, default=None, help="write every trial to this CSV")
+    add_workers_flag(p, "the tuner's points (a point alone: its requests)")
+    add_engine_flag(p)
+    p.add_argument("--out", type=Path, default=None,
+                   help="write every trial to this file (a table: see --out-format)")
+    add_out_format_flag(p, "the --out table")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def cmd_tune(args) -> int:
     from pipedec_sim.atomic import check_output
-    from pipedec_sim.programs.flags import progress_printer
+    from pipedec_sim.programs.flags import progress_bar
     from pipedec_sim.programs.sweep import PIPELINE_KNOBS, POLICY_KNOBS, build_grid
+    from pipedec_sim.results.tables import check_out_format
     if not 0 <= args.tolerance < 1:
         raise InputError("must be in [0, 1)", field="--tolerance")
-    check_output(args.out, "--out")               # before any work
+    check_out_format(args.out_format)             # before any work
+    check_output(args.out, "--out")
     overrides = {"trace": [str(args.trace)], "profile": [args.profile], "stages": [args.stages],
                  **{k: [getattr(args, k)] for k in PIPELINE_KNOBS},
                  "link_gbps": [args.link_gbps], "max_requests": [args.max_requests],
@@ -243,9 +260,10 @@ def cmd_tune(args) -> int:
     tuned = _requests(common, args.max_requests)
     holdout = _holdout(common, tuned, args.holdout) if args.holdout else 0
     t0 = time.perf_counter()
-    best, default, trials = tune(common, budget=args.budget, workers=args.workers,
-                                 progress=progress_printer("tuner trials:", args.quiet))
-    ar = _evaluate(DEFAULT, {**common, "strategy": "ar"})["tbt_ms"]
+    with progress_bar("tuner trials:", args.quiet, unit="trial") as progress:
+        best, default, trials = tune(common, budget=args.budget, workers=args.workers,
+                                     progress=progress, engine=args.engine)
+    ar = _evaluate(DEFAULT, {**common, "strategy": "ar"}, args.engine, args.workers)["tbt_ms"]
     took = time.perf_counter() - t0
     print(f"tuned PipeDec on {args.trace.name}, {tuned} requests, S={args.stages}, "
           f"profile {args.profile}: {len(trials)} configurations in {took:.0f}s")
@@ -269,17 +287,23 @@ def cmd_tune(args) -> int:
               f"{cheap.wasted_per_token:.1f} wasted rows/token vs {best.wasted_per_token:.1f}")
     if holdout:
         held = {**common, "max_requests": holdout, "first_request": tuned}
-        hb = _evaluate(best.key, held)["tbt_ms"]
-        hd = _evaluate(DEFAULT, held)["tbt_ms"]
+        hb = _evaluate(best.key, held, args.engine, args.workers)["tbt_ms"]
+        hd = _evaluate(DEFAULT, held, args.engine, args.workers)["tbt_ms"]
         print(f"held-out requests {tuned}..{tuned + holdout - 1}: "
               f"best {hb:.2f} ms vs default {hd:.2f} ms ({(hd - hb) / hd:.1%} lower)")
     if args.out:
-        import pandas as pd
-
-        from pipedec_sim.atomic import atomic_path
-        frame = pd.DataFrame([vars(t) for t in trials])
-        frame["speedup_vs_ar"] = ar / frame.tbt_ms
-        with atomic_path(args.out) as tmp:
-            frame.to_csv(tmp, index=False)
-        print(f"wrote {args.out}", file=sys.stderr)
+        _write_trials(args.out, args.out_format, trials, ar)
     return 0
+
+
+def _write_trials(path: Path, out_format: str, trials: list[Trial], ar_tbt_ms: float) -> None:
+    """Every trial, one row each, with its speedup over plain PP (temp file, rename)."""
+    import pandas as pd
+
+    from pipedec_sim.atomic import atomic_path
+    from pipedec_sim.results.tables import write_table
+    frame = pd.DataFrame([vars(t) for t in trials])
+    frame["speedup_vs_ar"] = ar_tbt_ms / frame.tbt_ms
+    with atomic_path(path) as tmp:
+        write_table(frame, tmp, out_format)
+    print(f"wrote {path}", file=sys.stderr)

@@ -70,7 +70,8 @@ def requests_frame(items: list[RequestMetrics]) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
-    """One row per (strategy, stages): token-weighted TBT, speedup vs plain PP."""
+    """One row per (strategy, stages): token-weighted TBT, speedup vs plain PP and vs
+    tree-SD (NaN where that strategy did not run)."""
     keys = [k for k in ("strategy", "stages") if k in df.columns]
     extra = [c for c in df.columns if c.startswith("cfg_")]
     rows = []
@@ -92,12 +93,17 @@ def summarize(df: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
                      "ttft_ms": g.ttft_ms.mean()})
     out = pd.DataFrame(rows)
     out["speedup_vs_ar"] = float("nan")
+    out["speedup_vs_tree_sd"] = float("nan")
     group = ["stages"] + extra
     for _, g in out.groupby(group, dropna=False):
         base = g[g.strategy == baseline]
         if len(base):
             out.loc[g.index, "speedup_vs_ar"] = base.tbt_ms.iloc[0] / g.tbt_ms
+        sd = g[g.strategy == "tree-sd"]
+        if len(sd):
+            out.loc[g.index, "speedup_vs_tree_sd"] = sd.tbt_ms.iloc[0] / g.tbt_ms
     cols = [c for c in SUMMARY_COLUMNS if c in out.columns]
+    cols.insert(cols.index("speedup_vs_ar") + 1, "speedup_vs_tree_sd")   # as sweep's summary
     return out[[c for c in out.columns if c not in cols and c.startswith("cfg_")] + cols]
 
 
@@ -105,10 +111,12 @@ def format_table(summary: pd.DataFrame) -> str:
     """The one table people read."""
     show = summary.copy()
     fmt = {"tbt_ms": "{:.2f}", "tokens_per_s": "{:.1f}", "speedup_vs_ar": "{:.2f}x",
-           "hit_rate": "{:.3f}", "mean_accepted": "{:.2f}", "stall_rate": "{:.3f}",
+           "speedup_vs_tree_sd": "{:.2f}x", "hit_rate": "{:.3f}", "mean_accepted": "{:.2f}",
+           "stall_rate": "{:.3f}",
            "utilization": "{:.1%}",
            "wasted_per_token": "{:.2f}", "ttft_ms": "{:.1f}"}
     for col, f in fmt.items():
         if col in show:
-            show[col] = [("-" if pd.isna(v) else f.format(v)) for v in show[col]]
+            show[col] = [("-" if pd.isna(v) else v if isinstance(v, str) else f.format(v))
+                         for v in show[col]]            # a caller may format a column itself
     return show.to_string(index=False)

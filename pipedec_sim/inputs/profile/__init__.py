@@ -28,6 +28,13 @@ behaves exactly as before), all CPU work on the host's shared cores, measured by
   latency.cold_lm_head_ms, latency.cold_draft_ms
                              the same for the LM head and for a draft step (0 when absent)
 
+Optional per-hop links (absent in older profiles: `link` is then every hop, as before):
+
+  servers.stage_server       the server of each stage (0-based, ascending; the head is on
+                             server 0); a profile with it fits only that stage count
+  servers.intra_link         {latency_ms, bandwidth_gbps} between GPUs of one server; `link`
+                             is then the link between servers (`Profile.hop_link`)
+
 Optional provenance of a measured profile (validated when present, never used to simulate):
 `provenance.host` (the CPU model, vendor, family/model/stepping, ISA flags, core counts and
 load average of the machine that measured it; `pipedec_sim.inputs.host` compares it with

@@ -116,6 +116,11 @@ class Profile:
     cold_layer_ms: float = 0.0
     cold_lm_head_ms: float = 0.0
     cold_draft_ms: float = 0.0
+    # Optional per-hop links ("servers" in the file): the server each stage runs on (the
+    # head is on server 0) and the link between GPUs of one server; `link` is then the link
+    # between servers. None: `link` is every hop, as in older profiles.
+    stage_server: tuple[int, ...] | None = None
+    intra_link: LinkModel | None = None
 
     __hash__ = None  # type: ignore[assignment]  # provenance is a dict
 
@@ -127,6 +132,10 @@ class Profile:
         return dict(self.provenance.get("host") or {})
 
     def stage_layers(self, stages: int) -> list[int]:
+        """Layers per stage; InputError if the profile's split or server placement is for
+        another stage count."""
+        if self.stage_server is not None:
+            self.stage_servers(stages)
         if self.split is None:
             return split_layers(self.target.layers, stages)
         if len(self.split) != stages:
@@ -134,11 +143,40 @@ class Profile:
                              f"but {stages} were asked for", file=self.source, field="split")
         return list(self.split)
 
+    def stage_servers(self, stages: int) -> tuple[int, ...]:
+        """The server of each stage (the head's is 0); all 0 without per-hop links."""
+        if self.stage_server is None:
+            return (0,) * stages
+        if len(self.stage_server) != stages:
+            raise InputError(f"profile places {len(self.stage_server)} stages on servers, "
+                             f"but {stages} were asked for", file=self.source,
+                             field="servers.stage_server")
+        return self.stage_server
+
+    def hop_link(self, j: int, stages: int) -> LinkModel:
+        """The link of hop j of the ring: 0 is head -> stage 1, j (0 < j < S) is stage j ->
+        stage j+1, S is stage S -> head. Inside one server the intra-server link, else
+        `link`; without per-hop links always `link` (older profiles: unchanged)."""
+        if self.stage_server is None or self.intra_link is None:
+            return self.link
+        srv = self.stage_servers(stages)
+        a = 0 if j == 0 else srv[j - 1]
+        b = 0 if j == stages else srv[j]
+        return self.intra_link if a == b else self.link
+
+    def head_link(self, j: int, stages: int) -> LinkModel:
+        """The link between the head and stage j (broadcast prune notices, stage 1's acks)."""
+        if self.stage_server is None or self.intra_link is None:
+            return self.link
+        return self.intra_link if self.stage_servers(stages)[j - 1] == 0 else self.link
+
     def hidden_bytes(self, rows: int) -> int:
         return rows * self.target.hidden * self.target.dtype_bytes
 
     def with_link(self, *, bandwidth_gbps: float | None = None,
                   latency_ms: float | None = None) -> Profile:
+        """The profile with `link` changed (with per-hop links: the link between servers;
+        hops inside a server keep theirs)."""
         bw = self.link.bandwidth_gbps if bandwidth_gbps is None else bandwidth_gbps
         lat = self.link.latency_ms if latency_ms is None else latency_ms
         check_number(bw, "bandwidth_gbps", None, positive=True, allow_inf=True)
@@ -170,6 +208,9 @@ class Profile:
                         **{k: getattr(self, k) for k in DEVICE_FIELDS
                            if getattr(self, k) != 1.0}},
             "split": None if self.split is None else list(self.split),
+            **({"servers": {"stage_server": list(self.stage_server),
+                            "intra_link": self.intra_link.to_dict()}}
+               if self.stage_server is not None and self.intra_link is not None else {}),
         }
 
 

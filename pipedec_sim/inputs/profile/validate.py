@@ -159,12 +159,32 @@ def _host(v: Any, src: str | None) -> None:
             check_number(x, f"{path}.load_average[{i}]", src)
 
 
-def _link(v: Any, src: str | None) -> LinkModel:
-    d = _obj(v, "link", src)
-    lat = check_number(_get(d, "latency_ms", "link", src), "link.latency_ms", src)
-    bw = _get(d, "bandwidth_gbps", "link", src)  # null = ideal (infinite) link
-    bw = math.inf if bw is None else check_number(bw, "link.bandwidth_gbps", src, positive=True)
+def _link(v: Any, src: str | None, path: str = "link") -> LinkModel:
+    d = _obj(v, path, src)
+    lat = check_number(_get(d, "latency_ms", path, src), f"{path}.latency_ms", src)
+    bw = _get(d, "bandwidth_gbps", path, src)  # null = ideal (infinite) link
+    bw = math.inf if bw is None else check_number(bw, f"{path}.bandwidth_gbps", src,
+                                                  positive=True)
     return LinkModel(lat, bw)
+
+
+def _servers(v: Any, src: str | None) -> dict:
+    """Optional per-hop links: {"stage_server": [server of each stage], "intra_link":
+    {latency_ms, bandwidth_gbps}}; absent: `link` is every hop."""
+    if v is None:
+        return {}
+    d = _obj(v, "servers", src)
+    path = "servers.stage_server"
+    servers = tuple(_int(x, f"{path}[{k}]", src, minimum=0)
+                    for k, x in enumerate(_list(_get(d, "stage_server", "servers", src),
+                                                path, src)))
+    for k in range(1, len(servers)):
+        if servers[k] < servers[k - 1]:
+            raise _fail(src, f"{path}[{k}]", f"stages run on servers in order: stage {k + 1} "
+                                             f"on server {servers[k]} after stage {k} on "
+                                             f"server {servers[k - 1]}")
+    intra = _link(_get(d, "intra_link", "servers", src), src, "servers.intra_link")
+    return {"stage_server": servers, "intra_link": intra}
 
 
 def _cpu_costs(lat: Mapping, devices: Mapping, src: str | None) -> dict:
@@ -219,6 +239,12 @@ def parse_profile(data: Any, *, source: str | os.PathLike | None = None) -> Prof
     target = _shape(_get(d, "target", "", src), "target", src)
     lat = _obj(_get(d, "latency", "", src), "latency", src)
     kind, cores, sharing, share = _devices(_get(d, "devices", "", src), src)
+    split = _split(d.get("split"), target.layers, src)
+    servers = _servers(d.get("servers"), src)
+    if split is not None and servers and len(servers["stage_server"]) != len(split):
+        raise _fail(src, "servers.stage_server",
+                    f"places {len(servers['stage_server'])} stages, but split has "
+                    f"{len(split)}")
     return Profile(
         name=_str(_get(d, "name", "", src), "name", src),
         provenance=_provenance(_get(d, "provenance", "", src), src),
@@ -235,11 +261,12 @@ def parse_profile(data: Any, *, source: str | os.PathLike | None = None) -> Prof
         link=_link(_get(d, "link", "", src), src),
         device_kind=kind,
         shared_cores=cores,
-        split=_split(d.get("split"), target.layers, src),
+        split=split,
         source=src,
         core_sharing=sharing,
         core_share=share,
         **_cpu_costs(lat, d["devices"], src),
+        **servers,
     )
 
 
