@@ -55,7 +55,7 @@ class Tick(simpy.Event):
 class Job:
     """One compute of `ms` on `device` (None: the actor's own); then `then(job, done)`."""
     __slots__ = ("actor", "device", "ms", "label", "n", "layers", "then", "start",
-                 "stopped", "granted", "stage", "batch", "rows", "notices")
+                 "stopped", "stage", "batch", "rows", "notices")
 
     def __init__(self, actor, device, ms, label, n, layers, then, *, stage=0, batch=None,
                  rows=(), notices=()):
@@ -64,7 +64,6 @@ class Job:
         self.stage, self.batch, self.rows, self.notices = stage, batch, rows, notices
         self.start = None
         self.stopped = False        # interrupted: the first timer no longer counts
-        self.granted = False        # holds its device
 
 
 class Device:
@@ -83,7 +82,6 @@ class Device:
     def _grant(self) -> None:
         if self.user is None and self.waiters:
             self.user = job = self.waiters.popleft()
-            job.granted = True
             self.sim.later(lambda: job.stopped or self.sim.hold(job))
 
     def release(self, job: Job) -> None:
