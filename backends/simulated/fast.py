@@ -31,7 +31,7 @@ from simpy.events import NORMAL, URGENT
 
 from backends.simulated.ledger import StageLedger
 from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Hop, ring_hop
-from backends.simulated.replay import Holder, Replay, RequestRun
+from backends.simulated.replay import Holder, Replay, RequestRun, run_until_done
 from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
 from pipedec_sim.protocol.pacing import Pacer, stage_output, verify_rows
 
@@ -149,14 +149,7 @@ class FastRequestSim:
         if self.A:
             self._urgent(self._verify_next)
         self.pacer.dispatch(self.pacer.start())
-        try:
-            env.run(until=self.done)
-        except RuntimeError as e:
-            if self.done.triggered or "No scheduled events left" not in str(e):
-                raise
-            raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
-                               f"after {len(strategy.output)} tokens ({e})") from None
-        self.out.end_ms = env.now
+        self.out.end_ms = run_until_done(env, self.done, strategy)
         return self.out
 
     # ---- the calendar -------------------------------------------------------------------
@@ -368,7 +361,7 @@ class FastRequestSim:
                        lambda: self._verified(out))
 
     def _entry_taken(self) -> None:
-        ack = self.profile.head_link(1, self.S).latency_ms if self.A else 0.0
+        ack = self.latency[1] if self.A else 0.0       # stage 1 -> head, one hop
         if ack > 0.0:
             self._at(ack, self._acked)
         else:

@@ -14,7 +14,7 @@ import simpy
 
 from backends.simulated.cores import CorePool
 from backends.simulated.link import HEADER_BYTES, TOKEN_BYTES, Inbox, ring_hop
-from backends.simulated.replay import Holder, RequestRun
+from backends.simulated.replay import Holder, RequestRun, run_until_done
 from pipedec_sim.protocol.messages import Batch, Commit, Draft, Update
 from pipedec_sim.protocol.pacing import Pacer, cancels, stage_output, verify_rows
 
@@ -76,15 +76,7 @@ class RequestSim:
         if self.A:
             env.process(self._verifier())
         self.pacer.dispatch(self.pacer.start())
-        try:
-            env.run(until=self.done)
-        except RuntimeError as e:
-            if self.done.triggered or "No scheduled events left" not in str(e):
-                raise
-            # Nothing left to happen but the request is unfinished: a scheduler bug.
-            raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
-                               f"after {len(strategy.output)} tokens ({e})") from None
-        self.out.end_ms = env.now
+        self.out.end_ms = run_until_done(env, self.done, strategy)
         return self.out
 
     # ---- compute ------------------------------------------------------------------------
@@ -228,7 +220,7 @@ class RequestSim:
     def _entry_taken(self) -> None:
         """Stage 1 took a batch. Topology A: it acks each batch to the head (one hop), as
         the torch runtime does; B (the head shares stage 1's device): no hop."""
-        hop = self.profile.head_link(1, self.S).latency_ms if self.A else 0.0
+        hop = self.holders[1].latency if self.A else 0.0
         if hop > 0.0:
             self.env.timeout(hop).callbacks.append(self._acked)
         else:

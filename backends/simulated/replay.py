@@ -77,6 +77,20 @@ class Replay:
         return {i: propose(alive[i], request.k) for i in request.want if i in alive}
 
 
+def run_until_done(env, done, strategy) -> float:
+    """Run a request's calendar until it finishes; returns the end time. A calendar that
+    empties first means nothing is left to happen with the request unfinished: a
+    scheduler bug, reported as a stall."""
+    try:
+        env.run(until=done)
+    except RuntimeError as e:
+        if done.triggered or "No scheduled events left" not in str(e):
+            raise
+        raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
+                           f"after {len(strategy.output)} tokens ({e})") from None
+    return env.now
+
+
 class Holder:
     """A KV holder's inbox of prune notices, applied lazily when work starts."""
 

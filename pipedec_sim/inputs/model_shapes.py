@@ -16,6 +16,7 @@ from typing import Any
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.files import FilePath, load_json, read_text, short
 from pipedec_sim.inputs.limits import SHAPE_LIMITS
+from pipedec_sim.inputs.profile.analytic import layer_params
 from pipedec_sim.inputs.profile.model import ModelShape
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -42,10 +43,9 @@ class ModelSpec:
 
     @property
     def layer_params(self) -> int:
-        """Weights of one decoder layer: q, o; k, v (grouped); gate, up, down (norms,
-        biases ignored: well under 0.1%)."""
-        return (2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
-                + 3 * self.hidden * self.intermediate)
+        """Weights of one decoder layer (the analytic model's count: norms and biases,
+        well under 0.1%, ignored)."""
+        return layer_params(self.shape())
 
     @property
     def embed_params(self) -> int:
