@@ -336,6 +336,50 @@ def utilization_bars(summary: pd.DataFrame, stages: int | None = None) -> plt.Fi
     return fig
 
 
+def serving_curves(summary: pd.DataFrame) -> plt.Figure:
+    """Latency against throughput under load (a serving summary: one row per strategy and
+    rate or concurrency): TBT p50 solid and p99 dashed, one colour per strategy, points in
+    order of cfg_rate (or cfg_concurrency) and labelled with it."""
+    order = next((c for c in ("cfg_rate", "cfg_concurrency") if c in summary.columns), None)
+    if order is not None:
+        repeated = summary.duplicated(["strategy", order])
+        if repeated.any():
+            varying = [c for c in summary.columns if c.startswith("cfg_") and c != order
+                       and summary[c].nunique(dropna=False) > 1]
+            raise ValueError(f"several rows per strategy and {order[4:]}: keep one setting "
+                             f"with --where (varying: {', '.join(c[4:] for c in varying)})")
+    for col in ("throughput_tok_s", "tbt_p50_ms", "tbt_p99_ms"):
+        if not pd.api.types.is_numeric_dtype(summary[col]):
+            raise ValueError(f"column {col} holds values that are not numbers")
+    unit = {"cfg_rate": " req/s", "cfg_concurrency": " outstanding"}.get(order or "", "")
+    strategies = [s for s in STRATEGY_ORDER if s in set(summary.strategy)]
+    strategies += [s for s in dict.fromkeys(summary.strategy) if s not in strategies]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, s in enumerate(strategies):
+        r = summary[summary.strategy == s].sort_values(order or "throughput_tok_s")
+        color = COLORS.get(s, f"C{i}")
+        label = LABELS.get(s, s)
+        ax.plot(r.throughput_tok_s, r.tbt_p50_ms, "-", marker="o", color=color,
+                label=f"{label}, p50")
+        ax.plot(r.throughput_tok_s, r.tbt_p99_ms, "--", marker="^", color=color,
+                label=f"{label}, p99")
+        if order is not None:
+            for _, row in r.iterrows():
+                ax.annotate(f"{row[order]:g}{unit}", (row.throughput_tok_s, row.tbt_p50_ms),
+                            fontsize=7, xytext=(3, -9), textcoords="offset points",
+                            color=color)
+    ax.set_xlabel("throughput (output tokens/s)")
+    ax.set_ylabel("time between tokens (ms/token)")
+    by = f" (points by {order[4:]})" if order else ""
+    ax.set_title(f"Serving: TBT vs throughput, p50 solid, p99 dashed{by}", fontsize=10)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------- timelines
 
 def load_timeline(source) -> dict:

@@ -55,7 +55,9 @@ def test_groups_hold_the_pacing_defaults_and_unique_names():
     assert names == list(KNOBS) and len(set(names)) == len(names)
     assert [k.name for k in knobs_of(PipeDecKnobs)] == ["width", "topk", "floor", "coverage",
                                                         "window"]
-    assert {k.strategy for k in knobs_of(TreeSDKnobs)} == {"tree-sd"}
+    # chain-SD's gamma lives with tree-SD's knobs (chain-SD is tree-SD with a chain)
+    assert {k.name: k.strategy for k in knobs_of(TreeSDKnobs)} == {
+        "depth": "tree-sd", "tree_topk": "tree-sd", "total": "tree-sd", "gamma": "chain-sd"}
     assert {k.strategy for k in knobs_of(PipelineKnobs)} == {None}
 
 
@@ -96,8 +98,9 @@ def test_policies_take_their_defaults_and_checks_from_the_knobs():
 
 def test_make_strategy_takes_every_strategy_knob_and_refuses_others():
     recorded = {"width": 4, "topk": 3, "floor": 0.0, "coverage": None, "window": 5,
-                "depth": 4, "tree_topk": 2, "total": 9}       # as the torch Head records
+                "depth": 4, "tree_topk": 2, "total": 9, "gamma": 3}   # as the Head records
     assert set(recorded) == set(STRATEGY_KNOBS)
+    assert make_strategy("chain-sd", [1], 4, **recorded).policy == Eagle2Policy(3, 1, 3)
     s = make_strategy("pipedec", [1, 2], 4, **recorded)
     assert s.policy == LayerPolicy(width=4, topk=3) and s.window == 5
     assert make_strategy("tree-sd", [1], 4, **recorded).policy == Eagle2Policy(4, 2, 9)
@@ -183,7 +186,9 @@ def test_every_real_flag_has_help_and_shows_its_default(command):
 def test_sweep_grid_keys_are_the_knobs():
     assert set(KNOBS) <= set(sweep.AXES)
     assert sweep.PIPEDEC_KNOBS == tuple(k.name for k in knobs_of(PipeDecKnobs))
-    assert sweep.TREE_SD_KNOBS == tuple(k.name for k in knobs_of(TreeSDKnobs))
+    assert sweep.TREE_SD_KNOBS + sweep.CHAIN_SD_KNOBS == tuple(k.name
+                                                               for k in knobs_of(TreeSDKnobs))
+    assert sweep.KNOBS_OF["chain-sd"] == ("gamma",)
     assert sweep.DEFAULTS == {k.name: k.default for k in KNOBS.values()}
     flags = {flag: (key, help_) for flag, key, _, help_ in sweep.FLAG_AXES}
     for k in KNOBS.values():

@@ -149,7 +149,8 @@ class FastRequestSim:
         if self.A:
             self._urgent(self._verify_next)
         self.pacer.dispatch(self.pacer.start())
-        self.out.end_ms = run_until_done(env, self.done, strategy)
+        self.out.end_ms = run_until_done(env, self.done, strategy.name,
+                                         lambda: f"{len(strategy.output)} tokens")
         return self.out
 
     # ---- the calendar -------------------------------------------------------------------

@@ -76,7 +76,8 @@ class RequestSim:
         if self.A:
             env.process(self._verifier())
         self.pacer.dispatch(self.pacer.start())
-        self.out.end_ms = run_until_done(env, self.done, strategy)
+        self.out.end_ms = run_until_done(env, self.done, strategy.name,
+                                         lambda: f"{len(strategy.output)} tokens")
         return self.out
 
     # ---- compute ------------------------------------------------------------------------

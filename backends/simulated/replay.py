@@ -77,17 +77,17 @@ class Replay:
         return {i: propose(alive[i], request.k) for i in request.want if i in alive}
 
 
-def run_until_done(env, done, strategy) -> float:
-    """Run a request's calendar until it finishes; returns the end time. A calendar that
-    empties first means nothing is left to happen with the request unfinished: a
-    scheduler bug, reported as a stall."""
+def run_until_done(env, done, name: str, progress) -> float:
+    """Run a calendar until `done`; returns the end time. A calendar that empties first
+    means nothing is left to happen with the work unfinished: a scheduler bug, reported
+    as a stall (`progress()` says how far it got, e.g. "12 tokens")."""
     try:
         env.run(until=done)
     except RuntimeError as e:
         if done.triggered or "No scheduled events left" not in str(e):
             raise
-        raise RuntimeError(f"{strategy.name}: simulation stalled at t={env.now:.3f} ms "
-                           f"after {len(strategy.output)} tokens ({e})") from None
+        raise RuntimeError(f"{name}: simulation stalled at t={env.now:.3f} ms "
+                           f"after {progress()} ({e})") from None
     return env.now
 
 

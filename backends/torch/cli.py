@@ -17,7 +17,6 @@ from pathlib import Path
 
 from pipedec_sim.errors import InputError, guarded
 from pipedec_sim.programs.flags import (
-    STRATEGY_NAMES,
     Parser,
     add_pipeline_flags,
     add_policy_flags,
@@ -26,6 +25,7 @@ from pipedec_sim.programs.flags import (
     sampling_of,
     strategy_list,
 )
+from pipedec_sim.protocol.strategies import DEFAULT_STRATEGIES
 
 DTYPES = ("float32", "bfloat16", "float16")
 NO_PROGRESS_S = 20.0     # --timeout's default, as worker.StageConfig's: a hang is an error
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompts", required=True, type=Path,
                      help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K "
                           "(required)")
-    run.add_argument("--strategies", type=strategy_list, default=STRATEGY_NAMES,
-                     help="comma-separated subset of ar,tree-sd,pipedec (default all)")
+    run.add_argument("--strategies", type=strategy_list, default=DEFAULT_STRATEGIES,
+                     help="comma-separated strategies: ar (plain PP), tree-sd, pipedec, "
+                          "chain-sd (draft-model chain, --gamma) (default ar,tree-sd,pipedec)")
     add_policy_flags(run)             # the knobs of pipedec-sim: same flags, help and checks
     g = add_pipeline_flags(run)
     g.add_argument("--transport", choices=("auto", "gloo", "nccl"), default="auto",

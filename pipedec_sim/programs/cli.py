@@ -14,7 +14,6 @@ from pipedec_sim.inputs.prompts import WORKLOAD_FORMATS
 from pipedec_sim.programs.flags import (
     DEFAULT_PROFILE,
     DEFAULT_STAGES,
-    STRATEGY_NAMES,
     Parser,
     add_engine_flag,
     add_out_format_flag,
@@ -27,6 +26,7 @@ from pipedec_sim.programs.flags import (
     seed,
     strategy_list,
 )
+from pipedec_sim.protocol.strategies import DEFAULT_STRATEGIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default=DEFAULT_PROFILE,
                      help="calibration profile: a JSON file or a bundled name "
                           f"(default {DEFAULT_PROFILE})")
-    run.add_argument("--strategies", type=strategy_list, default=STRATEGY_NAMES,
-                     help="comma-separated subset of ar,tree-sd,pipedec (default all)")
+    run.add_argument("--strategies", type=strategy_list, default=DEFAULT_STRATEGIES,
+                     help="comma-separated strategies: ar (plain PP), tree-sd, pipedec, "
+                          "chain-sd (draft-model chain, --gamma) (default ar,tree-sd,pipedec)")
     add_policy_flags(run)
     g = add_pipeline_flags(run)
     g.add_argument("--link-gbps", type=positive(float), default=None,
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_parser(sub)
     from pipedec_sim.programs import profile_cmd  # analytic profiles of any cluster (issue 14)
     profile_cmd.add_parser(sub)
+    from pipedec_sim.programs import serve  # many requests under load (issue 12)
+    serve.add_parser(sub)
     return parser
 
 
@@ -137,40 +140,9 @@ def cmd_run(args) -> int:
         result = simulate(trace, profile, cfg, workers=args.workers,
                           timeline_requests=1 if args.timeline else 0, progress=progress)
     print(format_table(result.summary))
+    from pipedec_sim.programs.outputs import write_run_outputs
     write_run_outputs(args, result)
     return 0
-
-
-def write_run_outputs(args, result) -> None:
-    """summary and requests (--out, in --out-format) and the timeline (--timeline), all or
-    none: each is written to a temp file, and they replace their targets only once all
-    are written."""
-    import json
-
-    from pipedec_sim.atomic import atomic_paths
-    from pipedec_sim.results.tables import table_name, write_table
-    from pipedec_sim.results.timeline import chrome_trace
-    fmt = args.out_format
-    outputs = []
-    if args.out:
-        outputs += [(args.out / table_name("summary", fmt), result.summary),
-                    (args.out / table_name("requests", fmt), result.requests)]
-    if args.timeline:
-        outputs.append((args.timeline, chrome_trace({f"{s} / request {r}": evs for (s, r), evs
-                                                     in result.timelines.items()})))
-    if not outputs:
-        return
-    with atomic_paths(path for path, _ in outputs) as temps:
-        for tmp, (_, data) in zip(temps, outputs):
-            if isinstance(data, dict):
-                tmp.write_text(json.dumps(data), encoding="utf-8")
-            else:
-                write_table(data, tmp, fmt)
-    if args.out:
-        print(f"wrote {outputs[0][0]} and {outputs[1][0]}", file=sys.stderr)
-    if args.timeline:
-        print(f"wrote {args.timeline} (open in ui.perfetto.dev or chrome://tracing)",
-              file=sys.stderr)
 
 
 def _lazy(module: str, name: str):
@@ -184,7 +156,8 @@ COMMANDS = {"run": cmd_run,
             "sweep": _lazy("sweep", "cmd_sweep"),
             "plot": _lazy("plot", "cmd_plot"),
             "tune": _lazy("tune", "cmd_tune"),
-            "profile": _lazy("profile_cmd", "cmd_profile")}
+            "profile": _lazy("profile_cmd", "cmd_profile"),
+            "serve": _lazy("serve", "cmd_serve")}
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ from pipedec_sim.results.tables import DEFAULT_OUT_FORMAT, OUT_FORMATS
 
 DEFAULT_PROFILE = "analytic-llama70b-1b"
 DEFAULT_STAGES = 14             # pipedec-sim's pipeline, as in the paper
-STRATEGY_NAMES = tuple(STRATEGIES)
+STRATEGY_NAMES = tuple(STRATEGIES)          # every strategy; DEFAULT_STRATEGIES: run's default
 # The SimPy engines (backends.simulated): "fast" (the default) and "reference", the
 # event-by-event model it must reproduce exactly (pipedec_sim.programs.simulate uses these).
 ENGINES = ("fast", "reference")

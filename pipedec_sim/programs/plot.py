@@ -7,7 +7,10 @@ from pathlib import Path
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.limits import MAX_DPI
 
-KINDS = ("speedup", "stages", "width", "timeline", "utilization")
+KINDS = ("speedup", "stages", "width", "timeline", "utilization", "serving")
+# The columns a summary table needs, by kind (serving: a serving summary from a rate sweep).
+_SUMMARY_COLUMNS = ("strategy", "stages", "tbt_ms")
+_SERVING_COLUMNS = ("strategy", "throughput_tok_s", "tbt_p50_ms", "tbt_p99_ms")
 
 
 def condition(text: str) -> tuple[str, str]:
@@ -24,13 +27,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plot", help="draw a PNG from sweep results or a timeline JSON",
                        description="Draw one PNG. RESULTS is a sweep folder or a summary.csv "
                        "or .parquet (from `sweep` or `run --out`) for speedup/stages/width/"
-                       "utilization, or a timeline JSON (`run --timeline`) for timeline (and for "
-                       "utilization per stage).")
+                       "utilization, a serving summary (one row per strategy and rate or "
+                       "concurrency) for serving, or a timeline JSON (`run --timeline`) for "
+                       "timeline (and for utilization per stage).")
     p.add_argument("results", type=Path, metavar="RESULTS")
     p.add_argument("--kind", required=True, choices=KINDS,
                    help="speedup: bars vs plain PP and tree SD; stages: speedup vs S with the "
                         "S/(p+(1-p)S) curve; width: W x k heatmap; timeline: Gantt of the "
-                        "stages; utilization: stage utilisation and wasted work")
+                        "stages; utilization: stage utilisation and wasted work; serving: TBT "
+                        "p50/p99 against throughput, one line per strategy")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--stages", type=positive(), default=None,
                    help="which S to show for speedup/width/utilization (default: the largest)")
@@ -58,7 +63,7 @@ def _is_timeline(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".json"
 
 
-def _read_summary(path: Path):
+def _read_summary(path: Path, required=_SUMMARY_COLUMNS):
     import pandas as pd
 
     from pipedec_sim.inputs.files import file_problem
@@ -68,12 +73,12 @@ def _read_summary(path: Path):
         raise InputError(problem + (" (expected a sweep folder with summary.csv or "
                                     "summary.parquet)" if path.is_dir() else ""), file=p)
     if p.suffix.lower() == ".parquet":
-        return _checked_summary(_read_parquet(p), p)
+        return _checked_summary(_read_parquet(p), p, required)
     try:
         df = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InputError(f"not a CSV table: {e}", file=p) from None
-    return _checked_summary(df, p)
+    return _checked_summary(df, p, required)
 
 
 def _summary_file(path: Path) -> Path:
@@ -94,10 +99,11 @@ def _read_parquet(p: Path):
         raise InputError(f"not a Parquet table: {str(e).splitlines()[0]}", file=p) from None
 
 
-def _checked_summary(df, p: Path):
-    missing = [c for c in ("strategy", "stages", "tbt_ms") if c not in df.columns]
+def _checked_summary(df, p: Path, required=_SUMMARY_COLUMNS):
+    missing = [c for c in required if c not in df.columns]
     if missing:
-        raise InputError(f"not a summary table: missing column(s) {', '.join(missing)}", file=p)
+        what = "serving summary" if required == _SERVING_COLUMNS else "summary"
+        raise InputError(f"not a {what} table: missing column(s) {', '.join(missing)}", file=p)
     if not len(df):
         raise InputError("empty table", file=p)
     return df
@@ -131,8 +137,11 @@ def cmd_plot(args) -> int:
             if _is_timeline(args.results):
                 raise InputError(f"--kind {args.kind} needs sweep results (a folder or "
                                  "summary.csv), not a timeline", file=args.results)
-            df = _select(plots, _read_summary(args.results), args.where)
-            if args.kind == "speedup":
+            required = _SERVING_COLUMNS if args.kind == "serving" else _SUMMARY_COLUMNS
+            df = _select(plots, _read_summary(args.results, required), args.where)
+            if args.kind == "serving":
+                fig = plots.serving_curves(df)
+            elif args.kind == "speedup":
                 fig = plots.speedup_bars(df, stages=args.stages)
             elif args.kind == "stages":
                 fig = plots.speedup_vs_stages(df)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from backends.simulated.oracle import TraceOracle
-from pipedec_sim.programs.flags import DEFAULT_ENGINE, DEFAULT_STAGES, ENGINES, STRATEGY_NAMES
+from pipedec_sim.programs.flags import DEFAULT_ENGINE, DEFAULT_STAGES, ENGINES
 from pipedec_sim.protocol.knobs import (
     STRATEGY_GROUPS,
     PipeDecKnobs,
@@ -16,7 +16,7 @@ from pipedec_sim.protocol.knobs import (
     values_of,
 )
 from pipedec_sim.protocol.pacing import window_for
-from pipedec_sim.protocol.strategies import make_strategy
+from pipedec_sim.protocol.strategies import DEFAULT_STRATEGIES, make_strategy
 from pipedec_sim.results.metrics import (
     RequestMetrics,
     request_metrics,
@@ -34,7 +34,7 @@ class SimConfig(PipelineKnobs, TreeSDKnobs, PipeDecKnobs):
     their defaults and checks) plus the pipeline's size, the strategies and the seed.
     Built with keywords: SimConfig(stages=4, width=8, prune="piggyback")."""
     stages: int = DEFAULT_STAGES
-    strategies: tuple[str, ...] = STRATEGY_NAMES
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     seed: int = 0
     engine: str = DEFAULT_ENGINE
 

@@ -72,14 +72,17 @@ from pipedec_sim.protocol.knobs import (
     TreeSDKnobs,
     knobs_of,
 )
+from pipedec_sim.protocol.strategies import DEFAULT_STRATEGIES
 
 # The knobs' grid keys are their names (pipedec_sim.protocol.knobs); a strategy's
 # configurations vary only the knobs that matter to it.
 PIPEDEC_KNOBS = tuple(k.name for k in knobs_of(PipeDecKnobs))
-TREE_SD_KNOBS = tuple(k.name for k in knobs_of(TreeSDKnobs))
-POLICY_KNOBS = PIPEDEC_KNOBS + TREE_SD_KNOBS
+TREE_SD_KNOBS = tuple(k.name for k in knobs_of(TreeSDKnobs) if k.strategy == "tree-sd")
+CHAIN_SD_KNOBS = tuple(k.name for k in knobs_of(TreeSDKnobs) if k.strategy == "chain-sd")
+POLICY_KNOBS = PIPEDEC_KNOBS + TREE_SD_KNOBS + CHAIN_SD_KNOBS
 PIPELINE_KNOBS = tuple(k.name for k in knobs_of(PipelineKnobs))
-KNOBS_OF = {"ar": (), "tree-sd": TREE_SD_KNOBS, "pipedec": PIPEDEC_KNOBS}
+KNOBS_OF = {"ar": (), "tree-sd": TREE_SD_KNOBS, "pipedec": PIPEDEC_KNOBS,
+            "chain-sd": CHAIN_SD_KNOBS}
 DEFAULTS: dict[str, Any] = {k.name: k.default for k in KNOBS.values()}
 # settings that define a comparison group: every speedup is taken within one group
 GROUP_KEYS = ("stages",) + PIPELINE_KNOBS + (
@@ -285,7 +288,7 @@ def build_grid(grid_file: Path | None = None, overrides: dict[str, list] | None 
     if "trace" not in axes:
         raise InputError("no trace given: set `trace` in the grid file or pass --trace",
                          file=grid_file, field="trace")
-    defaults = {**{k: [v] for k, v in DEFAULTS.items()}, "strategies": list(STRATEGY_NAMES),
+    defaults = {**{k: [v] for k, v in DEFAULTS.items()}, "strategies": list(DEFAULT_STRATEGIES),
                 "stages": [DEFAULT_STAGES],
                 "profile": [DEFAULT_PROFILE], "link_gbps": [None], "link_latency_ms": [None],
                 "seed": [0], "max_requests": [None], "max_new_tokens": [256],

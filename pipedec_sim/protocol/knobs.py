@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from pipedec_sim.protocol.pacing import DEFAULT_CANCEL, DEFAULT_PRUNE, PRUNE_MODES
 
-STRATEGY_LABELS = {"pipedec": "PipeDec", "tree-sd": "tree-SD"}
+STRATEGY_LABELS = {"pipedec": "PipeDec", "tree-sd": "tree-SD", "chain-sd": "chain-SD"}
 
 # Upper bounds of the tree knobs: far past any useful tree, and low enough that one decode
 # step stays cheap (tree-SD's work grows as tree_topk squared: 64 tokens at tree_topk 1024
@@ -33,6 +33,9 @@ MAX_TOPK = 1024                 # children per node (the most a trace or model p
 MAX_DEPTH = 64                  # tree-SD draft passes
 MAX_TREE_TOPK = 64              # tree-SD nodes expanded per level
 MAX_TOTAL = 4096                # tree-SD verified nodes
+MAX_RUNNING = 4096              # serving: requests running at once
+MAX_BATCHED_TOKENS = 1 << 20    # serving: rows per micro-batch
+MAX_STEP_WIDTH = 1 << 16        # serving, pipedec-db: tree rows per step
 
 
 @dataclass(frozen=True)
@@ -182,13 +185,16 @@ class PipeDecKnobs(KnobGroup):
 
 @dataclass(frozen=True)
 class TreeSDKnobs(KnobGroup):
-    """Tree-based SD: the EAGLE-2 dynamic tree (`Eagle2Policy`)."""
+    """Tree-based SD: the EAGLE-2 dynamic tree (`Eagle2Policy`), and chain-SD's chain."""
     strategy: ClassVar[str | None] = "tree-sd"
     depth: int = knob(int, 6, "draft passes per tree, EAGLE-2's depth", lo=1, hi=MAX_DEPTH)
     tree_topk: int = knob(int, 10, "nodes expanded per level and children per node, "
                           "EAGLE-2's top_k", lo=1, hi=MAX_TREE_TOPK)
     total: int = knob(int, 60, "nodes kept in the verified tree, EAGLE-2's total_token", lo=1,
                       hi=MAX_TOTAL)
+    # chain-SD (vLLM's draft-model speculation) is tree-SD with a chain: its one knob
+    gamma: int = knob(int, 4, "draft tokens per pass, a chain (vLLM's num_speculative_tokens)",
+                      lo=1, hi=MAX_DEPTH, strategy="chain-sd")
 
 
 @dataclass(frozen=True)
@@ -206,13 +212,34 @@ class PipelineKnobs(KnobGroup):
                         "broadcast prune only")
 
 
+@dataclass(frozen=True)
+class ServeKnobs(KnobGroup):
+    """Serving many requests (`protocol/serve/`): admission and micro-batch composition."""
+    max_running: int = knob(int, 64, "requests running at once (vLLM's max_num_seqs); "
+                            "later arrivals wait", lo=1, hi=MAX_RUNNING)
+    max_batched_tokens: int = knob(int, 2048, "rows one micro-batch carries at most (vLLM's "
+                                   "max_num_batched_tokens; pp, tree-sd, chain-sd)", lo=1,
+                                   hi=MAX_BATCHED_TOKENS)
+    micro_batches: int | None = knob(int, None, "micro-batches in flight at most (pp, tree-sd, "
+                                     "chain-sd: vLLM's virtual engines)", lo=1, none="stages")
+    chunked_prefill: bool = knob(bool, False, "chunked prefill: a prompt takes what a "
+                                 "micro-batch's token budget leaves after the running "
+                                 "requests' rows (pp)")
+    step_width: int = knob(int, 64, "pipedec-db: tree rows per pipeline step, shared by the "
+                           "running requests (each at most --width)", lo=1, hi=MAX_STEP_WIDTH)
+    share: str = knob(str, "fair", "pipedec-db: how a step's rows are split: fair (an equal "
+                      "quota each, the rest to the likeliest) or best (the likeliest paths of "
+                      "all requests; deep trees starve)", choices=("fair", "best"))
+
+
 STRATEGY_GROUPS = (PipeDecKnobs, TreeSDKnobs)
 GROUPS = STRATEGY_GROUPS + (PipelineKnobs,)
 
 
 def knobs_of(group: type[KnobGroup]) -> tuple[Knob, ...]:
     """A group's knobs, in field order, named and with the group's strategy."""
-    return tuple(replace(f.metadata["knob"], name=f.name, strategy=group.strategy)
+    return tuple(replace(f.metadata["knob"], name=f.name,
+                         strategy=f.metadata["knob"].strategy or group.strategy)
                  for f in fields(group) if "knob" in f.metadata)
 
 

@@ -31,6 +31,21 @@ class Batch:
     committed: int = 0      # rows[:committed] are committed already (prompt, a verified token)
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A micro-batch of a serving pipeline: batches of several requests that enter stage 1
+    together and leave the last stage together (`parts`: (request, batch) pairs; each
+    batch's rows are its request's, with that request's ids). One request: one part."""
+    id: int
+    parts: tuple[tuple[int, Batch], ...]
+
+    @property
+    def kind(self) -> str:
+        """The parts' kind if they agree, else "mixed" (timeline labels)."""
+        kinds = {b.kind for _, b in self.parts}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 # ---- actions (strategy -> backend) --------------------------------------------------
 
 

@@ -170,6 +170,18 @@ class Profile:
             return self.link
         return self.intra_link if self.stage_servers(stages)[j - 1] == 0 else self.link
 
+    def batch_layer(self, parts) -> float:
+        """One decoder layer over a batch whose rows come from several requests; `parts`
+        is (rows, context) per request. The weights' work is shared by every row: the
+        grid at the batch's total rows over no context; attention is each request's own:
+        what its rows over its context add to the grid (layer(n, c) - layer(n, 0)).
+        One request: `layer(n, c)` itself."""
+        return _batched(self.layer, parts)
+
+    def batch_draft(self, parts) -> float:
+        """One draft pass over several requests' rows: `batch_layer`'s model."""
+        return _batched(self.draft_step, parts)
+
     def hidden_bytes(self, rows: int) -> int:
         return rows * self.target.hidden * self.target.dtype_bytes
 
@@ -215,3 +227,11 @@ class Profile:
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _batched(grid, parts) -> float:
+    if len(parts) == 1:
+        n, c = parts[0]
+        return grid(n, c)
+    total = sum(n for n, _ in parts)
+    return grid(total, 0) + sum(grid(n, c) - grid(n, 0) for n, c in parts)

@@ -5,7 +5,7 @@ a miss flushes the tree and restarts it from the target's token."""
 from __future__ import annotations
 
 from pipedec_sim.protocol.messages import Action, Drafted, Inject, Update, Verified
-from pipedec_sim.protocol.policies import LayerPolicy
+from pipedec_sim.protocol.policies import Candidate, LayerPolicy
 from pipedec_sim.protocol.strategies.base import Strategy, row
 from pipedec_sim.protocol.tree import Hit, Node, PredictionTree
 
@@ -14,15 +14,19 @@ class PipeDec(Strategy):
     name = "pipedec"
 
     def __init__(self, prompt, max_new_tokens, *, policy: LayerPolicy | None = None,
-                 window: int | None = None, eos=None):
+                 window: int | None = None, eos=None, pooled: bool = False):
         """window: most batches in flight (injected, not yet back). The harness sets it
         to S + 1 so that a stage slower than stage 1 cannot queue layers without bound
-        (prune notices travelling in-band would wait behind the queue)."""
+        (prune notices travelling in-band would wait behind the queue).
+        pooled: a serving scheduler grows the tree (`growable`, then `grow` with the
+        candidates it granted), in one layer with other requests' (SpecPipe-DB); the
+        strategy then never injects a layer by itself."""
         super().__init__(prompt, max_new_tokens, eos=eos)
         self.policy = policy or LayerPolicy()
         if window is not None and window < 1:
             raise ValueError("window must be >= 1")
         self.window = window
+        self.pooled = pooled
         self.in_flight: set[int] = set()
 
     def start(self) -> list[Action]:
@@ -48,14 +52,23 @@ class PipeDec(Strategy):
 
     def _grow(self) -> list[Action]:
         """Inject the next layer once stage 1 can take it and the frontier is drafted."""
-        if not self.entry_free:
+        if self.pooled or not self.entry_free:
             return []
         if self.window is not None and len(self.in_flight) >= self.window:
             return []
+        frontier = self.growable()
+        return self.grow(self.policy.select(frontier)) if frontier else []
+
+    def growable(self) -> list[Node] | None:
+        """The frontier the next layer grows from, once it is drafted (None: not yet, or
+        the tree already reaches the request's last position)."""
         frontier = self.tree.frontier()
         if frontier[0].pos >= self.last_pos or any(n.proposals is None for n in frontier):
-            return []
-        chosen = self.policy.select(frontier)
+            return None
+        return frontier
+
+    def grow(self, chosen: list[Candidate]) -> list[Action]:
+        """Make the `chosen` candidates the next layer: inject it and draft it."""
         if not chosen:
             return []
         layer = [self.tree.add(p, tok, lp, self.new_id()) for _, p, tok, lp in chosen]

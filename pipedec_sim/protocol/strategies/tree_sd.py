@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 
 from pipedec_sim.protocol.messages import Action, Drafted, Update, Verified
-from pipedec_sim.protocol.policies import Eagle2Policy, candidates
+from pipedec_sim.protocol.policies import Eagle2Policy, candidates, chain_policy
 from pipedec_sim.protocol.strategies.base import Strategy, row, undrafted_path
 from pipedec_sim.protocol.tree import Node, PredictionTree, path
 
@@ -80,3 +80,13 @@ class TreeSD(Strategy):
             actions.append(self.draft([row(n) for n in todo], [bonus.id], self.policy.topk,
                                       committed=len(todo)))
         return actions
+
+
+class ChainSD(TreeSD):
+    """Classic draft-model speculation (vLLM's): the draft proposes a chain of `gamma`
+    greedy tokens, the chain passes all stages in one batch, the matching prefix plus the
+    target's bonus token commit. A tree-SD tree of one child per level."""
+    name = "chain-sd"
+
+    def __init__(self, prompt, max_new_tokens, *, gamma: int = 4, eos=None):
+        super().__init__(prompt, max_new_tokens, policy=chain_policy(gamma), eos=eos)
