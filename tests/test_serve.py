@@ -264,17 +264,18 @@ def test_pipedec_db_mixes_requests_in_one_layer_and_drafts_them_together():
     server.dispatch(server.arrive(0))
     server.dispatch(server.arrive(1))          # with company: its prompt is parked
     assert [[r for r, _ in s.parts] for s in log.steps] == [[0]]
-    server.dispatch(server.entry_taken())      # stage 1 took step 0: the prompt goes
-    assert [(r, b.kind) for r, b in log.steps[1].parts] == [(1, "prefill")]
+    server.dispatch(server.entry_taken())      # stage 1 took step 0; both wait for drafts,
+    assert len(log.steps) == 1                 # so the prompt waits to ride with a layer
     props = ((10, -0.1), (11, -0.5), (12, -1.0), (13, -2.0))
     d0, d1 = log.drafts[0][1], log.drafts[1][1]
     server.dispatch(server.drafted([(0, d0.ticket, {d0.want[0]: props}),
                                     (1, d1.ticket, {d1.want[0]: props})]))
-    assert len(log.steps) == 2                 # stage 1 has not taken step 1 yet
-    server.dispatch(server.entry_taken())
-    kinds = [(r, b.kind, len(b.rows)) for r, b in log.steps[2].parts]
-    assert kinds == [(0, "layer", 2), (1, "layer", 2)]      # 4 rows, a fair 2 each
+    kinds = [(r, b.kind, len(b.rows)) for r, b in log.steps[1].parts]
+    assert kinds == [(1, "prefill", 2), (0, "layer", 2), (1, "layer", 2)]   # a fair 2 each
     assert [r for r, d in log.drafts[2:]] == [0, 1] and isinstance(log.drafts[2][1], Draft)
+    server.dispatch(server.drafted([(0, log.drafts[2][1].ticket, {}),
+                                    (1, log.drafts[3][1].ticket, {})]))
+    assert len(log.steps) == 2                 # stage 1 has not taken step 1 yet
 
 
 # ------------------------------------------------------------ the command
@@ -296,3 +297,30 @@ def test_bad_serve_flags_exit_2_with_one_line(argv, words, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_batching_modes_price_a_step_of_several_requests(tmp_path):
+    import dataclasses
+    import json
+
+    from pipedec_sim.inputs.profile import parse_profile
+    p = load_profile("h100-llama70b-1b-kernels")
+    parts = [(1, 512), (3, 128)]
+    g = p.layer
+    assert p.batching == "requests"
+    assert p.batch_layer(parts) == pytest.approx(g(4, 0) + g(1, 512) - g(1, 0)
+                                                 + g(3, 128) - g(3, 0))
+    assert p.with_batching("sequential").batch_layer(parts) == g(1, 512) + g(3, 128)
+    assert p.with_batching("flat").batch_layer(parts) == g(4, (512 + 3 * 128) / 4)
+    for mode in ("sequential", "requests", "flat"):    # one request: the grid itself
+        assert p.with_batching(mode).batch_layer([(3, 128)]) == g(3, 128)
+    d = p.with_batching("sequential").to_dict()
+    assert d["latency"]["batching"] == "sequential"
+    assert parse_profile(d).batching == "sequential"
+    assert "batching" not in p.to_dict()["latency"]
+    d["latency"]["batching"] = "paged"
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps(d))
+    assert main(["serve", "--trace", str(REAL), "--profile", str(bad), "--concurrency", "1",
+                 "--quiet"]) == 2
+    assert dataclasses.replace(p, batching="flat") == p.with_batching("flat")

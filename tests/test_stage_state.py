@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 
 from pipedec_sim.protocol.messages import Row, Update
@@ -87,3 +89,32 @@ def test_keep_index_dtype():
     s.append([Row(2, 0, 1, 1)])
     keep = s.apply(Update(kill=(2,)))
     assert keep.dtype == np.int64
+
+
+def test_long_runs_keep_order_and_keep_indices():
+    """A request's holder lives for hundreds of tokens: committed rows leave `parent`
+    from the front and dead ones from the middle. Against a plain list model of the
+    cache, every keep-index and the order must stay exact."""
+    rng = random.Random(1)
+    st = StageState()
+    st.append(prompt(4), committed=4)
+    cache, prefix, nid = list(range(4)), 4, 4   # cache: ids in KV order (prefix first)
+    for _ in range(400):
+        rows = []
+        for _ in range(rng.randrange(1, 5)):    # a chain off the newest row
+            parent = cache[-1] if cache else -1
+            rows.append(Row(nid, parent if not rows else rows[-1].id, 0, nid))
+            nid += 1
+        st.append(rows)
+        cache += [r.id for r in rows]
+        spec = cache[prefix:]
+        commit = spec[:rng.randrange(0, 2)]
+        kill = spec[len(commit) + rng.randrange(0, 2):] if rng.random() < 0.5 else []
+        keep = st.apply(Update(commit=tuple(commit), kill=tuple(kill)))
+        expect = [k for k, i in enumerate(cache) if i not in set(kill)]
+        assert (keep is None) == (not kill)
+        if keep is not None:
+            assert keep.tolist() == expect
+        cache = [cache[k] for k in expect]
+        prefix += len(commit)
+        assert st.n_prefix == prefix and st.spec == cache[prefix:]

@@ -6,6 +6,9 @@ Timings are medians after warm-up, one thread per process (as the stage workers 
   draft_step  one whole draft step (all layers + LM head + top-k) over the same grid
   lm_head     final norm + LM head + argmax for n rows;   embed: the embedding lookup
   kv_compact  one prune (index_select) of a half-model stage's KV at the largest context
+  batch       (optional section) one decoder layer over B requests' rows at once, each
+              request over its own context: one padded forward (`BatchedRequests`), timed
+              like `layer`; `Profile.batch_error` compares `batch_layer`'s model with it
   link        gloo between two local ranks: ping-pong latency, bulk bandwidth
   cold_*      (CPU) the same work right after streaming a buffer larger than the last-level
               cache, minus warm: what a stage pays when the rest of the pipeline evicted
@@ -21,17 +24,25 @@ import sys
 import time
 from datetime import date, timedelta
 
+import numpy as np
 import torch
+from transformers import DynamicCache
 
+from backends.torch.compat import with_cache
 from backends.torch.models import load
 from backends.torch.shard import DraftModel, Shard
 from pipedec_sim.inputs.host import host_record
-from pipedec_sim.inputs.profile import save_profile
+from pipedec_sim.inputs.profile import parse_profile, save_profile
 from pipedec_sim.inputs.profile.model import COLD_FIELDS, CPU_FIELDS, DEVICE_FIELDS
 from pipedec_sim.protocol.messages import Row, Update
+from pipedec_sim.protocol.stage_state import StageState
 
 GRID = {"tokens": (1, 4, 16, 64), "context": (0, 128, 512)}
 QUICK = {"tokens": (1, 4, 16), "context": (0, 128)}
+# Batched forwards ("latency.batch"): B requests x n rows each, over equal contexts (the
+# grid's second context) and over contexts spread evenly from 0 to the grid's largest.
+BATCH = {"requests": (2, 4, 8), "tokens": (1, 4)}
+QUICK_BATCH = {"requests": (2, 8), "tokens": (1, 4)}
 
 
 def _sync() -> None:
@@ -85,6 +96,196 @@ def time_grid(step, shard: Shard, grid, repeats: int, tick=None) -> list[list[fl
                 tick()
         out.append(row)
     return out
+
+
+# ---- several requests' rows in one forward (issue 12: serving) --------------------------
+
+class BatchedRequests:
+    """Decoder layers lo..hi-1 of `model` over B requests' rows in ONE forward, request b
+    holding its own KV context of c_b rows (a `StageState` each: its tree, its prefix).
+
+    How: right-pad to one tensor. Hidden states [B, N, H] (N = the most new rows of any
+    request; a shorter request's extra rows are padding), KV [B, kv_heads, C, d] per
+    layer (C = the longest context; request b's cache in columns 0..c_b-1, zeros after),
+    built directly into a transformers `DynamicCache` whose layers then append the N new
+    rows at columns C..C+N-1. Position ids [B, N] are each row's own position (RoPE per
+    request), and one additive float mask [B, 1, N, C+N] (finfo.min where hidden) gives
+    request b's row k exactly what `StageState.mask` gives it unbatched: its committed
+    prefix and speculative ancestors (columns < c_b and its own new rows), never another
+    request's or a padding column; a padding row sees only itself. The output of request
+    b's real rows is what its own unbatched `Shard.forward` gives (float rounding aside:
+    tests/test_batch_profile.py). The cost is that of dense padded attention: every
+    request's rows attend over C + N columns, not over its own c_b + n_b."""
+
+    def __init__(self, model, lo: int, hi: int, states: list[StageState],
+                 kv: list[tuple[torch.Tensor, torch.Tensor]], device="cpu"):
+        """`kv[i]`: layer lo+i's padded (keys, values) [B, kv_heads, C, d], C the largest
+        `states[b].context` (see `pad_kv`); they go into the cache as they are."""
+        self.model, self.lo, self.hi = model, lo, hi
+        self.layers = [model.model.layers[i] for i in range(lo, hi)]
+        self.states = states
+        self.contexts = [s.context for s in states]
+        self.c_max = max(self.contexts)
+        self.device = torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+        self.cache = DynamicCache(config=model.config)
+        if self.c_max:
+            for i, (k, v) in zip(range(lo, hi), kv):
+                assert k.shape[0] == len(states) and k.shape[-2] == self.c_max
+                self.cache.update(k, v, i)
+
+    @classmethod
+    def from_shards(cls, shards: list[Shard]) -> "BatchedRequests":
+        """The requests of unbatched `shards` (same model and layers), their caches copied
+        into padded tensors; the shards are left as they were."""
+        s0 = shards[0]
+        per = [[(sh.cache.layers[i].keys, sh.cache.layers[i].values) if sh.kv_len() else None
+                for i in range(s0.lo, s0.hi)] for sh in shards]
+        kv = pad_kv(per, [sh.kv_len() for sh in shards], s0.model.config, s0.dtype,
+                    s0.device)
+        return cls(s0.model, s0.lo, s0.hi, [sh.state for sh in shards], kv, s0.device)
+
+    def mask(self, rows: list[list[Row]], n_max: int) -> torch.Tensor:
+        """The additive mask [B, 1, n_max, C + n_max] (class docstring)."""
+        B, C = len(rows), self.c_max
+        m = np.zeros((B, n_max, C + n_max), dtype=bool)
+        for b, (st, rs) in enumerate(zip(self.states, rows)):
+            c, n = self.contexts[b], len(rs)
+            own = st.mask(rs)                                  # [n, c + n]
+            m[b, :n, :c] = own[:, :c]
+            m[b, :n, C:C + n] = own[:, c:]
+            for k in range(n, n_max):
+                m[b, k, C + k] = True                           # padding rows: themselves
+        f = torch.zeros(m.shape, dtype=self.dtype, device=self.device)
+        f.masked_fill_(~torch.from_numpy(m).to(self.device), torch.finfo(self.dtype).min)
+        return f.view(B, 1, n_max, C + n_max)
+
+    @torch.inference_mode()
+    def forward(self, rows: list[list[Row]], hidden: torch.Tensor) -> torch.Tensor:
+        """Request b's `rows[b]` (hidden[b, :len(rows[b])]; hidden [B, n_max, H]) through
+        the layers: output [B, n_max, H], the padding rows' outputs meaningless. The new
+        rows' KV stays appended after column C until `drop_new` (the states are not told:
+        the measurement prunes them again, as `time_grid` does)."""
+        n_max = hidden.shape[1]
+        hidden = hidden.to(self.device, self.dtype)
+        mask = self.mask(rows, n_max)
+        pos = torch.tensor([[r.pos for r in rs] + [0] * (n_max - len(rs)) for rs in rows],
+                           device=self.device)
+        pe = self.model.model.rotary_emb(hidden, pos)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=pos, use_cache=True,
+                           position_embeddings=pe, **with_cache(self.cache))
+            if isinstance(hidden, tuple):          # older transformers return (hidden, ...)
+                hidden = hidden[0]
+        return hidden
+
+    def drop_new(self) -> None:
+        """Prune the rows the last forward appended: index_select back to the C context
+        columns (as a stage compacts its KV after a prune notice)."""
+        keep = torch.arange(self.c_max, device=self.device)
+        for i in range(self.lo, self.hi):
+            layer = self.cache.layers[i]
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)
+
+
+def pad_kv(per_request, contexts: list[int], config, dtype, device
+           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the requests' caches right-padded with zeros: per_request[b][i] is
+    (keys, values) [1, kv_heads, contexts[b], d] of layer i (None where contexts[b] is
+    0); returns [(keys, values) [B, kv_heads, C, d]] (C = max(contexts))."""
+    B, C = len(per_request), max(contexts)
+    kvh = config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    out = []
+    for i in range(len(per_request[0])):
+        K = torch.zeros(B, kvh, C, d, dtype=dtype, device=device)
+        V = torch.zeros_like(K)
+        for b, c in enumerate(contexts):
+            if c:
+                K[b, :, :c] = per_request[b][i][0][0]
+                V[b, :, :c] = per_request[b][i][1][0]
+        out.append((K, V))
+    return out
+
+
+def batch_points(grid, quick: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(rows per request, context per request) of each batched forward to measure: for
+    B requests and n rows each (BATCH / QUICK_BATCH), all at the grid's second context,
+    and spread evenly from 0 to its largest (0..512; quick 0..128)."""
+    ctx = grid["context"]
+    equal, top = ctx[min(1, len(ctx) - 1)], ctx[-1]
+    spec = QUICK_BATCH if quick else BATCH
+    out = []
+    for B in spec["requests"]:
+        for n in spec["tokens"]:
+            out.append(((n,) * B, (equal,) * B))
+            out.append(((n,) * B, tuple(round(b * top / (B - 1)) for b in range(B))))
+    return out
+
+
+def measure_batch(model, points, reps: int, device="cpu", tick=None) -> list[dict]:
+    """ms per layer of one `BatchedRequests` forward over all the model's decoder layers
+    (in sequence, divided by their number: cold weights, as the `layer` grid) at each
+    point, then the pruning of its new rows (as `time_grid` prunes each batch): medians
+    of `reps` after 2 warm-up runs. The KV is random (timing does not depend on its
+    values); each request's rows are a star under its last committed row."""
+    cfg = model.config
+    K, H = cfg.num_hidden_layers, cfg.hidden_size
+    dtype = next(model.parameters()).dtype
+    kvh = cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for rows_n, ctxs in points:
+        states = []
+        for c in ctxs:
+            st = StageState()
+            if c:
+                st.append([Row(i, i - 1, 1, i) for i in range(c)], c)
+            states.append(st)
+        B, C = len(ctxs), max(ctxs)
+        kv = [tuple(torch.randn(B, kvh, C, d, generator=gen).mul_(0.5).to(device, dtype)
+                    for _ in range(2)) for _ in range(K)]
+        br = BatchedRequests(model, 0, K, states, kv, device)
+        del kv
+        n_max = max(rows_n)
+        hidden = torch.zeros(B, n_max, H, device=device, dtype=dtype)
+        rows = [_tree(c, n, 10**6) for n, c in zip(rows_n, ctxs)]
+
+        def once(br=br, rows=rows, hidden=hidden):
+            br.forward(rows, hidden)
+            br.drop_new()
+        ms = _median_ms(once, reps)
+        out.append({"rows": list(rows_n), "context": list(ctxs), "ms": round(ms / K, 4)})
+        del br
+        if tick:
+            tick()
+    return out
+
+
+def batch_report(profile) -> list[str]:
+    """Lines on how well `Profile.batch_layer` models the measured batched forwards: one
+    per point, then the mean and max |relative error| (and the padded-context variant's,
+    `BatchError.padded_ms`); [] without a batch section."""
+    errs = profile.batch_error()
+    if not errs:
+        return []
+    lines = []
+    for e in errs:
+        p = e.point
+        ctx = (f"context {p.context[0]} each" if len(set(p.context)) == 1
+               else f"contexts {min(p.context)}..{max(p.context)}")
+        rows = f"{p.rows[0]} rows each" if len(set(p.rows)) == 1 else f"rows {list(p.rows)}"
+        lines.append(f"  {len(p.rows)} requests x {rows}, {ctx}: measured {p.ms:.4g} ms, "
+                     f"model {e.model_ms:.4g} ms ({e.error:+.1%}), padded "
+                     f"{e.padded_ms:.4g} ms ({e.padded_error:+.1%})")
+    a = [abs(e.error) for e in errs]
+    b = [abs(e.padded_error) for e in errs]
+    lines.append(f"batch_layer vs {len(errs)} measured batched forwards (ms per layer): "
+                 f"mean |error| {statistics.fmean(a):.1%}, max {max(a):.1%} (every context "
+                 f"at the batch's longest: mean {statistics.fmean(b):.1%}, max {max(b):.1%})")
+    return lines
 
 
 def shape(name: str, cfg, layers: int | None = None, dtype_bytes: int = 4) -> dict:
@@ -373,6 +574,8 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     _phase("target layers")
     layer_ms = [[round(v / K, 4) for v in row] for row in time_grid(layer_step, layer, grid,
                                                                      reps, steps.step)]
+    _phase("batched requests (one padded forward over several contexts)")
+    batch = measure_batch(tm, batch_points(grid, quick), reps, device, steps.step)
     _phase("draft step")
     draft_ms = time_grid(lambda rows: d.propose(rows, [r.id for r in rows], 16, 0),
                          d.shard, grid, reps, steps.step)
@@ -437,7 +640,10 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                       "link = gloo between two local processes, a batch-shaped message to an "
                       "idle receiver, mean one-way; head_overhead_ms = strategy step + wire "
                       "tensors + reader-thread hand-off per event; core_share = share of a "
-                      "core each of n busy processes got while profiling (n = 1..5)."
+                      "core each of n busy processes got while profiling (n = 1..5); batch = "
+                      "one decoder layer (mean over the target's layers in sequence) over B "
+                      "requests' rows in one forward, each over its own context, padded "
+                      "to the longest (Profile.batch_error compares batch_layer with it)."
                       + shapes),
             "details": {"link": link_details, "head_overhead": head_details,
                         **({"cpu_costs": cpu_details} if cpu_details else {}),
@@ -452,8 +658,11 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
             "lm_head": {"tokens": list(grid["tokens"]), "ms": lm},
             "embed": {"tokens": list(grid["tokens"]), "ms": emb},
             "kv_compact_ms": compact, "head_overhead_ms": round(head_ms, 4),
+            # the torch backend serves a step's requests one forward each (serve.py)
+            "batching": "sequential",
             **{k: v for k, v in cpu_costs.items() if k in CPU_FIELDS},
             **{k: v for k, v in cold.items() if k in COLD_FIELDS},
+            "batch": batch,
         },
         "link": {"latency_ms": round(lat, 4), "bandwidth_gbps": round(bw, 3)},
         "devices": {"kind": "cpu" if device == "cpu" else "gpu",
@@ -473,8 +682,10 @@ class Steps:
         from pipedec_sim.programs.flags import progress_bar
         grid = QUICK if quick else GRID
         cells = len(grid["tokens"]) * len(grid["context"])
-        # the two grids, then: LM head..., link, head overhead (+ cold, core share, CPU)
-        self.total = 2 * cells + (6 if device == "cpu" else 3)
+        # the two grids, the batched forwards, then: LM head..., link, head overhead
+        # (+ cold, core share, CPU)
+        self.total = 2 * cells + len(batch_points(grid, quick)) + (6 if device == "cpu"
+                                                                   else 3)
         self.done, self.quiet = 0, quiet
         self.bar = progress_bar("pipedec-real profile:", quiet, unit="step")
         self.bar(0, self.total)
@@ -630,6 +841,9 @@ def profile_main(args) -> int:
                              stage_layers=getattr(args, "stage_layers", None))
     save_profile(prof, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    lines = batch_report(parse_profile(prof))
+    for line in lines if not args.quiet else lines[-1:]:
+        print(line, file=sys.stderr)
     return 0
 
 

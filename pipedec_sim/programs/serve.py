@@ -19,6 +19,7 @@ from pipedec_sim.protocol.knobs import ServeKnobs, values_of
 from pipedec_sim.protocol.serve import SERVE_STRATEGIES, SINGLE
 
 SERVE_TABLES = ("summary", "requests")
+DEFAULT_SERVE_STAGES = 8        # SpecPipe-DB's pipeline (`sweep` serving grids default to it)
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def serve_once(profile, cfg: ServeConfig, name: str, workload, *, compute_of=Non
     return run, strategies
 
 
-def _serve_task(profile, cfg: ServeConfig, name: str, workload, load: dict) -> list[dict]:
-    """Worker entry point: one strategy at one load point; a row per served request."""
+def serve_task(profile, cfg: ServeConfig, name: str, workload, load: dict) -> list[dict]:
+    """One strategy at one load point, a row per served request (a worker's task here and
+    in `sweep`'s serving grids; `load` becomes cfg_ columns)."""
     from pipedec_sim.results.serving import served_row
     run, strategies = serve_once(profile, cfg, name, workload)
     rows = []
@@ -122,12 +124,12 @@ def _run_tasks(tasks, workers: int, progress) -> list:
     if workers <= 1 or len(tasks) <= 1:
         out = []
         for task in tasks:
-            out.append(_serve_task(*task))
+            out.append(serve_task(*task))
             finished(task, out[-1])
         return out
     from pipedec_sim.programs.pool import WorkerPool, results_in_order
     with WorkerPool(min(workers, len(tasks))) as wp:
-        return results_in_order(wp, _serve_task, tasks, finished)
+        return results_in_order(wp, serve_task, tasks, finished)
 
 
 def summarize_serving(df, *, slo_tbt_ms=None, slo_ttft_ms=None):
@@ -155,6 +157,7 @@ def summarize_serving(df, *, slo_tbt_ms=None, slo_ttft_ms=None):
 
 def add_parser(sub) -> None:
     from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES
+    from pipedec_sim.inputs.profile.model import BATCHING
     from pipedec_sim.inputs.prompts import WORKLOAD_FORMATS
     from pipedec_sim.programs.flags import (
         DEFAULT_PROFILE,
@@ -178,11 +181,19 @@ def add_parser(sub) -> None:
                         "count are drawn from it again (seeded)")
     p.add_argument("--format", choices=WORKLOAD_FORMATS, default="auto",
                    help="what --trace is (default auto)")
-    p.add_argument("--stages", type=positive(hi=MAX_STAGES), default=8,
-                   help=f"pipeline stages S (default 8, SpecPipe-DB's; at most {MAX_STAGES})")
+    p.add_argument("--stages", type=positive(hi=MAX_STAGES), default=DEFAULT_SERVE_STAGES,
+                   help=f"pipeline stages S (default {DEFAULT_SERVE_STAGES}, SpecPipe-DB's; "
+                        f"at most {MAX_STAGES})")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"calibration profile: a JSON file or a bundled name (default "
                         f"{DEFAULT_PROFILE})")
+    p.add_argument("--batching", choices=BATCHING, default=None,
+                   help="how a step over several requests' rows is priced: sequential (one "
+                        "forward per request, as the torch backend serves today), requests "
+                        "(one forward; each request's own attention from the profile's "
+                        "context grid), flat (one forward; all rows as one sequence over "
+                        "their mean context, as a paged-attention kernel). Default: the "
+                        "profile's (latency.batching; requests where it says nothing)")
     p.add_argument("--strategies", type=_serve_list, default=SERVE_STRATEGIES,
                    help="comma-separated serving strategies (default pp,tree-sd,chain-sd,"
                         "pipedec-db)")
@@ -270,7 +281,7 @@ def cmd_serve(args) -> int:
     if len(given) != 1:
         raise InputError("give exactly one of --rate, --concurrency and --arrivals"
                          + (f" (got {' and '.join(given)})" if given else ""), field="--rate")
-    profile = load_profile(args.profile)
+    profile = load_profile(args.profile).with_batching(args.batching)
     from pipedec_sim.inputs.host import warn_profile_host
     warn_profile_host(profile, "pipedec-sim")
     try:
@@ -308,4 +319,5 @@ def cmd_serve(args) -> int:
     return 0
 
 
-__all__ = ["ServeConfig", "add_parser", "cmd_serve", "serve", "serve_once"]
+__all__ = ["DEFAULT_SERVE_STAGES", "ServeConfig", "add_parser", "cmd_serve", "serve", "serve_once",
+           "serve_task"]

@@ -15,6 +15,26 @@ so `ar` runs once per pipeline setting however many widths are swept. Plain PP i
 added to every (stages, profile, link, trace, ...) group, because every speedup is
 measured against it.
 
+A grid with `rate` (Poisson arrivals, requests/s) or `concurrency` (a closed loop) is a
+*serving* grid: each configuration is one `pipedec-sim serve` run, one serving strategy
+(pp, tree-sd, chain-sd, pipedec-db; default all four, pp always added) at one load
+point. Example::
+
+    stages     = 8
+    strategies = ["tree-sd", "pipedec-db"]
+    rate       = [0.5, 1, 2, 4]          # or: concurrency = [1, 4, 16]
+    requests   = 64                      # served per load point (drawn again past the file's)
+    step_width = [32, 64]                # the serving knobs (pipedec-db's here)
+    slo_tbt_ms = 50                      # goodput: one value, the runs do not depend on it
+    trace      = "../traces/real-mtbench.jsonl.gz"
+
+Its other keys are `duration` (seconds: no arrival after it) and the serving knobs
+(max_running, max_batched_tokens, micro_batches, chunked_prefill, step_width, share,
+slo_ttft_ms); stages default to serve's 8. A grid gives rate or concurrency, not both,
+and runs serving strategies only (ar and pipedec are `run`'s). The summary has serve's
+columns (throughput, latency percentiles, goodput) per configuration, with
+throughput_vs_pp against the best pp of the same group and load point.
+
 Results in DIR:
   parts/<config_id>.csv  one file per finished configuration, written by atomic rename:
                          a re-run skips them, an interrupted run loses none, and no row
@@ -23,9 +43,10 @@ Results in DIR:
                          as <config_id>.csv.damaged and its configuration runs again.
   requests.csv           one row per configuration and request (`config_id`, `cfg_*`).
   summary.csv            one row per configuration, with speedup vs plain PP and vs the
-                         best tree-SD configuration of the same group (the two tables
-                         are replaced together; .parquet instead with --out-format
-                         parquet; the parts stay CSV).
+                         best tree-SD configuration of the same group (serving: the
+                         serving summary and throughput vs pp); the two tables are
+                         replaced together; .parquet instead with --out-format parquet;
+                         the parts stay CSV.
   grid.json              the expanded grid (what each config_id means).
   .sweep.lock            held (flock) while a sweep writes here: a second sweep on the
                          same folder is refused, naming the first one's process.
@@ -65,13 +86,16 @@ from pipedec_sim.programs.flags import (
     STRATEGY_NAMES,
     seed_problem,
 )
+from pipedec_sim.programs.serve import DEFAULT_SERVE_STAGES
 from pipedec_sim.protocol.knobs import (
     KNOBS,
     PipeDecKnobs,
     PipelineKnobs,
+    ServeKnobs,
     TreeSDKnobs,
     knobs_of,
 )
+from pipedec_sim.protocol.serve import SERVE_STRATEGIES
 from pipedec_sim.protocol.strategies import DEFAULT_STRATEGIES
 
 # The knobs' grid keys are their names (pipedec_sim.protocol.knobs); a strategy's
@@ -88,11 +112,31 @@ DEFAULTS: dict[str, Any] = {k.name: k.default for k in KNOBS.values()}
 GROUP_KEYS = ("stages",) + PIPELINE_KNOBS + (
     "profile", "link_gbps", "link_latency_ms", "trace", "seed", "max_requests",
     "max_new_tokens", "acceptance")
-AXES = ("strategies",) + POLICY_KNOBS + GROUP_KEYS
+# Serving grids (`pipedec-sim serve` runs): a load point (rate or concurrency, never both),
+# how many requests and for how long, the serving knobs, and the SLOs of the summary.
+SERVE_KNOBS: dict[str, Any] = {k.name: k for k in knobs_of(ServeKnobs)}
+LOAD_KEYS = ("rate", "concurrency")
+SLO_KEYS = ("slo_tbt_ms", "slo_ttft_ms")     # the summary's, not the runs': out of config_id
+SERVE_AXES = LOAD_KEYS + ("requests", "duration") + tuple(SERVE_KNOBS) + SLO_KEYS
+# serving knobs by the strategies they matter to: micro-batches (pp, tree-sd, chain-sd),
+# shared tree layers (pipedec-db); max_running admits requests for all of them
+MICRO_KNOBS = ("max_batched_tokens", "micro_batches", "chunked_prefill")
+LAYER_KNOBS = ("step_width", "share")
+SERVE_STRATEGY_KNOBS = MICRO_KNOBS + LAYER_KNOBS
+SERVE_KNOBS_OF = {"pp": MICRO_KNOBS, "tree-sd": TREE_SD_KNOBS + MICRO_KNOBS,
+                  "chain-sd": CHAIN_SD_KNOBS + MICRO_KNOBS,
+                  "pipedec-db": PIPEDEC_KNOBS + LAYER_KNOBS}
+SERVE_DEFAULTS: dict[str, Any] = {k: v.default for k, v in SERVE_KNOBS.items()}
+SERVE_GROUP_EXTRA = ("requests", "duration", "max_running")   # after the load key
+SERVE_STAGES = DEFAULT_SERVE_STAGES     # serving grids: `pipedec-sim serve`'s pipeline
+AXES = ("strategies",) + POLICY_KNOBS + GROUP_KEYS + SERVE_AXES
 ALIASES = {"strategy": "strategies", "link-gbps": "link_gbps",
            "link-latency-ms": "link_latency_ms", "max-requests": "max_requests",
            "max-new-tokens": "max_new_tokens", "profiles": "profile", "traces": "trace",
-           **{k.flag[2:]: k.name for k in KNOBS.values() if k.flag[2:] != k.name}}
+           "rates": "rate", "concurrencies": "concurrency", "slo-tbt-ms": "slo_tbt_ms",
+           "slo-ttft-ms": "slo_ttft_ms",
+           **{k.flag[2:]: k.name for k in (*KNOBS.values(), *SERVE_KNOBS.values())
+              if k.flag[2:] != k.name}}
 PATH_KEYS = ("trace", "acceptance")
 CFG_COLUMNS = [f"cfg_{k}" for k in POLICY_KNOBS + GROUP_KEYS if k != "stages"]
 # Knobs added after sweeps were first run: at their default they stay out of config_id,
@@ -174,7 +218,27 @@ def _check(key: str, v: Any, where: _Where) -> Any:
         if not isinstance(v, str) or not v:
             raise bad("expected a file name")
         return v
+    return _check_serving(key, v, where, bad, intval, num)
+
+
+def _check_serving(key: str, v: Any, where: _Where, bad, intval, num) -> Any:
+    """A serving grid's value (0 = the default of requests, duration and the SLOs)."""
+    from pipedec_sim.inputs.arrivals import MAX_SERVE_REQUESTS
+    if key in SERVE_KNOBS:
+        return _check_knob(SERVE_KNOBS[key], v, bad)
+    if key == "rate":
+        return num(0.0, lo_open=True)                       # requests/s
+    if key == "concurrency":
+        return intval(maximum=MAX_SERVE_REQUESTS)
+    if key == "requests":
+        return None if _zero(v) else intval(maximum=MAX_SERVE_REQUESTS)   # 0: the file's
+    if key in ("duration",) + SLO_KEYS:
+        return None if _zero(v) else num(0.0, lo_open=True)                # 0: none
     raise where.fail(key, "unknown key")      # pragma: no cover (filtered earlier)
+
+
+def _zero(v: Any) -> bool:
+    return v is None or (v == 0 and not isinstance(v, bool))
 
 
 def _check_knob(knob, v: Any, bad) -> Any:
@@ -194,8 +258,20 @@ class Grid:
     where: _Where
     base_dir: Path
 
+    @property
+    def serving(self) -> bool:
+        """A serving grid: its configurations are `serve` runs at a load point."""
+        return any(k in self.axes for k in LOAD_KEYS)
+
+    @property
+    def load(self) -> str | None:
+        """The serving grid's load key: "rate" or "concurrency" (None: not serving)."""
+        return next((k for k in LOAD_KEYS if k in self.axes), None)
+
     def configs(self) -> list[dict]:
         """Every configuration, de-duplicated, with plain PP in every group."""
+        if self.serving:
+            return self._serving_configs()
         import itertools
         group_axes = [(k, self.axes[k]) for k in GROUP_KEYS]
         out: dict[str, dict] = {}
@@ -207,6 +283,27 @@ class Grid:
                 for kvals in itertools.product(*(self.axes[k] for k in knobs)):
                     cfg = {"strategy": s, **{k: None for k in POLICY_KNOBS},
                            **dict(zip(knobs, kvals)), **group}
+                    cid = config_id(cfg)
+                    out.setdefault(cid, {"config_id": cid, **cfg})
+        return list(out.values())
+
+    def _serving_configs(self) -> list[dict]:
+        """A serving strategy at a load point with the knobs that matter to it, de-duplicated,
+        with pp in every (group, load point); the SLOs (one value each) ride along."""
+        import itertools
+        load = self.load
+        assert load is not None
+        keys = GROUP_KEYS + (load,) + SERVE_GROUP_EXTRA
+        slo = {k: self.axes[k][0] for k in SLO_KEYS}
+        out: dict[str, dict] = {}
+        for gvals in itertools.product(*(self.axes[k] for k in keys)):
+            group = dict(zip(keys, gvals))
+            for s in dict.fromkeys(["pp"] + list(self.axes["strategies"])):
+                knobs = SERVE_KNOBS_OF[s]
+                for kvals in itertools.product(*(self.axes[k] for k in knobs)):
+                    cfg: dict[str, Any] = {
+                        "strategy": s, **{k: None for k in POLICY_KNOBS + SERVE_STRATEGY_KNOBS},
+                        **dict(zip(knobs, kvals)), **group, **slo}
                     cid = config_id(cfg)
                     out.setdefault(cid, {"config_id": cid, **cfg})
         return list(out.values())
@@ -232,9 +329,10 @@ def _fingerprint(path: str | None) -> str | None:
 
 
 def config_id(cfg: dict) -> str:
-    """A stable hash of a configuration and the contents of the files it reads."""
-    key = {k: cfg[k] for k in sorted(cfg)
-           if k != "config_id" and not (k in LATER_KNOBS and cfg[k] is None)}
+    """A stable hash of a configuration and the contents of the files it reads (not of
+    a serving grid's SLOs: they only change how the summary counts goodput)."""
+    key = {k: cfg[k] for k in sorted(cfg) if k != "config_id" and k not in SLO_KEYS
+           and not (k in LATER_KNOBS and cfg[k] is None)}
     for k in ("trace", "profile", "acceptance"):
         key[f"{k}#"] = _fingerprint(cfg.get(k))
         key[k] = None if cfg.get(k) is None else os.path.basename(cfg[k])
@@ -288,20 +386,87 @@ def build_grid(grid_file: Path | None = None, overrides: dict[str, list] | None 
     if "trace" not in axes:
         raise InputError("no trace given: set `trace` in the grid file or pass --trace",
                          file=grid_file, field="trace")
+    load = _serving_load(axes, where)
     defaults = {**{k: [v] for k, v in DEFAULTS.items()}, "strategies": list(DEFAULT_STRATEGIES),
                 "stages": [DEFAULT_STAGES],
                 "profile": [DEFAULT_PROFILE], "link_gbps": [None], "link_latency_ms": [None],
                 "seed": [0], "max_requests": [None], "max_new_tokens": [256],
                 "acceptance": [None]}
+    if load is not None:
+        defaults.update({k: [v] for k, v in SERVE_DEFAULTS.items()},
+                        strategies=list(SERVE_STRATEGIES), stages=[SERVE_STAGES],
+                        requests=[None], duration=[None], **{k: [None] for k in SLO_KEYS})
+        keys = tuple(k for k in AXES if k not in LOAD_KEYS or k == load)
+    else:
+        keys = AXES[:-len(SERVE_AXES)]
     for k, v in defaults.items():
         axes.setdefault(k, v)
     checked: dict[str, list] = {}
-    for k in AXES:
-        vals = [None if v is None else _check(k, v, where) for v in axes[k]]
+    for k in keys:
+        vals: list = ([_check_strategy(v, load, where) for v in axes[k]] if k == "strategies"
+                      else [None if v is None else _check(k, v, where) for v in axes[k]])
         checked[k] = list(dict.fromkeys(vals))        # drop repeats, keep order
+    _check_serving_grid(checked, load, where)
     grid = Grid(checked, where, base_dir)
     _resolve_files(grid, where, check_files)
     return grid
+
+
+def _serving_load(axes: dict[str, list], where: _Where) -> str | None:
+    """The load key of a serving grid (rate or concurrency), None for a `run` grid;
+    InputError for both load keys, or a serving key without a load point."""
+    given = [k for k in LOAD_KEYS if k in axes]
+    if len(given) > 1:
+        raise where.fail(given[-1], "a grid gives rate or concurrency, not both: each "
+                                    "configuration serves at one load point (rate: Poisson "
+                                    "arrivals; concurrency: a closed loop)")
+    if given:
+        return given[0]
+    for k in SERVE_AXES:
+        if k in axes:
+            raise where.fail(k, "a serving key: it goes with rate or concurrency (a load "
+                                "point), which make the grid's runs `serve` runs")
+    return None
+
+
+def _check_strategy(v: Any, load: str | None, where: _Where) -> str:
+    """A strategy of a `run` grid (load None) or a serving grid: mixing is refused."""
+    serving_only = [s for s in SERVE_STRATEGIES if s not in STRATEGY_NAMES]
+    run_only = [s for s in STRATEGY_NAMES if s not in SERVE_STRATEGIES]
+    if load is None and v in serving_only:
+        raise where.fail("strategies", f"{v} is a serving strategy: serving strategies "
+                                       f"({', '.join(SERVE_STRATEGIES)}) run in a grid with "
+                                       f"rate or concurrency, and never beside "
+                                       f"{' or '.join(run_only)} (`run`'s)")
+    if load is not None and v in run_only:
+        raise where.fail("strategies", f"{v} is not a serving strategy: a grid with {load} "
+                                       f"runs serving strategies only (choose from "
+                                       f"{', '.join(SERVE_STRATEGIES)}); {' and '.join(run_only)} "
+                                       f"go in a grid without rate or concurrency")
+    if load is not None and v not in SERVE_STRATEGIES:
+        raise where.fail("strategies", f"choose from {', '.join(SERVE_STRATEGIES)} (a serving "
+                                       f"grid), got {v!r}")
+    return _check("strategies", v, where) if load is None else v
+
+
+def _check_serving_grid(axes: dict[str, list], load: str | None, where: _Where) -> None:
+    """One value per SLO; Poisson arrivals cut at a duration leave a request."""
+    if load is None:
+        return
+    for k in SLO_KEYS:
+        if len(axes[k]) > 1:
+            raise where.fail(k, f"takes one value, got {len(axes[k])}: an SLO sets how the "
+                                "summary counts goodput, not a run (run the sweep again with "
+                                "another: its runs are reused)")
+    if load == "rate":
+        from pipedec_sim.inputs.arrivals import poisson_until
+        for rate in axes["rate"]:
+            for seed in axes["seed"]:
+                for d in axes["duration"]:
+                    if d is not None and not poisson_until(d * 1000.0, rate, seed, cap=1):
+                        raise where.fail("duration", f"no request arrives within {d:g} s at "
+                                                     f"rate {rate:g}/s (seed {seed}): "
+                                                     "lengthen it or raise rate")
 
 
 def _resolve_files(grid: Grid, where: _Where, check_files: bool) -> None:
@@ -410,7 +575,14 @@ def run_config(cfg: dict, *, engine: str = DEFAULT_ENGINE, workers: int = 1,
     result = simulate(trace, profile, sim_config(cfg, engine), workers=workers)
     df = result.requests
     df.insert(0, "config_id", cfg["config_id"])
-    for col in CFG_COLUMNS:
+    _add_cfg_columns(df, cfg, profile, CFG_COLUMNS)
+    return df
+
+
+def _add_cfg_columns(df, cfg: dict, profile, columns: list[str]) -> None:
+    """The configuration's settings as cfg_* columns: the link the profile ends up with,
+    file names without their folders (a profile's name if it is a file)."""
+    for col in columns:
         k = col[4:]
         v = cfg[k]
         if k == "link_gbps":
@@ -420,7 +592,76 @@ def run_config(cfg: dict, *, engine: str = DEFAULT_ENGINE, workers: int = 1,
         elif k in ("trace", "acceptance", "profile") and v is not None:
             v = Path(v).name if k != "profile" else (profile.name if os.sep in v else v)
         df[col] = v
+
+
+# --------------------------------------------------------------------------- serving
+
+def is_serving(cfg: dict) -> bool:
+    """A configuration of a serving grid (a `serve` run at a load point)."""
+    return any(cfg.get(k) is not None for k in LOAD_KEYS)
+
+
+def serve_columns(cfg: dict) -> list[str]:
+    """A serving configuration's cfg_* columns in its part: every grid key but the SLOs
+    (the merge adds those: they are not part of a run), with its one load key."""
+    load = next(k for k in LOAD_KEYS if cfg.get(k) is not None)
+    return CFG_COLUMNS + [f"cfg_{k}" for k in SERVE_AXES
+                          if k not in SLO_KEYS and (k not in LOAD_KEYS or k == load)]
+
+
+# what a served request's row has besides SERVED_COLUMNS (programs.serve.serve_task)
+SERVED_EXTRA = ("stages", "steps", "parts", "stage_busy_ms", "run_ms")
+
+
+def _workload(cfg: dict, trace=None):
+    """The serving configuration's workload (its requests and arrivals), as `serve`
+    builds it from the same flags; cached when the trace is the configuration's file
+    (a Ray task's trace comes from the object store: built for it alone)."""
+    from pipedec_sim.inputs.arrivals import serve_workload
+
+    def build(tr):
+        return serve_workload(tr.requests, n=cfg["requests"], rate=cfg.get("rate"),
+                              concurrency=cfg.get("concurrency"), duration_s=cfg["duration"],
+                              seed=cfg["seed"])
+    if trace is not None:
+        return build(trace)
+    key = ("workload", cfg["trace"], cfg["max_requests"], cfg["max_new_tokens"],
+           cfg["acceptance"], cfg.get("rate"), cfg.get("concurrency"), cfg["requests"],
+           cfg["duration"], cfg["seed"])
+    if key not in _CACHE:
+        _CACHE[key] = build(_trace(cfg))
+    return _CACHE[key]
+
+
+def serve_config(cfg: dict, engine: str = DEFAULT_ENGINE):
+    """The ServeConfig of one serving configuration (knobs it ignores: their defaults)."""
+    from pipedec_sim.programs.serve import ServeConfig
+    knobs = {k: (DEFAULTS[k] if cfg.get(k) is None else cfg[k]) for k in POLICY_KNOBS}
+    serve = {k: (SERVE_DEFAULTS[k] if cfg.get(k) is None else cfg[k]) for k in SERVE_KNOBS}
+    return ServeConfig(stages=cfg["stages"], strategies=(cfg["strategy"],), seed=cfg["seed"],
+                       engine=engine, **{k: cfg[k] for k in PIPELINE_KNOBS}, **knobs, **serve)
+
+
+def serve_run_config(cfg: dict, *, engine: str = DEFAULT_ENGINE, trace=None, profile=None):
+    """Serve one serving configuration (`serve`'s run of its strategy at its load point);
+    its per-request frame with `config_id` and `cfg_*`."""
+    from pipedec_sim.programs.serve import serve_task
+    from pipedec_sim.results.serving import served_frame
+    profile = _profile(cfg) if profile is None else profile
+    trace = _trace(cfg) if trace is None else trace
+    rows = serve_task(profile, serve_config(cfg, engine), cfg["strategy"],
+                       _workload(cfg, trace), {})
+    df = served_frame(rows)
+    df.insert(0, "config_id", cfg["config_id"])
+    _add_cfg_columns(df, cfg, profile, serve_columns(cfg))
     return df
+
+
+def _serve_part_rows(cfg: dict) -> tuple[int, bool]:
+    """(requests of the workload, whether fewer may be served: a closed loop issues none
+    after its duration)."""
+    n = len(_workload(cfg).requests)
+    return n, cfg.get("concurrency") is not None and cfg["duration"] is not None
 
 
 def _part_path(out: Path, cid: str) -> Path:
@@ -431,8 +672,9 @@ def _attempt(cfg: dict, engine: str, trace=None, profile=None):
     """(config_id, seconds, frame or None, error or None): a failed configuration is
     reported by the sweep and the others go on. The Ray task (module level: picklable)."""
     t0 = time.perf_counter()
+    run = serve_run_config if is_serving(cfg) else run_config
     try:
-        df = run_config(cfg, engine=engine, trace=trace, profile=profile)
+        df = run(cfg, engine=engine, trace=trace, profile=profile)
     except Exception as e:
         return cfg["config_id"], time.perf_counter() - t0, None, f"{type(e).__name__}: {e}"
     return cfg["config_id"], time.perf_counter() - t0, df, None
@@ -467,10 +709,18 @@ def _part_columns() -> list[str]:
             + ["tbt_ms", "hit_rate", "utilization"] + CFG_COLUMNS)
 
 
-def part_problem(path: Path, cid: str, requests: int) -> str | None:
+def _serve_part_columns(cfg: dict) -> list[str]:
+    from pipedec_sim.results.serving import SERVED_COLUMNS
+    return ["config_id", *SERVED_COLUMNS, *SERVED_EXTRA, *serve_columns(cfg)]
+
+
+def part_problem(path: Path, cid: str, requests: int, *, columns: list[str] | None = None,
+                 nullable: tuple[str, ...] = (), fewer: bool = False) -> str | None:
     """What is wrong with a configuration's part file, or None: it must be a whole CSV
-    (ending in a newline) with every column, its config_id on each row and one row per
-    request of the configuration's workload, none of them short of a value."""
+    (ending in a newline) with every column (`columns`, default a `run` part's), its
+    config_id on each row and one row per request of the configuration's workload (with
+    `fewer`: at least one, at most `requests`), none of them short of a value (but the
+    `nullable` columns: a served request without decode tokens has no TBT)."""
     import io
 
     import pandas as pd
@@ -487,18 +737,30 @@ def part_problem(path: Path, cid: str, requests: int) -> str | None:
                          dtype={"config_id": str})      # ids like 8e0006296477 are not floats
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         return f"is not a CSV table ({str(e).strip().splitlines()[0]})"
-    cols = _part_columns()
+    cols = _part_columns() if columns is None else columns
     missing = [c for c in cols if c not in df.columns]
     if missing:
         return f"lacks column(s) {', '.join(missing[:4])}"
-    if len(df) != requests:
+    if fewer and not 1 <= len(df) <= requests:
+        return f"has {len(df)} rows, expected 1 to {requests} (one per request issued)"
+    if not fewer and len(df) != requests:
         return f"has {len(df)} rows, expected {requests} (one per request)"
     if (df.config_id.astype(str) != cid).any():
         return f"holds rows of another configuration than {cid}"
-    metrics = [c for c in cols if c != "config_id" and not c.startswith("cfg_")]
+    metrics = [c for c in cols if c != "config_id" and not c.startswith("cfg_")
+               and c not in nullable]
     if df[metrics].isna().any().any():
         return "has rows with missing values"
     return None
+
+
+def _part_problem(path: Path, cfg: dict) -> str | None:
+    """part_problem for a `run` or a serving configuration."""
+    if not is_serving(cfg):
+        return part_problem(path, cfg["config_id"], len(_trace(cfg).requests))
+    n, fewer = _serve_part_rows(cfg)
+    return part_problem(path, cfg["config_id"], n, columns=_serve_part_columns(cfg),
+                        nullable=("tbt_ms",), fewer=fewer)
 
 
 def check_parts(out: Path, configs: list[dict]) -> tuple[set[str], dict[str, str]]:
@@ -508,12 +770,13 @@ def check_parts(out: Path, configs: list[dict]) -> tuple[set[str], dict[str, str
     good, bad = set(), {}
     for cfg in configs:
         cid = cfg["config_id"]
-        if cid in have:
-            problem = part_problem(_part_path(out, cid), cid, len(_trace(cfg).requests))
-            if problem is None:
-                good.add(cid)
-            else:
-                bad[cid] = problem
+        if cid not in have:
+            continue
+        problem = _part_problem(_part_path(out, cid), cfg)
+        if problem is None:
+            good.add(cid)
+        else:
+            bad[cid] = problem
     return good, bad
 
 
@@ -679,8 +942,15 @@ def merge(out: Path, configs: list[dict], out_format: str = "csv") -> int:
         return 0
     req = pd.concat(frames, ignore_index=True)
     req["request"] = req["request"].astype(str)
-    req = _int_columns(req)
-    summary = summarize_sweep(req)
+    if any(is_serving(c) for c in configs):
+        for k in SLO_KEYS:                    # the grid's SLOs (one each: not in the parts)
+            req[f"cfg_{k}"] = next((float(c[k]) for c in configs if c.get(k) is not None),
+                                   float("nan"))
+        req = _int_columns(req)
+        summary = summarize_serving_sweep(req)
+    else:
+        req = _int_columns(req)
+        summary = summarize_sweep(req)
     paths = [out / table_name("requests", out_format), out / table_name("summary", out_format)]
     with atomic_paths(paths) as (req_tmp, sum_tmp):
         write_table(req, req_tmp, out_format)
@@ -689,7 +959,9 @@ def merge(out: Path, configs: list[dict], out_format: str = "csv") -> int:
 
 
 INT_CFG = tuple(f"cfg_{k.name}" for k in KNOBS.values() if k.kind is int) + (
-    "cfg_seed", "cfg_max_requests", "cfg_max_new_tokens")
+    "cfg_seed", "cfg_max_requests", "cfg_max_new_tokens") + tuple(
+    f"cfg_{k.name}" for k in SERVE_KNOBS.values() if k.kind is int) + (
+    "cfg_concurrency", "cfg_requests")
 
 
 def _int_columns(df):
@@ -725,6 +997,35 @@ def summarize_sweep(req):
     metric = [c for c in SUMMARY_COLUMNS if c in out.columns and c not in front]
     metric.insert(metric.index("speedup_vs_ar") + 1, "speedup_vs_tree_sd")
     return out[front + cfg_cols + metric]
+
+
+def summarize_serving_sweep(req):
+    """One row per serving configuration: `serve`'s summary columns (programs.serve.
+    summarize_serving, with the grid's SLOs), throughput_vs_pp against the best pp of the
+    same group and load point."""
+    import pandas as pd
+
+    from pipedec_sim.programs.serve import summarize_serving
+    cfg_cols = [c for c in req.columns if c.startswith("cfg_")]
+    rows, metrics = [], []
+    for cid, g in req.groupby("config_id", sort=False):
+        slo = {k: (None if pd.isna(g[f"cfg_{k}"].iloc[0]) else float(g[f"cfg_{k}"].iloc[0]))
+               for k in SLO_KEYS}
+        s = summarize_serving(g.drop(columns=cfg_cols + ["config_id"]), **slo).iloc[0]
+        metrics = list(s.index)
+        rows.append({"config_id": cid, "stages": g.stages.iloc[0],
+                     **{c: g[c].iloc[0] for c in cfg_cols}, **s.to_dict()})
+    out = _int_columns(pd.DataFrame(rows))
+    load = next(f"cfg_{k}" for k in LOAD_KEYS if f"cfg_{k}" in out.columns)
+    group = ["stages"] + [f"cfg_{k}" for k in GROUP_KEYS if k != "stages"] + [load] + [
+        f"cfg_{k}" for k in SERVE_GROUP_EXTRA + SLO_KEYS]
+    out["throughput_vs_pp"] = float("nan")
+    for _, g in out.groupby([c for c in group if c in out.columns], dropna=False, sort=False):
+        pp = g[g.strategy == "pp"]
+        if len(pp):
+            out.loc[g.index, "throughput_vs_pp"] = g.throughput_tok_s / pp.throughput_tok_s.max()
+    front = ["config_id", "strategy", "stages"]
+    return out[front + cfg_cols + [c for c in metrics if c not in front]]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -769,7 +1070,9 @@ def _knob_axis(knob) -> tuple[str, str, Callable[[str], Any], str]:
 
 FLAG_AXES = [  # (flag, key, type, help)
     ("--stages", "stages", int, f"pipeline stages S, e.g. 4,8,14 (default {DEFAULT_STAGES})"),
-    ("--strategies", "strategies", str, "subset of ar,tree-sd,pipedec (ar is always added)"),
+    ("--strategies", "strategies", str, "subset of ar,tree-sd,pipedec,chain-sd (ar is always "
+     "added); with --rate or --concurrency: of pp,tree-sd,chain-sd,pipedec-db (pp is always "
+     "added; default all four)"),
     *(_knob_axis(k) for k in KNOBS.values()),
     ("--profile", "profile", str, "calibration profiles (files or bundled names)"),
     ("--link-gbps", "link_gbps", float, "link bandwidths in Gbit/s (0 = the profile's)"),
@@ -779,6 +1082,20 @@ FLAG_AXES = [  # (flag, key, type, help)
     ("--max-requests", "max_requests", int, "first N requests of each trace (0 = all)"),
     ("--max-new-tokens", "max_new_tokens", int, "output length for prompt files"),
     ("--acceptance", "acceptance", str, "acceptance model JSON for prompt files"),
+    # serving (SERVE_AXES): a grid with rate or concurrency runs `serve` runs
+    ("--rate", "rate", float, "Poisson arrival rates in requests/s, e.g. 0.5,1,2,4: each a "
+     "load point of a serving grid"),
+    ("--concurrency", "concurrency", int, "closed-loop load points (requests outstanding), "
+     "e.g. 1,4,16; not with --rate"),
+    ("--requests", "requests", int, "requests served per load point (0 = the trace's count; "
+     "more are drawn from it again, seeded)"),
+    ("--duration", "duration", float, "seconds: no request arrives (or is sent) after this "
+     "(0 = no limit)"),
+    *(_knob_axis(k) for k in SERVE_KNOBS.values()),
+    ("--slo-tbt-ms", "slo_tbt_ms", float, "goodput counts requests whose TBT is at most this "
+     "(one value; 0 = no SLO)"),
+    ("--slo-ttft-ms", "slo_ttft_ms", float, "and whose time to first token is at most this "
+     "(one value; 0 = no SLO)"),
 ]
 
 
@@ -787,11 +1104,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of configurations in parallel, resumably",
                        description=__doc__.split("\n\n")[0] + " A TOML grid file has one "
                        "top-level key per axis (a value or a list); flags take "
-                       "comma-separated lists and replace the file's key.")
+                       "comma-separated lists and replace the file's key. A grid with rate or "
+                       "concurrency is a serving grid: each configuration is a `serve` run "
+                       "of one serving strategy at one load point.")
     p.add_argument("--grid", type=Path, default=None, help="TOML grid file")
     g = p.add_argument_group("axes (comma-separated; each replaces the grid file's key)")
+    sv = p.add_argument_group(
+        "serving axes (a grid with rate or concurrency runs `pipedec-sim serve` runs: a "
+        "serving strategy at a load point each; stages default to 8)")
     for flag, key, kind, help_ in FLAG_AXES:
-        g.add_argument(flag, dest=f"axis_{key}", type=_list_of(kind), default=None, help=help_)
+        (sv if key in SERVE_AXES else g).add_argument(flag, dest=f"axis_{key}",
+                                                      type=_list_of(kind), default=None,
+                                                      help=help_)
     p.add_argument("--out", type=Path, default=Path("sweep-results"),
                    help="results folder (default sweep-results); re-running resumes")
     add_out_format_flag(p, "the merged requests and summary tables (the parts stay CSV)")
@@ -857,13 +1181,20 @@ def _sweep(args, grid: Grid) -> int:
     configs = grid.configs()
     done, damaged = check_parts(args.out, configs)
     if not args.quiet or args.dry_run:
-        n = {s: sum(c["strategy"] == s for c in configs) for s in STRATEGY_NAMES}
+        names = SERVE_STRATEGIES if grid.serving else STRATEGY_NAMES
+        n = {s: sum(c["strategy"] == s for c in configs) for s in names}
         counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)
         bad = f" ({len(damaged)} more damaged: to run again)" if damaged else ""
         print(f"grid: {len(configs)} configurations ({counts}); {len(done)} already finished "
               f"in {args.out}{bad}", file=sys.stderr)
     if args.dry_run:
         for c in configs:
+            if grid.serving:
+                keys = (grid.load,) + SERVE_KNOBS_OF[c["strategy"]]
+                knobs = ", ".join(f"{k}={c[k]}" for k in keys)
+                print(f"{c['config_id']}  {c['strategy']:10s} S={c['stages']:<3d} {knobs}  "
+                      f"{'done' if c['config_id'] in done else ''}")
+                continue
             knobs = ", ".join(f"{k}={c[k]}" for k in KNOBS_OF[c["strategy"]])
             print(f"{c['config_id']}  {c['strategy']:8s} S={c['stages']:<3d} {knobs}  "
                   f"{'done' if c['config_id'] in done else ''}")
@@ -884,7 +1215,7 @@ def _sweep(args, grid: Grid) -> int:
               f"in {time.perf_counter() - t0:.1f}s; wrote {tables[1]} and {tables[0]}",
               file=sys.stderr)
     if res["merged"]:
-        _print_summary(tables[1], args.out_format)
+        (_print_serving if grid.serving else _print_summary)(tables[1], args.out_format)
     return 1 if res["failed"] else 0
 
 
@@ -922,3 +1253,21 @@ def _print_summary(path: Path, out_format: str) -> None:
         if c in show:
             show[c] = ["-" if pd.isna(v) else f"{v:g}" for v in show[c]]
     print(format_table(show))
+
+
+def _print_serving(path: Path, out_format: str) -> None:
+    """A serving sweep's summary on stdout: the settings that vary, throughput, latency."""
+    from pipedec_sim.results.serving import format_serving
+    from pipedec_sim.results.tables import read_table
+    s = _int_columns(read_table(path, out_format))
+    load = next(c for c in ("cfg_rate", "cfg_concurrency") if c in s.columns)
+    fixed = {"config_id", "strategy", load}
+    varying = [c for c in s.columns if (c.startswith("cfg_") or c == "stages")
+               and c not in fixed and s[c].nunique(dropna=True) > 1]
+    metrics = ["throughput_tok_s", "tbt_p50_ms", "tbt_p99_ms", "ttft_p99_ms", "hit_rate",
+               "throughput_vs_pp"]
+    if s.slo_attainment.notna().any():
+        metrics[-1:-1] = ["slo_attainment", "goodput_tok_s"]
+    show = s[varying + [load, "strategy"] + metrics].copy()
+    show["throughput_vs_pp"] = ["-" if v != v else f"{v:.2f}x" for v in show.throughput_vs_pp]
+    print(format_serving(show.rename(columns=lambda c: c.removeprefix("cfg_"))))

@@ -11,6 +11,12 @@ from .checks import check_number
 from .grid import Grid1D, Grid2D
 
 SCHEMA = "pipedec-profile/1"
+# How one step over several requests' rows is priced (Profile.batch_layer, `batching`):
+# "sequential" one forward per request (the torch backend's serving today), "requests" one
+# forward whose attention is each request's own (varlen / paged kernels), "flat" one
+# forward whose rows attend as one sequence over their mean context.
+BATCHING = ("sequential", "requests", "flat")
+DEFAULT_BATCHING = "requests"
 SCHEMA_PREFIX = "pipedec-profile/"
 SCHEMA_MAJOR = 1
 CORE_SHARING = ("ps", "fifo")
@@ -20,6 +26,46 @@ DEVICE_FIELDS = ("contention_slowdown", "message_contention")            # in "d
 # stage's batch costs cold_stage_ms + layers * cold_layer_ms more than the warm `layer`
 # grid says, the LM head cold_lm_head_ms more, a draft step cold_draft_ms more.
 COLD_FIELDS = ("cold_stage_ms", "cold_layer_ms", "cold_lm_head_ms", "cold_draft_ms")
+
+
+@dataclass(frozen=True)
+class BatchPoint:
+    """One measured batched forward ("latency.batch", optional): a decoder layer of the
+    target over B requests' rows at once, request b with rows[b] new rows over its own
+    context[b] cached rows, padded to one [B, max rows] forward over [B, max context]
+    KV (`backends.torch.profiler.BatchedRequests`); ms per layer, like the `layer` grid."""
+
+    rows: tuple[int, ...]
+    context: tuple[int, ...]
+    ms: float
+
+    @property
+    def parts(self) -> tuple[tuple[int, int], ...]:
+        """(rows, context) per request: what `Profile.batch_layer` takes."""
+        return tuple(zip(self.rows, self.context))
+
+    def to_dict(self) -> dict:
+        return {"rows": list(self.rows), "context": list(self.context), "ms": self.ms}
+
+
+@dataclass(frozen=True)
+class BatchError:
+    """`Profile.batch_layer` at a measured `BatchPoint` (model_ms; error = model_ms /
+    measured - 1, signed: > 0 the model overestimates), and beside it the same formula
+    with every request's context at the batch's longest (padded_ms, padded_error): what
+    a padded forward's attention would cost if every request held that context."""
+
+    point: BatchPoint
+    model_ms: float
+    padded_ms: float
+
+    @property
+    def error(self) -> float:
+        return self.model_ms / self.point.ms - 1.0
+
+    @property
+    def padded_error(self) -> float:
+        return self.padded_ms / self.point.ms - 1.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +167,13 @@ class Profile:
     # between servers. None: `link` is every hop, as in older profiles.
     stage_server: tuple[int, ...] | None = None
     intra_link: LinkModel | None = None
+    # Optional measured batched forwards ("latency.batch"): what `batch_error` checks
+    # `batch_layer` against; () in older profiles. Never used to simulate.
+    batch: tuple[BatchPoint, ...] = ()
+    # How a step over several requests' rows is priced (`batch_layer`, BATCHING):
+    # "latency.batching" in the file; `pipedec-real profile` writes "sequential", what the
+    # torch backend's serving does; absent: DEFAULT_BATCHING.
+    batching: str = DEFAULT_BATCHING
 
     __hash__ = None  # type: ignore[assignment]  # provenance is a dict
 
@@ -171,16 +224,48 @@ class Profile:
         return self.intra_link if self.stage_servers(stages)[j - 1] == 0 else self.link
 
     def batch_layer(self, parts) -> float:
-        """One decoder layer over a batch whose rows come from several requests; `parts`
-        is (rows, context) per request. The weights' work is shared by every row: the
-        grid at the batch's total rows over no context; attention is each request's own:
-        what its rows over its context add to the grid (layer(n, c) - layer(n, 0)).
-        One request: `layer(n, c)` itself."""
-        return _batched(self.layer, parts)
+        """One decoder layer over a step whose rows come from several requests; `parts` is
+        (rows, context) per request. `batching` says how (BATCHING): "sequential", one
+        forward per request (the sum of their grid values); "requests", one forward: the
+        weights' work shared by every row (the grid at the total rows over no context)
+        plus each request's own attention (what its rows over its context add to the
+        grid, layer(n, c) - layer(n, 0)); "flat", one forward whose rows attend as one
+        sequence over their row-weighted mean context (the same attention arithmetic, the
+        measured kernels' per-request overheads paid once, as a paged-attention kernel).
+        One request: `layer(n, c)` itself, whatever the mode."""
+        return _batched(self.layer, parts, self.batching)
 
     def batch_draft(self, parts) -> float:
         """One draft pass over several requests' rows: `batch_layer`'s model."""
-        return _batched(self.draft_step, parts)
+        return _batched(self.draft_step, parts, self.batching)
+
+    def with_batching(self, mode: str | None) -> Profile:
+        """The profile with `batching` set (None: as it is)."""
+        if mode is None:
+            return self
+        if mode not in BATCHING:
+            raise InputError(f"must be one of {', '.join(BATCHING)}, got {mode!r}",
+                             field="--batching")
+        return dataclasses.replace(self, batching=mode)
+
+    def batch_error(self) -> tuple[BatchError, ...]:
+        """`batch_layer` against each measured batched forward (`batch`): the model's
+        value and its relative error per point; () where the profile measured none.
+
+        How to read it: the model prices a batch as the `layer` grid at the batch's total
+        rows over no context plus, per request, what its rows over its own context add,
+        i.e. attention that touches only each request's own KV (varlen / paged kernels,
+        as vLLM's). The measurement is one dense padded forward: every request's rows
+        attend over the longest context (padding masked out, but computed). So at equal
+        contexts the error is the formula's own; with mixed contexts the measured time
+        also holds the padding's waste (a negative error), which `padded_ms` (every
+        context at the longest) brackets from the other side."""
+        out = []
+        for pt in self.batch:
+            top = max(pt.context)
+            out.append(BatchError(pt, self.batch_layer(pt.parts),
+                                  self.batch_layer([(n, top) for n in pt.rows])))
+        return tuple(out)
 
     def hidden_bytes(self, rows: int) -> int:
         return rows * self.target.hidden * self.target.dtype_bytes
@@ -210,6 +295,8 @@ class Profile:
                 "kv_compact_ms": self.kv_compact_ms,
                 "head_overhead_ms": self.head_overhead_ms,
                 **{k: getattr(self, k) for k in CPU_FIELDS + COLD_FIELDS if getattr(self, k)},
+                **({"batch": [pt.to_dict() for pt in self.batch]} if self.batch else {}),
+                **({"batching": self.batching} if self.batching != DEFAULT_BATCHING else {}),
             },
             "link": self.link.to_dict(),
             "devices": {"kind": self.device_kind, "shared_cores": self.shared_cores,
@@ -229,9 +316,13 @@ class Profile:
 # --------------------------------------------------------------------------- validation
 
 
-def _batched(grid, parts) -> float:
+def _batched(grid, parts, batching: str) -> float:
     if len(parts) == 1:
         n, c = parts[0]
         return grid(n, c)
+    if batching == "sequential":
+        return sum(grid(n, c) for n, c in parts)
     total = sum(n for n, _ in parts)
+    if batching == "flat":
+        return grid(total, sum(n * c for n, c in parts) / total)
     return grid(total, 0) + sum(grid(n, c) - grid(n, 0) for n, c in parts)

@@ -11,6 +11,7 @@ from ...errors import InputError
 from .checks import _fail, _get, _int, _join, _obj, _str, _type_name, check_number, check_shape_int
 from .grid import Grid1D, Grid2D
 from .model import (
+    BATCHING,
     COLD_FIELDS,
     CORE_SHARING,
     CPU_FIELDS,
@@ -18,6 +19,7 @@ from .model import (
     SCHEMA,
     SCHEMA_MAJOR,
     SCHEMA_PREFIX,
+    BatchPoint,
     LinkModel,
     ModelShape,
     Profile,
@@ -200,6 +202,40 @@ def _cpu_costs(lat: Mapping, devices: Mapping, src: str | None) -> dict:
     return out
 
 
+def _batch(lat: Mapping, src: str | None) -> dict:
+    """Optional measured batched forwards, "latency.batch": a non-empty list of {"rows":
+    [n_b, ...], "context": [c_b, ...], "ms": t}, one entry of rows (>= 1) and context
+    (>= 0) per request, ms > 0 (per layer). Absent (older profiles): none."""
+    if "batch" not in lat:
+        return {}
+    points = []
+    for k, v in enumerate(_list(lat["batch"], "latency.batch", src)):
+        path = f"latency.batch[{k}]"
+        d = _obj(v, path, src)
+        rows = tuple(_int(x, f"{path}.rows[{i}]", src)
+                     for i, x in enumerate(_list(_get(d, "rows", path, src), f"{path}.rows",
+                                                 src)))
+        ctx = tuple(_int(x, f"{path}.context[{i}]", src, minimum=0)
+                    for i, x in enumerate(_list(_get(d, "context", path, src),
+                                                f"{path}.context", src)))
+        if len(ctx) != len(rows):
+            raise _fail(src, f"{path}.context", f"expected {len(rows)} contexts (one per "
+                                                f"request in rows), got {len(ctx)}")
+        ms = check_number(_get(d, "ms", path, src), f"{path}.ms", src, positive=True)
+        points.append(BatchPoint(rows, ctx, ms))
+    return {"batch": tuple(points)}
+
+
+def _batching(lat: Mapping, src: str | None) -> dict:
+    """Optional "latency.batching" (one of BATCHING); absent: DEFAULT_BATCHING."""
+    if "batching" not in lat:
+        return {}
+    v = lat["batching"]
+    if v not in BATCHING:
+        raise _fail(src, "latency.batching", f"must be one of {', '.join(BATCHING)}, got {v!r}")
+    return {"batching": v}
+
+
 def _devices(v: Any, src: str | None) -> tuple[str, int | None, str, tuple | None]:
     d = _obj(v, "devices", src)
     kind = _get(d, "kind", "devices", src)
@@ -267,6 +303,8 @@ def parse_profile(data: Any, *, source: str | os.PathLike | None = None) -> Prof
         core_share=share,
         **_cpu_costs(lat, d["devices"], src),
         **servers,
+        **_batch(lat, src),
+        **_batching(lat, src),
     )
 
 

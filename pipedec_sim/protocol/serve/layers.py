@@ -84,8 +84,9 @@ class LayerServer(Server):
             if frontier:
                 offers.append((r, s.policy.select(frontier)))
         granted = share(offers, self.step_width, self.rule, self.turn)
-        if not granted and not self.parked:
-            return []
+        if not granted and (not self.parked or self._drafting()):
+            return []     # parked rows wait for the next layer: a step of roots alone
+                          # would cost every request a stage time for a few rows
         self.turn += 1
         parts, self.parked = self.parked, []
         drafts: list[ServeAction] = []
@@ -95,6 +96,15 @@ class LayerServer(Server):
             parts.append((r, inject.batch))
             drafts.append((r, draft))
         return [self._step(parts)] + drafts
+
+    def _drafting(self) -> bool:
+        """Some request waits for the draft's answer on its frontier (a layer will come)."""
+        for r in self.running:
+            s = self.pipedec(r)
+            frontier = s.tree.frontier()
+            if frontier[0].pos < s.last_pos and any(n.proposals is None for n in frontier):
+                return True
+        return False
 
     def pipedec(self, r: int) -> PipeDec:
         s = self.running[r]
