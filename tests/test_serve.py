@@ -324,3 +324,18 @@ def test_batching_modes_price_a_step_of_several_requests(tmp_path):
     assert main(["serve", "--trace", str(REAL), "--profile", str(bad), "--concurrency", "1",
                  "--quiet"]) == 2
     assert dataclasses.replace(p, batching="flat") == p.with_batching("flat")
+
+
+def test_a_closed_loop_issues_each_request_once_when_finishes_coincide():
+    """Identical requests finish at the same instants: the loop must issue the last one
+    once (it used to run past the list) and end when all have finished."""
+    prof = load_profile("analytic-llama70b-1b")
+    import dataclasses
+
+    from pipedec_sim.inputs.arrivals import ServeWorkload
+    same = tuple(dataclasses.replace(TRACE.requests[0], id=f"r{i}") for i in range(7))
+    w = ServeWorkload(same, None, 5, None, "7 identical requests, 5 outstanding")
+    run, _ = serve_once(prof, ServeConfig(stages=1), "pp", w)   # one micro-batch
+    ends = [s.end_ms for s in run.requests.values()]
+    assert sorted(run.requests) == list(range(7))
+    assert len(set(ends[:5])) < 4 and run.end_ms == max(ends)   # 1-4 finish at once

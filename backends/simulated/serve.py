@@ -108,7 +108,10 @@ class ServeSim(RequestSim):
         return ServeRun(dict(sorted(self.served.items())), self.out, end, self.parts)
 
     def _issue(self, at: float) -> None:
-        """The next request arrives at `at` (now or later)."""
+        """The next request arrives at `at` (now or later), if any is left (two closed-loop
+        finishes at one instant both ask for the last one)."""
+        if self.issued >= self.n:
+            return
         r = self.issued
         self.issued += 1
         if at <= self.env.now:

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record a speculation trace (pipedec-real trace --help)")
     sub.add_parser("distill-draft", add_help=False,
                    help="train a draft model for a target (pipedec-real distill-draft --help)")
+    add_serve_parser(sub)
     prof = sub.add_parser("profile", help="measure a calibration profile for pipedec-sim",
                           description="Measure a pipedec-profile/1 profile on this machine: "
                           "a checkpoint's layers (--target/--draft), or random-weight layers "
@@ -434,7 +435,236 @@ def cmd_profile(args) -> int:
     return profile_main(args)
 
 
-COMMANDS = {"run": cmd_run, "profile": cmd_profile}
+# ---- serve -------------------------------------------------------------------------------
+# Many requests at once on one pipeline: the serving strategies of pipedec_sim.protocol.serve
+# (as `pipedec-sim serve`) on real models: the distributed runtime (serve_runtime.py: stage
+# processes, wall-clock times) or, with --inline, the inline serving driver (serve.py: the
+# simulator's clock).
+
+SERVE_FILES = ("summary.csv", "requests.csv", "outputs.jsonl")     # in --out
+
+
+def add_serve_parser(sub) -> None:
+    from pipedec_sim.programs.flags import add_knob_flags
+    from pipedec_sim.programs.serve import serve_list
+    from pipedec_sim.protocol.knobs import ServeKnobs
+    from pipedec_sim.protocol.serve import SERVE_STRATEGIES
+    p = sub.add_parser("serve", help="serve many requests at once on real models (throughput, "
+                       "latency)", description="Serve a prompt file's requests arriving at a "
+                       "real pipeline with each serving strategy (pp: vLLM-style micro-batches; "
+                       "tree-sd and chain-sd: speculation per request in micro-batches; "
+                       "pipedec-db: SpecPipe-DB, one mixed tree layer per step) and print "
+                       "throughput and latency percentiles, one row per strategy.")
+    p.add_argument("--target", required=True,
+                   help="tiny | smollm2 | an HF Llama-family folder (required)")
+    p.add_argument("--draft", default=None,
+                   help="the draft model, as for `run` (needed unless --strategies pp; "
+                        "default none)")
+    p.add_argument("--stages", type=positive(), default=2, help="pipeline stages S (default 2)")
+    p.add_argument("--prompts", required=True, type=Path,
+                   help="prompt file, as for `run` (required); requests beyond its count are "
+                        "drawn from it again (seeded)")
+    p.add_argument("--strategies", type=serve_list, default=SERVE_STRATEGIES,
+                   help="comma-separated serving strategies (default pp,tree-sd,chain-sd,"
+                        "pipedec-db)")
+    load = p.add_argument_group("load (one of --concurrency, --rate)")
+    how = load.add_mutually_exclusive_group(required=True)
+    how.add_argument("--concurrency", type=positive(), default=None,
+                     help="closed loop: N requests outstanding, the next sent when one "
+                          "finishes (required: this or --rate; no default)")
+    how.add_argument("--rate", type=positive(float), default=None,
+                     help="open loop: Poisson arrivals at R requests/s from the run's start, "
+                          "seeded by --seed (required: this or --concurrency; no default)")
+    load.add_argument("--requests", type=positive(), default=None,
+                      help="requests to serve (default: the prompt file's count)")
+    add_knob_flags(p, "serving", ServeKnobs)
+    add_policy_flags(p)
+    g = add_pipeline_flags(p)
+    g.add_argument("--transport", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="activations between stages, as for `run` (default auto)")
+    g.add_argument("--inline", action="store_true",
+                   help="all stages in this process on the simulator's clock (times are "
+                        "simulated; default off: one process per stage, wall-clock times)")
+    g.add_argument("--timeout", type=positive(float), default=NO_PROGRESS_S,
+                   help="seconds without progress before a run is declared failed "
+                        f"(default {NO_PROGRESS_S:g})")
+    w = p.add_argument_group("models, workload and output")
+    w.add_argument("--max-new-tokens", type=positive(), default=64,
+                   help="tokens generated per request at most (default 64)")
+    w.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the models run (default cpu)")
+    w.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations, as for `run` (default float32)")
+    w.add_argument("--out", type=Path, default=None,
+                   help="write summary.csv, requests.csv and outputs.jsonl here (default: "
+                        "print the table only)")
+    w.add_argument("--quiet", action="store_true", help="no progress on stderr (default off)")
+    sampling = add_sampling_flags(p)
+    sampling.description = ("--seed also seeds the Poisson arrivals and the requests drawn "
+                            "beyond the file's count")
+
+
+def cmd_serve(args) -> int:
+    from pipedec_sim.atomic import check_output
+    torchrun = "RANK" in os.environ
+    if torchrun:
+        _torchrun_world(args)           # every rank, the head too, before loading anything
+        if int(os.environ["RANK"]) > 0:
+            return _torchrun_serve_stage(args)
+    check_output(args.out, "--out", folder=True, files=SERVE_FILES)
+    check_device(args.device)
+    sampling = sampling_of(args)                  # a bad combination: one line, exit 2
+    if not args.quiet and not sampling.greedy:
+        print(f"target tokens: {sampling.describe()}", file=sys.stderr)
+    served: dict = {}                              # strategy -> (ServeRun, outputs)
+    workload: list = []
+    with _signals_stop_the_run(torchrun):
+        failure = _serve(args, workload, served)
+    if served:
+        _write_serving(args, workload[0], served)
+    if failure is None:
+        return 0
+    print(f"pipedec-real: error: {failure} (kept {len(served)} finished serving runs)",
+          file=sys.stderr, flush=True)
+    return getattr(failure, "code", 1)
+
+
+def _serve(args, workload: list, served: dict):
+    """Load, start the server and serve the workload with every strategy into `served`.
+    A stage failure or a stop signal ends it early: returned, not raised, once the stages
+    are gone (as `_run`)."""
+    import torch
+
+    from backends.torch.runtime import StageFailed
+    torch.set_num_threads(1)
+    pipe = None
+    try:
+        target = _load(args.target, "--target")
+        if not args.draft and any(s != "pp" for s in args.strategies):
+            raise InputError("tree-sd, chain-sd and pipedec-db need a draft model",
+                             field="--draft")
+        _check(_single_request_view(args), target)
+        workload.append(_serve_workload(args, target.encode))
+        requests, w = workload[0]
+        pipe = _server(args)
+        for name in args.strategies:
+            if not args.quiet:
+                print(f"serving: {name}, {w.describe}", file=sys.stderr, flush=True)
+            served[name] = pipe.serve(name, requests, arrivals_ms=w.arrivals_ms,
+                                      concurrency=w.concurrency)
+        if hasattr(pipe, "close"):
+            pipe.close()
+        pipe = None
+        return None
+    except (StageFailed, Stopped) as e:
+        return e
+    finally:
+        if pipe is not None and hasattr(pipe, "close"):
+            pipe.close(clean=False)
+
+
+def _single_request_view(args):
+    """`args` as `_check` reads them: each serving strategy's single-request strategy."""
+    from pipedec_sim.protocol.serve import SINGLE
+    return argparse.Namespace(**{**vars(args), "strategies": tuple(SINGLE[s] for s in
+                                                                   args.strategies)})
+
+
+def _serve_workload(args, encode):
+    """(requests, ServeWorkload): the prompts as requests, the arrivals as the flags say
+    (`inputs.arrivals.serve_workload`, as pipedec-sim serve draws them)."""
+    from backends.torch.head import Request
+    from pipedec_sim.inputs.arrivals import serve_workload
+    from pipedec_sim.inputs.prompts import read_prompts
+    from pipedec_sim.inputs.traces import TraceRequest
+    prompts = [TraceRequest(p.id, 0, [], [], [], prompt_ids=encode(p.text))
+               for p in read_prompts(args.prompts)]
+    w = serve_workload(prompts, n=args.requests, rate=args.rate, concurrency=args.concurrency,
+                       duration_s=None, seed=args.seed)
+    return [Request(r.id, r.prompt_ids, args.max_new_tokens) for r in w.requests], w
+
+
+def _server(args):
+    """The inline serving driver, or the distributed one (started)."""
+    import torch
+
+    from backends.torch.models import load
+    from pipedec_sim.protocol.knobs import ServeKnobs, values_of
+    serve_knobs = values_of(args, (ServeKnobs,))
+    draft = args.draft if any(s != "pp" for s in args.strategies) else None
+    if args.inline:
+        from backends.torch.serve import InlineServer
+        return InlineServer(load(args.target), load(draft) if draft else None, args.stages,
+                            topology=args.topology, prune=args.prune, cancel=args.cancel,
+                            knobs=_knobs(args), serve_knobs=serve_knobs, device=args.device,
+                            dtype=getattr(torch, args.dtype), sampling=sampling_of(args))
+    from backends.torch.serve_runtime import DistributedServer
+    return DistributedServer(_stage_config(args), draft, knobs=_knobs(args),
+                             serve_knobs=serve_knobs, torchrun="RANK" in os.environ).start()
+
+
+def _write_serving(args, workload, served: dict) -> None:
+    """The serving table (one row per strategy), and with --out its tables and every
+    request's output, all or none. A request whose output differs between strategies
+    (they are all lossless: a bug, or bf16 rounding) is named in one warning line."""
+    from pipedec_sim.atomic import atomic_paths
+    from pipedec_sim.programs.serve import summarize_serving
+    from pipedec_sim.results.serving import format_serving, served_frame
+    requests, _ = workload
+    rows = []
+    for name, (run, _) in served.items():
+        rows += _served_rows(args, name, run, requests)
+    df = served_frame(rows)
+    summary = summarize_serving(df)
+    clock = ("simulated (--inline: the simulator's clock)" if args.inline else
+             f"wall clock ({args.stages} stage processes and the head)")
+    print(f"serving {len(requests)} requests on {args.stages} stages; times: {clock}")
+    print(format_serving(summary))
+    differ = _differing_outputs(served, requests)
+    if differ:
+        print(f"pipedec-real: warning: outputs differ between strategies for requests "
+              f"{', '.join(differ)}", file=sys.stderr)
+    if not args.out:
+        return
+    with atomic_paths(args.out / name for name in SERVE_FILES) as (s_tmp, r_tmp, o_tmp):
+        summary.to_csv(s_tmp, index=False)
+        df.to_csv(r_tmp, index=False)
+        with open(o_tmp, "w", encoding="utf-8") as fh:
+            for name, (_, outputs) in served.items():
+                for r, req in enumerate(requests):
+                    fh.write(json.dumps({"id": req.id, "strategy": name,
+                                         "prompt_ids": req.prompt_ids,
+                                         "output_ids": outputs[r]}) + "\n")
+    print(f"wrote {args.out}/{', '.join(SERVE_FILES)}", file=sys.stderr)
+
+
+def _served_rows(args, name: str, run, requests) -> list[dict]:
+    """One row per request of a serving run (`results.serving.served_row`), with the
+    pipeline's totals `programs.serve.summarize_serving` reads."""
+    from pipedec_sim.results.serving import served_row
+    busy = sum(v for k, v in run.pipeline.busy_ms.items() if k.startswith("stage"))
+    extra = {"stages": args.stages, "steps": run.pipeline.batches, "parts": run.parts,
+             "stage_busy_ms": busy, "run_ms": run.end_ms}
+    return [served_row(name, requests[r].id, arrival_ms=s.arrival_ms, commits=s.commits,
+                       end_ms=s.end_ms, prompt_len=len(requests[r].prompt_ids), **extra)
+            for r, s in run.requests.items()]
+
+
+def _differing_outputs(served: dict, requests) -> list[str]:
+    outputs = [out for _, out in served.values()]
+    return [req.id for r, req in enumerate(requests)
+            if any(o[r] != outputs[0][r] for o in outputs[1:])]
+
+
+def _torchrun_serve_stage(args) -> int:
+    """A torchrun rank > 0 of `serve`: a serving stage until the head says stop."""
+    from backends.torch.serve_worker import serve_stage_main
+    world = int(os.environ["WORLD_SIZE"])
+    serve_stage_main(_stage_config(args), int(os.environ["RANK"]), world, "env://", "")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "profile": cmd_profile, "serve": cmd_serve}
 
 
 # Subcommands with parsers of their own (their modules run standalone too).

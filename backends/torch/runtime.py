@@ -95,14 +95,14 @@ def loopback_store(world: int):
     return dist.PrefixStore("default_pg", store), f"tcp://127.0.0.1:{port}"
 
 
-def launch_stage(cfg: StageConfig, j: int, world: int, init: str,
-                 err_dir: str) -> subprocess.Popen:
-    """Stage j of a local run as `python -P -m backends.torch.worker ...`, importing this
-    checkout's code (PYTHONPATH first, not the working directory), its gloo (and NCCL's
-    bootstrap) on loopback."""
+def launch_stage(cfg: StageConfig, j: int, world: int, init: str, err_dir: str,
+                 module: str = "backends.torch.worker") -> subprocess.Popen:
+    """Stage j of a local run as `python -P -m MODULE ...` (serving stages:
+    backends.torch.serve_worker), importing this checkout's code (PYTHONPATH first, not
+    the working directory), its gloo (and NCCL's bootstrap) on loopback."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-P", "-m", "backends.torch.worker", cfg.to_json(), str(j),
+    cmd = [sys.executable, "-P", "-m", module, cfg.to_json(), str(j),
            str(world), init, err_dir]
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
@@ -126,6 +126,8 @@ def _stopped(pid: int) -> bool:
 
 
 class DistributedPipeline:
+    STAGE_MODULE = "backends.torch.worker"     # what each local stage process runs
+
     def __init__(self, cfg: StageConfig, draft_spec: str | None, *, knobs=None, recorder=None,
                  torchrun: bool = False):
         self.cfg, self.S = cfg, cfg.stages
@@ -167,7 +169,8 @@ class DistributedPipeline:
         self.started = True
         try:
             for j in range(1, world if not self.torchrun else 1):
-                self.procs.append(launch_stage(self.cfg, j, world, init, self.err_dir))
+                self.procs.append(launch_stage(self.cfg, j, world, init, self.err_dir,
+                                               self.STAGE_MODULE))
             self._rendezvous(init, world)
         except BaseException:
             self.close(clean=False)       # reap the stages we spawned
@@ -309,10 +312,10 @@ class DistributedPipeline:
         ack = wire.recv(2, torch.int64, 1, wire.TAG_ACK)
         return None if int(ack[0]) < 0 else ("ack", int(ack[0]))
 
-    def _next(self, block: bool):
-        """The next inbound item; None if none came (after a short wait if `block`)."""
+    def _next(self, block: bool, wait_s: float = 0.05):
+        """The next inbound item; None if none came (after up to `wait_s` if `block`)."""
         try:
-            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+            item = self.inbox.get(timeout=wait_s) if block else self.inbox.get_nowait()
         except queue.Empty:
             return None
         if item[0] == "error":

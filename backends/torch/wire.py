@@ -16,6 +16,7 @@ tensor send over gloo, see ENV.md); the header says which tensors follow and the
           then, if n > 0, the stages' timeline slices float64 [n, 6] (stage, kind, batch id,
           start, end on the host's monotonic clock, rows), each stage appending its own
   STOP    shut down cleanly
+  FREE    (serving) request REQ is complete: its KV holders go (`serve_worker.py`)
 Tags keep streams apart: DATA (the batch stream: head -> stage 1 -> ... -> stage S -> head),
 ACK (stage 1 took a batch: the head's EntryFree) and CTRL (head -> every stage: broadcast
 prune notices, UPDATE with slot REQ = the request they belong to, then one STOP).
@@ -29,7 +30,7 @@ from pipedec_sim.protocol.messages import Batch, Update
 from pipedec_sim.protocol.pacing import PRUNE_MODES
 
 HEADER_LEN = 8
-BATCH, TOKENS, UPDATE, RESET, REPORT, STOP = 1, 2, 3, 4, 5, 6
+BATCH, TOKENS, UPDATE, RESET, REPORT, STOP, FREE = 1, 2, 3, 4, 5, 6, 7
 KIND, REQ, ID, N, VFROM, COMMITTED, N2 = 0, 1, 2, 3, 4, 5, 6   # header slots
 TAG_DATA, TAG_ACK, TAG_CTRL = 1, 2, 3
 

@@ -287,10 +287,12 @@ class Stage:
         raise RuntimeError(f"injected fault ({FAULT_ENV}) on request {self.req}")
 
 
-def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: str) -> None:
+def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: str, *,
+               stage_class=None) -> None:
     """Entry point of a stage process (launched locally by `runtime.DistributedPipeline`, or
     one torchrun rank with init_method "env://"). A failure is one line on stderr (and in
-    err_dir/stageJ.err, where a local launcher looks for it), exit status 1."""
+    err_dir/stageJ.err, where a local launcher looks for it), exit status 1. stage_class:
+    what runs the loop (default `Stage`; serving: `serve_worker.ServeStage`)."""
     torch.set_num_threads(1)
     if "127.0.0.1" in init_method:     # launched by a local head: it decides when to stop
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -304,7 +306,7 @@ def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: 
                                 timeout=IDLE_TIMEOUT)
         links = connect(j, world, cfg.device, cfg.transport, shard.model.config.hidden_size,
                         shard.dtype)
-        Stage(cfg, j, shard, links).loop()
+        (stage_class or Stage)(cfg, j, shard, links).loop()
         dist.destroy_process_group()
     except BaseException as e:        # one line, no traceback: the head names the cause
         why = reason(e)

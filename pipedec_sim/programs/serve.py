@@ -45,10 +45,11 @@ class ServeResult:
     summary: object
 
 
-def serve_once(profile, cfg: ServeConfig, name: str, workload, *, compute_of=None):
+def serve_once(profile, cfg: ServeConfig, name: str, workload, *, compute_of=None,
+               core_share=None):
     """Serve `workload` (inputs.arrivals.ServeWorkload) with strategy `name` on the
     simulated pipeline: (ServeRun, {r: strategy}). compute_of(r): request r's compute
-    (default: trace replay)."""
+    (default: trace replay); core_share: the cores' share now (`Pipeline`)."""
     from backends.simulated.oracle import TraceOracle
     from backends.simulated.pipeline import Pipeline, Replay
     from backends.simulated.serve import ServeSim
@@ -69,18 +70,19 @@ def serve_once(profile, cfg: ServeConfig, name: str, workload, *, compute_of=Non
                            prune=cfg.prune, window=knobs["window"])
 
     pipe = Pipeline(profile, cfg.stages, topology=cfg.topology, prune=cfg.prune,
-                    cancel=cfg.cancel)
+                    cancel=cfg.cancel, core_share=core_share)
     compute_of = compute_of or (lambda r: Replay(TraceOracle(reqs[r], seed=cfg.seed)))
     run = ServeSim(pipe, server_of, compute_of, len(reqs), arrivals_ms=workload.arrivals_ms,
                    concurrency=workload.concurrency, duration_ms=workload.duration_ms).run()
     return run, strategies
 
 
-def serve_task(profile, cfg: ServeConfig, name: str, workload, load: dict) -> list[dict]:
+def serve_task(profile, cfg: ServeConfig, name: str, workload, load: dict, *,
+               core_share=None) -> list[dict]:
     """One strategy at one load point, a row per served request (a worker's task here and
     in `sweep`'s serving grids; `load` becomes cfg_ columns)."""
     from pipedec_sim.results.serving import served_row
-    run, strategies = serve_once(profile, cfg, name, workload)
+    run, strategies = serve_once(profile, cfg, name, workload, core_share=core_share)
     rows = []
     busy = sum(v for k, v in run.pipeline.busy_ms.items() if k.startswith("stage"))
     extra = {"stages": cfg.stages, **{f"cfg_{k}": v for k, v in load.items()},
@@ -194,7 +196,7 @@ def add_parser(sub) -> None:
                         "context grid), flat (one forward; all rows as one sequence over "
                         "their mean context, as a paged-attention kernel). Default: the "
                         "profile's (latency.batching; requests where it says nothing)")
-    p.add_argument("--strategies", type=_serve_list, default=SERVE_STRATEGIES,
+    p.add_argument("--strategies", type=serve_list, default=SERVE_STRATEGIES,
                    help="comma-separated serving strategies (default pp,tree-sd,chain-sd,"
                         "pipedec-db)")
     load = p.add_argument_group("load (one of --rate, --concurrency, --arrivals)")
@@ -236,7 +238,7 @@ def add_parser(sub) -> None:
     add_workers_flag(w, "the (strategy, load point) runs")
 
 
-def _serve_list(text: str) -> tuple[str, ...]:
+def serve_list(text: str) -> tuple[str, ...]:
     import argparse
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [n for n in names if n not in SERVE_STRATEGIES]
