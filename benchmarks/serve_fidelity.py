@@ -24,10 +24,9 @@ real vs simulated, with the relative error sim/real - 1, plus the decisions behi
 (steps, parts per step, hit rate) and the stages' compute per output token. The report
 names this machine's CPU model and the load average before and after.
 
-What the simulator charges that the real pipeline does not do: a step's parts as one
-batched compute (`Profile.batch_layer`: the weights' work shared by every row), where the
-real stages compute the parts one after another; expect the simulator to be faster the
-more requests share a step.
+The profile `pipedec-real profile` measures says `latency.batching = "sequential"`: the
+simulator then prices a step's parts one forward each, as the real stages compute them,
+and a message (and a head event) per part, as the runtime sends them.
 """
 from __future__ import annotations
 

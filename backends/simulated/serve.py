@@ -176,7 +176,8 @@ class ServeSim(RequestSim):
         """Stage j's work on one step: the notices that rode with it, then every part's
         live rows in one compute. Returns (request, batch, rows computed) per part."""
         env, p, dev = self.env, self.profile, self.dev[j]
-        wire_ms = self._wire_ms(len(notices))
+        # the torch runtime sends a step's parts as messages of their own
+        wire_ms = self._wire_ms(len(notices)) + (len(step.parts) - 1) * self._wire_ms(0)
         if wire_ms > 0.0:
             yield from self._compute(f"wire{j}", dev, wire_ms, "wire", 0)
         self._queue_notices(j, notices)
@@ -265,7 +266,7 @@ class ServeSim(RequestSim):
             compute = self.computes.get(r)
             tokens = compute.verify(b, verify_rows(b)) if (b.rows and compute) else {}
             answers.append((r, b.id, tokens))
-        self._event(self.server.returned(step.id, answers))
+        self._event(self.server.returned(step.id, answers), len(step.parts))
 
     def _draft(self):
         env, p = self.env, self.profile
@@ -307,13 +308,20 @@ class ServeSim(RequestSim):
         return take
 
     # ---- the head ------------------------------------------------------------------------
-    def _event(self, actions) -> None:
-        """The head handled an event whose answer is `actions` (the scheduler's)."""
+    def _event(self, actions, messages: int = 1) -> None:
+        """The head handled an event whose answer is `actions` (the scheduler's), made of
+        `messages` messages (a step comes back as one per part, as the torch runtime
+        sends them: the head's CPU per event is paid for each)."""
         if self.done.triggered:
             return
         if self.profile.head_event_ms > 0.0:
-            self.env.process(self._head_cpu(actions))
+            self.env.process(self._head_cpu(actions, messages))
             return
+        self._after_head(actions)
+
+    def _head_cpu(self, actions, messages: int = 1):     # type: ignore[override]
+        ms = self.profile.head_event_ms * messages
+        yield from self._compute("head", self.head_dev, ms, "event", 0)
         self._after_head(actions)
 
     def _after_head(self, actions) -> None:
