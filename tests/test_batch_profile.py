@@ -48,8 +48,8 @@ def _request(model, lo, hi, ctx, spec, new, seed):
 @pytest.mark.parametrize("lo,hi", [(0, 4), (1, 3)])
 def test_padded_batch_equals_unbatched_forwards(lo, hi):
     torch = pytest.importorskip("torch")
+    from backends.torch.batch import BatchedRequests
     from backends.torch.models import tiny_model
-    from backends.torch.profiler import BatchedRequests
     model = tiny_model("tiny")                         # float32
     # (committed, speculative, new rows): mixed contexts incl. 0, mixed row counts (padding)
     spec = [(0, 0, 1), (7, 0, 4), (19, 3, 3), (12, 2, 1), (5, 0, 2)]

@@ -189,3 +189,28 @@ def test_smollm2_serving_is_lossless(smollm2, strategy):
     target, draft, requests, refs = smollm2
     server = InlineServer(target, draft, 2, knobs=KNOBS)
     check_lossless(*server.serve(strategy, requests, concurrency=4), refs)
+
+
+@pytest.mark.parametrize("topology", ["A", "B"])
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("strategy", SERVE_STRATEGIES)
+def test_one_padded_forward_per_step_is_lossless(tiny, strategy, stages, topology):
+    """batched=True: a stage computes a step's parts of several requests in one padded
+    forward (batch.BatchedRequests) and hands each request its own new KV rows; every
+    request still commits the target's own output, and steps really mixed requests."""
+    target, draft, requests, refs = tiny
+    calls = []
+    import backends.torch.serve as serve_mod
+    real = serve_mod.batched_stage
+
+    def counted(j, parts):
+        calls.append(len(parts))
+        real(j, parts)
+    serve_mod.batched_stage = counted
+    try:
+        server = InlineServer(target, draft, stages, topology=topology, knobs=KNOBS,
+                              batched=True)
+        check_lossless(*server.serve(strategy, requests, concurrency=8), refs)
+    finally:
+        serve_mod.batched_stage = real
+    assert calls and max(calls) > 1

@@ -68,10 +68,11 @@ def table_rows(text: str) -> list[str]:
 
 
 def test_inline_serve_prints_a_row_per_strategy_and_writes_tables(tmp_path, capsys, refs):
-    """Closed loop, more requests than prompts (drawn again), every serving strategy."""
+    """Closed loop, more requests than prompts (drawn again), every serving strategy, a
+    step's parts in one padded forward."""
     out = tmp_path / "out"
     assert serve(tmp_path, "--stages", "2", "--concurrency", "3", "--requests", "7",
-                 "--inline", "--out", str(out)) == 0
+                 "--inline", "--batched-forward", "--out", str(out)) == 0
     text = capsys.readouterr().out
     assert "times: simulated" in text
     assert table_rows(text) == list(SERVE_STRATEGIES)
@@ -101,6 +102,7 @@ def test_distributed_serve_runs_on_stage_processes(tmp_path, capsys, refs):
     (["--concurrency", "2", "--strategies", "pp,vllm"], "unknown serving strategy 'vllm'"),
     (["--concurrency", "2", "--stages", "9"], "9 stages but the target has only 4 layers"),
     (["--concurrency", "2", "--step-width", "0"], "--step-width"),
+    (["--concurrency", "2", "--batched-forward"], "the inline driver's only"),
 ])
 def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:       # argparse's own errors

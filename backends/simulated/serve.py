@@ -57,11 +57,14 @@ class ServeSim(RequestSim):
 
     def __init__(self, pipe, server_of: Callable, compute_of: Callable[[int], object],
                  n: int, *, arrivals_ms: Sequence[float] | None = None,
-                 concurrency: int | None = None, duration_ms: float | None = None):
+                 concurrency: int | None = None, duration_ms: float | None = None,
+                 stage_step: Callable | None = None):
         """server_of(backend) builds the scheduler; compute_of(r) request r's compute
         (`Replay` or real models). Open loop: `arrivals_ms` per request; closed loop:
         `concurrency` requests outstanding, the next issued when one finishes, none
-        after `duration_ms`."""
+        after `duration_ms`. stage_step(j, [(compute, batch, rows)]): computes a step's
+        parts of several requests at stage j together (real models: one forward); by
+        default each part's compute does its own (`compute.stage`)."""
         if (arrivals_ms is None) == (concurrency is None):
             raise ValueError("give arrivals_ms or concurrency")
         self.pipe, self.profile, self.S, self.layers = pipe, pipe.profile, pipe.S, pipe.layers
@@ -72,6 +75,7 @@ class ServeSim(RequestSim):
         self.done = env.event()
         self.server = server_of(self)
         self.compute_of, self.n = compute_of, n
+        self.stage_step = stage_step
         self.arrivals, self.concurrency, self.duration = arrivals_ms, concurrency, duration_ms
         self._devices()
         self._links()
@@ -203,9 +207,12 @@ class ServeSim(RequestSim):
         if not done:
             self.out.cancelled += 1
             return [(r, b, ()) for r, b, _ in live]  # abandoned: every row died meanwhile
-        for r, b, rows in live:
-            compute = self.computes.get(r)          # None: r finished meanwhile
-            if rows and compute is not None:
+        work = [(self.computes[r], b, rows) for r, b, rows in live
+                if rows and r in self.computes]     # not: r finished meanwhile
+        if self.stage_step is not None and len(work) > 1:
+            self.stage_step(j, work)
+        else:
+            for compute, b, rows in work:
                 compute.stage(j, b, rows)
         return live
 

@@ -222,7 +222,8 @@ def _pipeline(args, recorder):
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
                               topology=args.topology, prune=args.prune, cancel=args.cancel,
                               recorder=recorder, knobs=_knobs(args), device=args.device,
-                              dtype=getattr(torch, args.dtype), sampling=sampling_of(args))
+                              dtype=getattr(torch, args.dtype), sampling=sampling_of(args),
+                            batched=args.batched_forward)
     return DistributedPipeline(_stage_config(args), draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
@@ -485,6 +486,9 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--inline", action="store_true",
                    help="all stages in this process on the simulator's clock (times are "
                         "simulated; default off: one process per stage, wall-clock times)")
+    g.add_argument("--batched-forward", action="store_true",
+                   help="with --inline: a stage computes a step's parts of several requests "
+                        "in one padded forward (default off: one forward per request)")
     g.add_argument("--timeout", type=positive(float), default=NO_PROGRESS_S,
                    help="seconds without progress before a run is declared failed "
                         f"(default {NO_PROGRESS_S:g})")
@@ -592,12 +596,17 @@ def _server(args):
     from pipedec_sim.protocol.knobs import ServeKnobs, values_of
     serve_knobs = values_of(args, (ServeKnobs,))
     draft = args.draft if any(s != "pp" for s in args.strategies) else None
+    if args.batched_forward and not args.inline:
+        raise InputError("one padded forward per step is the inline driver's only (the "
+                         "stage processes compute a step's parts one forward each)",
+                         field="--batched-forward")
     if args.inline:
         from backends.torch.serve import InlineServer
         return InlineServer(load(args.target), load(draft) if draft else None, args.stages,
                             topology=args.topology, prune=args.prune, cancel=args.cancel,
                             knobs=_knobs(args), serve_knobs=serve_knobs, device=args.device,
-                            dtype=getattr(torch, args.dtype), sampling=sampling_of(args))
+                            dtype=getattr(torch, args.dtype), sampling=sampling_of(args),
+                            batched=args.batched_forward)
     from backends.torch.serve_runtime import DistributedServer
     return DistributedServer(_stage_config(args), draft, knobs=_knobs(args),
                              serve_knobs=serve_knobs, torchrun="RANK" in os.environ).start()

@@ -84,6 +84,11 @@ class ModelCompute:
             rows_in, h = self.inputs.pop((j, batch.id))
             hidden = select_rows(rows_in, h, rows)
         out = self.shards[j - 1].forward(list(rows), batch.committed, hidden)
+        self.passed(j, batch, rows, out)
+
+    def passed(self, j: int, batch: Batch, rows, out) -> None:
+        """Stage j computed `rows` of `batch` (hidden out [1, n, H]): on to stage j + 1,
+        or kept for the LM head."""
         if j < len(self.shards):
             self.inputs[(j + 1, batch.id)] = (rows, out)
         else:
