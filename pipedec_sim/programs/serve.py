@@ -191,7 +191,7 @@ def add_parser(sub) -> None:
                         f"{DEFAULT_PROFILE})")
     p.add_argument("--batching", choices=BATCHING, default=None,
                    help="how a step over several requests' rows is priced: sequential (one "
-                        "forward per request, as the torch backend serves today), requests "
+                        "forward per request, as the torch stage processes serve), requests "
                         "(one forward; each request's own attention from the profile's "
                         "context grid), flat (one forward; all rows as one sequence over "
                         "their mean context, as a paged-attention kernel). Default: the "

@@ -12,7 +12,7 @@ from .grid import Grid1D, Grid2D
 
 SCHEMA = "pipedec-profile/1"
 # How one step over several requests' rows is priced (Profile.batch_layer, `batching`):
-# "sequential" one forward per request (the torch backend's serving today), "requests" one
+# "sequential" one forward per request (the torch stage processes' serving), "requests" one
 # forward whose attention is each request's own (varlen / paged kernels), "flat" one
 # forward whose rows attend as one sequence over their mean context.
 BATCHING = ("sequential", "requests", "flat")
