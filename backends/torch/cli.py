@@ -222,8 +222,7 @@ def _pipeline(args, recorder):
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
                               topology=args.topology, prune=args.prune, cancel=args.cancel,
                               recorder=recorder, knobs=_knobs(args), device=args.device,
-                              dtype=getattr(torch, args.dtype), sampling=sampling_of(args),
-                            batched=args.batched_forward)
+                              dtype=getattr(torch, args.dtype), sampling=sampling_of(args))
     return DistributedPipeline(_stage_config(args), draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
