@@ -236,7 +236,7 @@ def cands(r, scores):
     return [(s, node(100 * r + k, s), k, s) for k, s in enumerate(scores)]
 
 
-def test_share_gives_fair_quotas_then_the_likeliest_and_best_starves_deep_trees():
+def test_share_gives_fair_quotas_then_the_likeliest_and_best_the_likeliest_of_all():
     shallow, deep = cands(0, [-0.1, -0.2, -0.3, -0.4]), cands(1, [-3.0, -3.1, -3.2, -3.3])
     fair = share([(0, shallow), (1, deep)], 4, "fair")
     assert [(r, len(c)) for r, c in fair] == [(0, 2), (1, 2)]

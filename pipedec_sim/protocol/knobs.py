@@ -229,7 +229,7 @@ class ServeKnobs(KnobGroup):
                            "running requests (each at most --width)", lo=1, hi=MAX_STEP_WIDTH)
     share: str = knob(str, "fair", "pipedec-db: how a step's rows are split: fair (an equal "
                       "quota each, the rest to the likeliest) or best (the likeliest paths of "
-                      "all requests; deep trees starve)", choices=("fair", "best"))
+                      "all requests)", choices=("fair", "best"))
 
 
 STRATEGY_GROUPS = (PipeDecKnobs, TreeSDKnobs)

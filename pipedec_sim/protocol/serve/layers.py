@@ -7,7 +7,7 @@ step sent and fewer than `window` steps are in flight, every request whose front
 drafted offers its candidates (its own layer policy: at most `width` rows, its floor and
 coverage), and `share` splits the step's `step_width` rows between the offers: a fair
 quota each, the rest to the likeliest candidates left (or, `best`, the likeliest of all
-offers, which starves deep trees). A request that missed, finished or waits for its
+offers, which favours shallow trees). A request that missed, finished or waits for its
 draft offers nothing, so its share goes to the others. A new request's prompt and the
 root after a miss ride in the next step (`queue`; alone, a request sends them at once as
 PipeDec does). The draft answers the layer's requests in one pass (the backend batches
@@ -120,9 +120,8 @@ def share(offers: Sequence[tuple[int, list[Candidate]]], width: int, rule: str =
     """Split a step's `width` rows between the requests' offers (each best first, by the
     draft's log-probability of the path from that request's own root).
 
-    best: the `width` best candidates of all requests. Requests with deep trees starve:
-    their frontier's path probabilities are products of more guesses, so they lose to
-    shallow trees, stop growing, and miss.
+    best: the `width` best candidates of all requests (a deep tree's path probabilities
+    are products of more guesses, so it gets fewer rows than a shallow one).
     fair: every request first gets its best width // n (at least 1; with more requests
     than rows, one each from request `start` on, round robin), then the rows left go to
     the best candidates that remain.
