@@ -8,7 +8,7 @@ batches of several requests, every KV holder (stage, draft, verifier) keeps one
 
 What batching costs (the profile's model, `Profile.batch_layer` / `batch_draft`): a
 stage's step costs its layers at the step's total rows over no context plus, per
-request, what its rows over its own context add (or, `batch_attention="flat"`, all rows
+request, what its rows over its own context add (or, `batching` "flat", all rows
 over their mean context); one request is exactly the grid. The draft answers every
 queued draft request in one pass when several requests have one (a request's in its own
 order); a lone request's are answered one pass each, as in a single-request run. A work

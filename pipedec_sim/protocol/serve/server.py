@@ -116,11 +116,6 @@ class Server:
             out += self.feed(r, Drafted(ticket, proposals))
         return out
 
-    @property
-    def idle(self) -> bool:
-        """No request is running or waiting."""
-        return not self.running and not self.waiting
-
     # ---- what subclasses decide ------------------------------------------------------
     def entry_free(self) -> list[ServeAction]:
         return []
