@@ -29,8 +29,6 @@ import json
 import sys
 from dataclasses import dataclass
 
-import torch
-
 from backends.torch import wire
 from backends.torch.shard import Shard, TargetSampler
 from backends.torch.worker import (
@@ -59,19 +57,7 @@ class ServeStage(Stage):
         self.opened = -1             # the newest request seen (RESETs come in seq order)
         self.handlers = {wire.BATCH: self.on_batch, wire.UPDATE: self.on_update,
                          wire.RESET: self.on_open, wire.FREE: self.on_free,
-                         wire.REPORT: self.on_report}
-
-    def loop(self) -> None:
-        while True:
-            h = wire.recv(wire.HEADER_LEN, torch.int64, self.prev)
-            kind = int(h[wire.KIND])
-            if kind == wire.STOP:
-                self._stop(h)
-                return
-            if kind not in self.handlers:
-                raise RuntimeError(f"a serving stage got message kind {kind}")
-            self._catch_up()
-            self.handlers[kind](h)
+                         wire.REPORT: self.on_report}      # `Stage.loop` dispatches
 
     def _use(self, r: int) -> Holder:
         """Make request r's holder the one `Stage`'s methods work on."""

@@ -144,6 +144,9 @@ class Stage:
         self.rows = 0
         self.slices: list[tuple] = []     # (stage, kind, batch id, start, end, rows) per job
         self.fault = _fault(j)
+        # what each DATA message kind does (serve_worker.ServeStage adds RESET/FREE its way)
+        self.handlers = {wire.BATCH: self.on_batch, wire.UPDATE: self.on_update,
+                         wire.RESET: self.on_reset, wire.REPORT: self.on_report}
 
     def loop(self) -> None:
         while True:
@@ -152,8 +155,10 @@ class Stage:
             if kind == wire.STOP:
                 self._stop(h)
                 return
+            if kind not in self.handlers:
+                raise RuntimeError(f"stage {self.j} got message kind {kind}")
             self._catch_up()
-            getattr(self, f"on_{('', 'batch', 'tokens', 'update', 'reset', 'report')[kind]}")(h)
+            self.handlers[kind](h)
 
     def _stop(self, h) -> None:
         """Pass STOP on (the last stage: back to the head); stage 1 also ends the head's
