@@ -24,9 +24,10 @@ real vs simulated, with the relative error sim/real - 1, plus the decisions behi
 (steps, parts per step, hit rate) and the stages' compute per output token. The report
 names this machine's CPU model and the load average before and after.
 
-The profile `pipedec-real profile` measures says `latency.batching = "sequential"`: the
-simulator then prices a step's parts one forward each, as the real stages compute them,
-and a message (and a head event) per part, as the runtime sends them.
+The real stages compute a step's parts in one forward over their requests, and the head
+a draft pass over several requests in one (`backends/torch/batch.py`): what the profile's
+default `latency.batching = "requests"` prices, with a message (and a head event) per
+part, as the runtime sends them.
 """
 from __future__ import annotations
 

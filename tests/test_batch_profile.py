@@ -1,6 +1,7 @@
-"""The profile's batched forwards (issue 12): one padded forward over several requests'
-rows equals their unbatched forwards; `latency.batch` round-trips, is validated, and
-`Profile.batch_error` compares `batch_layer` with it."""
+"""The profile's batched forwards (issue 12): one forward over several requests' rows
+(and one draft pass over several requests) equals their unbatched forwards;
+`latency.batch` round-trips, is validated, and `Profile.batch_error` compares
+`batch_layer` with it."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "traces" / "synthetic-llama70b.jsonl"
 
 
-# ---------------------------------------------------------------- the padded forward
+# ---------------------------------------------------------------- one forward, many requests
 
 def _request(model, lo, hi, ctx, spec, new, seed):
     """A shard holding `ctx` committed rows and `spec` speculative rows (a chain under the
@@ -46,28 +47,59 @@ def _request(model, lo, hi, ctx, spec, new, seed):
 
 
 @pytest.mark.parametrize("lo,hi", [(0, 4), (1, 3)])
-def test_padded_batch_equals_unbatched_forwards(lo, hi):
+def test_one_forward_over_requests_equals_their_unbatched_forwards(lo, hi):
     torch = pytest.importorskip("torch")
-    from backends.torch.batch import BatchedRequests
+    from backends.torch.batch import forward_requests
     from backends.torch.models import tiny_model
     model = tiny_model("tiny")                         # float32
-    # (committed, speculative, new rows): mixed contexts incl. 0, mixed row counts (padding)
+    # (committed, speculative, new rows): mixed contexts incl. 0, mixed row counts
     spec = [(0, 0, 1), (7, 0, 4), (19, 3, 3), (12, 2, 1), (5, 0, 2)]
-    reqs = [_request(model, lo, hi, c, s, n, seed) for seed, (c, s, n) in enumerate(spec)]
-    shards = [r[0] for r in reqs]
-    br = BatchedRequests.from_shards(shards)           # copies the caches: shards untouched
-    assert br.contexts == [c + s for c, s, _ in spec] and br.c_max == 22
-    n_max = max(n for *_, n in spec)
-    hidden = torch.zeros(len(reqs), n_max, model.config.hidden_size)
-    for b, (_, rows, h) in enumerate(reqs):
-        hidden[b, :len(rows)] = h[0]
-    out = br.forward([r[1] for r in reqs], hidden)
-    assert out.shape == hidden.shape
-    for b, (sh, rows, h) in enumerate(reqs):
-        alone = sh.forward(rows, 0, h)[0]
-        assert torch.allclose(out[b, :len(rows)], alone, atol=1e-4, rtol=1e-4), b
-    br.drop_new()                                      # back to the contexts
-    assert br.cache.layers[lo].keys.shape[-2] == br.c_max
+    together = [_request(model, lo, hi, c, s, n, seed) for seed, (c, s, n) in enumerate(spec)]
+    alone = [_request(model, lo, hi, c, s, n, seed) for seed, (c, s, n) in enumerate(spec)]
+    outs = forward_requests([r[0] for r in together], [r[1] for r in together],
+                            [0] * len(spec), [r[2] for r in together])
+    for b, ((sh, rows, _), (ref, _, h)) in enumerate(zip(together, alone)):
+        assert outs[b].shape == (1, len(rows), model.config.hidden_size)
+        assert torch.allclose(outs[b], ref.forward(rows, 0, h), atol=1e-4, rtol=1e-4), b
+        assert sh.state.context == ref.state.context == sh.kv_len()
+        for i in range(lo, hi):                        # each request's own KV, appended
+            assert torch.allclose(sh.cache.layers[i].keys, ref.cache.layers[i].keys,
+                                  atol=1e-4, rtol=1e-4)
+
+
+def test_abandoned_forward_leaves_every_request_as_it_was():
+    pytest.importorskip("torch")
+    from backends.torch.batch import forward_requests
+    from backends.torch.models import tiny_model
+    model = tiny_model("tiny")
+    reqs = [_request(model, 0, 4, c, 0, n, seed) for seed, (c, n) in enumerate([(3, 2), (0, 1)])]
+    before = [(sh.state.context, sh.kv_len()) for sh, _, _ in reqs]
+    asked = []
+    out = forward_requests([r[0] for r in reqs], [r[1] for r in reqs], [0, 0],
+                           [r[2] for r in reqs], between=lambda: asked.append(1) or len(asked) == 2)
+    assert out is None and len(asked) == 2             # abandoned after the second layer
+    assert [(sh.state.context, sh.kv_len()) for sh, _, _ in reqs] == before
+
+
+def test_one_draft_pass_over_requests_equals_their_own_proposals():
+    pytest.importorskip("torch")
+    from backends.torch.batch import propose_requests
+    from backends.torch.models import tiny_model
+    from backends.torch.shard import DraftModel
+    from pipedec_sim.protocol.messages import Draft, Row
+    draft = tiny_model("tiny-draft")
+    prompts = [[5, 9, 11], [7], [3, 3, 4, 8]]
+    drafts = [Draft(0, tuple(Row(i, i - 1, t, i) for i, t in enumerate(p)), (len(p) - 1,), 3,
+                    len(p)) for p in prompts]
+    batched = [DraftModel(draft) for _ in prompts]
+    got = propose_requests(list(zip(batched, drafts)))
+    want = [DraftModel(draft).propose(d.rows, d.want, d.k, d.committed) for d in drafts]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for i in g:
+            assert [t for t, _ in g[i]] == [t for t, _ in w[i]]
+            assert [lp for _, lp in g[i]] == pytest.approx([lp for _, lp in w[i]], abs=1e-4)
+    assert [m.shard.state.context for m in batched] == [len(p) for p in prompts]
 
 
 def test_measure_batch_and_points():
@@ -103,9 +135,6 @@ def test_batch_error_on_a_hand_made_profile():
     # [4, 4] over [100, 100]: layer(8, 0) = 2.0, + 2 * (3.0 - 1.6) -> 4.8
     assert [e.model_ms for e in errs] == pytest.approx([2.2, 3.0, 4.8])
     assert [e.error for e in errs] == pytest.approx([0.1, 0.0, 0.2])
-    # padded: [1, 1] both over 100: 1.2 + 2 * 1.0 = 3.2; the others have equal contexts
-    assert [e.padded_ms for e in errs] == pytest.approx([3.2, 3.0, 4.8])
-    assert errs[0].padded_error == pytest.approx(0.6)
     assert errs[0].point == BatchPoint((1, 1), (0, 100), 2.0)
     assert parse_profile(analytic_profile()).batch_error() == ()     # none measured
 
@@ -172,8 +201,7 @@ def test_batch_report_lines():
         **analytic_profile()["latency"], "batch": BATCH})))
     lines = batch_report(p)
     assert len(lines) == 4 and lines[0].startswith("  2 requests x 1 rows each, contexts 0..100")
-    assert "model 2.2 ms (+10.0%), padded 3.2 ms (+60.0%)" in lines[0]
+    assert lines[0].endswith("measured 2 ms, model 2.2 ms (+10.0%)")
     assert "1 requests x 4 rows each, context 100 each" in lines[1] and "(+0.0%)" in lines[1]
-    assert "mean |error| 10.0%, max 20.0% (every context at the batch's longest: mean " \
-           "26.7%, max 60.0%)" in lines[-1]
+    assert lines[-1].endswith("mean |error| 10.0%, max 20.0%")
     assert batch_report(parse_profile(analytic_profile())) == []

@@ -194,23 +194,29 @@ def test_smollm2_serving_is_lossless(smollm2, strategy):
 @pytest.mark.parametrize("topology", ["A", "B"])
 @pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize("strategy", SERVE_STRATEGIES)
-def test_one_padded_forward_per_step_is_lossless(tiny, strategy, stages, topology):
-    """batched=True: a stage computes a step's parts of several requests in one padded
-    forward (batch.BatchedRequests) and hands each request its own new KV rows; every
-    request still commits the target's own output, and steps really mixed requests."""
+def test_one_forward_per_step_is_lossless(tiny, strategy, stages, topology):
+    """batched=True: a stage computes a step's parts of several requests in one forward
+    (batch.forward_requests: weights once, attention per request over its own cache)
+    and a draft pass over several requests is one forward too; every request still
+    commits the target's own output, and steps and draft passes really mixed requests."""
     target, draft, requests, refs = tiny
-    calls = []
+    calls: dict[str, list[int]] = {"stage": [], "draft": []}
     import backends.torch.serve as serve_mod
-    real = serve_mod.batched_stage
+    real_stage, real_draft = serve_mod.batched_stage, serve_mod.batched_draft
 
-    def counted(j, parts):
-        calls.append(len(parts))
-        real(j, parts)
-    serve_mod.batched_stage = counted
+    def stage(j, parts):
+        calls["stage"].append(len(parts))
+        real_stage(j, parts)
+
+    def drafted(items):
+        calls["draft"].append(len(items))
+        return real_draft(items)
+    serve_mod.batched_stage, serve_mod.batched_draft = stage, drafted
     try:
         server = InlineServer(target, draft, stages, topology=topology, knobs=KNOBS,
                               batched=True)
         check_lossless(*server.serve(strategy, requests, concurrency=8), refs)
     finally:
-        serve_mod.batched_stage = real
-    assert calls and max(calls) > 1
+        serve_mod.batched_stage, serve_mod.batched_draft = real_stage, real_draft
+    assert calls["stage"] and max(calls["stage"]) > 1
+    assert strategy == "pp" or max(calls["draft"]) > 1

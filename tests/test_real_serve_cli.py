@@ -69,7 +69,7 @@ def table_rows(text: str) -> list[str]:
 
 def test_inline_serve_prints_a_row_per_strategy_and_writes_tables(tmp_path, capsys, refs):
     """Closed loop, more requests than prompts (drawn again), every serving strategy, a
-    step's parts in one padded forward."""
+    step's parts in one forward over their requests."""
     out = tmp_path / "out"
     assert serve(tmp_path, "--stages", "2", "--concurrency", "3", "--requests", "7",
                  "--inline", "--batched-forward", "--out", str(out)) == 0
@@ -80,15 +80,30 @@ def test_inline_serve_prints_a_row_per_strategy_and_writes_tables(tmp_path, caps
 
 
 def test_distributed_serve_runs_on_stage_processes(tmp_path, capsys, refs):
-    """Open loop (Poisson), wall-clock times, over three stage processes."""
+    """Open loop (Poisson), wall-clock times, over three stage processes; --timeline
+    holds each strategy's commits, head work and stage steps."""
     out = tmp_path / "out"
     strategies = ("pp", "pipedec-db")
+    timeline = tmp_path / "serve.json"
     assert serve(tmp_path, "--stages", "3", "--rate", "30", "--strategies",
-                 ",".join(strategies), "--out", str(out), "--timeout", "60") == 0
+                 ",".join(strategies), "--out", str(out), "--timeout", "60",
+                 "--timeline", str(timeline)) == 0
     text = capsys.readouterr().out
     assert "times: wall clock (3 stage processes" in text
     assert table_rows(text) == list(strategies)
     check_files(out, strategies, len(PROMPTS), refs)
+    events = json.loads(timeline.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert sorted(names.values()) == sorted(strategies)
+    threads = {(e["pid"], e["args"]["name"]) for e in events if e["name"] == "thread_name"}
+    for pid in names:
+        assert {(pid, f"stage{j}") for j in (1, 2, 3)} <= threads
+        commits = [e for e in events if e["pid"] == pid and e["ph"] == "i"]
+        assert sum(len(e["args"]["tokens"]) for e in commits) == len(PROMPTS) * NEW_TOKENS
+        steps = [e for e in events if e["pid"] == pid and e["ph"] == "X"
+                 and e["name"] == "step"]
+        assert steps and all(e["dur"] >= 0 and e["ts"] >= 0 for e in steps)
+    assert {(pid, "draft") for pid, n in names.items() if n == "pipedec-db"} <= threads
     requests = pd.read_csv(out / "requests.csv")
     for _, arrivals in requests.groupby("strategy").arrival_ms:     # the same Poisson times
         assert arrivals.is_monotonic_increasing and arrivals.iloc[0] > 0
@@ -102,7 +117,6 @@ def test_distributed_serve_runs_on_stage_processes(tmp_path, capsys, refs):
     (["--concurrency", "2", "--strategies", "pp,vllm"], "unknown serving strategy 'vllm'"),
     (["--concurrency", "2", "--stages", "9"], "9 stages but the target has only 4 layers"),
     (["--concurrency", "2", "--step-width", "0"], "--step-width"),
-    (["--concurrency", "2", "--batched-forward"], "the inline driver's only"),
 ])
 def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:       # argparse's own errors

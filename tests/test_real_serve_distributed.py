@@ -44,10 +44,11 @@ POISSON = ("rate", 40.0)
 SAMPLED = Sampling(temperature=0.7, seed=11)
 # (stages, topology, prune, temperature) -> the loads served on that process group:
 # ("concurrency", N) or ("rate", requests/s). Cancel is on (only broadcast cancels).
-CONFIGS = {(1, "A", "broadcast", 0.0): [("concurrency", 3)],
-           (2, "A", "broadcast", 0.0): [("concurrency", 1), ("concurrency", 3),
-                                        ("concurrency", 8), POISSON],
-           (4, "A", "broadcast", 0.0): [("concurrency", 8)],
+# Every S in {1, 2, 4} x concurrency {1, 3, 8} (the issue's matrix), plus the rest.
+MATRIX = [("concurrency", 1), ("concurrency", 3), ("concurrency", 8)]
+CONFIGS = {(1, "A", "broadcast", 0.0): MATRIX,
+           (2, "A", "broadcast", 0.0): MATRIX + [POISSON],
+           (4, "A", "broadcast", 0.0): MATRIX,
            (2, "B", "inband", 0.7): [("concurrency", 3)],
            (3, "A", "piggyback", 0.0): [("concurrency", 3)]}
 CASES = [(cfg, load) for cfg, loads in CONFIGS.items() for load in loads]
@@ -120,8 +121,10 @@ def test_distributed_serving_is_lossless(tiny, config, load, strategy):
     stages = config[0]
     assert all(run.pipeline.busy_ms[f"stage{j}"] > 0 for j in range(1, stages + 1))
     assert all(run.pipeline.rows[f"stage{j}"] > 0 for j in range(1, stages + 1))
+    assert run.forwards <= run.parts * stages
     if load[0] == "concurrency" and load[1] > stages:
         assert run.parts > run.pipeline.batches        # some steps carried several requests
+        assert run.forwards < run.parts * stages       # ... computed in one forward
     if load == POISSON:
         arrivals = [run.requests[r].arrival_ms for r in range(len(requests))]
         assert arrivals == pytest.approx(list(poisson_arrivals(len(requests), 40.0, 5)))
@@ -156,3 +159,21 @@ def test_failed_stage_ends_serving_with_its_name(tiny, monkeypatch, mode):
             "pipedec-db: no progress for 5 s (0 of 6 requests done) (stage 2, rank 2, is stopped)")
     assert what in str(e.value), str(e.value)
     assert all(p.poll() is not None for p in pipe.procs)
+
+
+def test_a_step_forward_is_abandoned_only_once_every_part_died():
+    """Cancel over one forward of several requests (`ServeStage._all_killed`): the arrived
+    notices must kill every row of every part; a part still alive keeps the forward."""
+    from backends.torch.serve_worker import Part, ServeStage
+    from pipedec_sim.protocol.messages import Batch, Row, Update
+    stage = ServeStage.__new__(ServeStage)         # only its notice bookkeeping is used
+    stage.control = None
+    rows = {0: (Row(5, 4, 1, 9), Row(6, 4, 2, 9)), 1: (Row(9, 8, 3, 7),)}
+    group = [Part(r, Batch(1, rs, "layer"), None, rows=rs) for r, rs in rows.items()]
+    between = stage._all_killed(group)
+    stage.notices = [(0, Update(kill=(5, 6)))]
+    assert not between()                           # request 1's part lives
+    stage.notices.append((1, Update(kill=(8,))))   # its parent: not its row
+    assert not between()
+    stage.notices.append((1, Update(kill=(9,))))
+    assert between()

@@ -50,6 +50,8 @@ class ServeRun:
     pipeline: RequestRun        # busy time and rows per actor, steps, cancellations
     end_ms: float = 0.0
     parts: int = 0              # batches carried, summed over steps
+    forwards: int = 0           # stage computes of steps, summed over stages: below
+                                # parts x stages where steps computed requests together
 
 
 class ServeSim(RequestSim):
@@ -58,13 +60,15 @@ class ServeSim(RequestSim):
     def __init__(self, pipe, server_of: Callable, compute_of: Callable[[int], object],
                  n: int, *, arrivals_ms: Sequence[float] | None = None,
                  concurrency: int | None = None, duration_ms: float | None = None,
-                 stage_step: Callable | None = None):
+                 stage_step: Callable | None = None, draft_step: Callable | None = None):
         """server_of(backend) builds the scheduler; compute_of(r) request r's compute
         (`Replay` or real models). Open loop: `arrivals_ms` per request; closed loop:
         `concurrency` requests outstanding, the next issued when one finishes, none
         after `duration_ms`. stage_step(j, [(compute, batch, rows)]): computes a step's
         parts of several requests at stage j together (real models: one forward); by
-        default each part's compute does its own (`compute.stage`)."""
+        default each part's compute does its own (`compute.stage`). draft_step([(compute,
+        Draft, rows)]) -> proposals per item: likewise for a draft pass over several
+        requests (default: `compute.draft` each)."""
         if (arrivals_ms is None) == (concurrency is None):
             raise ValueError("give arrivals_ms or concurrency")
         self.pipe, self.profile, self.S, self.layers = pipe, pipe.profile, pipe.S, pipe.layers
@@ -75,7 +79,7 @@ class ServeSim(RequestSim):
         self.done = env.event()
         self.server = server_of(self)
         self.compute_of, self.n = compute_of, n
-        self.stage_step = stage_step
+        self.stage_step, self.draft_step = stage_step, draft_step
         self.arrivals, self.concurrency, self.duration = arrivals_ms, concurrency, duration_ms
         self._devices()
         self._links()
@@ -93,7 +97,7 @@ class ServeSim(RequestSim):
         self.head_last: tuple[str, float] = ("", -1.0)
         self.served: dict[int, Served] = {}
         self.issued = self.ended = 0
-        self.parts = 0
+        self.parts = self.forwards = 0
 
     # ---- requests ------------------------------------------------------------------------
     def run(self) -> ServeRun:
@@ -109,7 +113,8 @@ class ServeSim(RequestSim):
         end = run_until_done(env, self.done, self.server.name,
                              lambda: f"{self.ended} of {self.issued} requests")
         self.out.end_ms = end
-        return ServeRun(dict(sorted(self.served.items())), self.out, end, self.parts)
+        return ServeRun(dict(sorted(self.served.items())), self.out, end, self.parts,
+                        self.forwards)
 
     def _issue(self, at: float) -> None:
         """The next request arrives at `at` (now or later), if any is left (two closed-loop
@@ -201,6 +206,7 @@ class ServeSim(RequestSim):
         if j == self.S and not self.A and sizes:
             nv = sum(len(rows[b.verify_from:]) for _, b, rows in live)
             ms += self._lm_head_ms(nv) if nv else 0.0
+        self.forwards += 1 if sizes else 0
         self.busy[j] = {r: {x.id for x in rows} for r, _, rows in live if rows}
         done = yield from self._compute(f"stage{j}", dev, ms, step.kind, n, self.layers[j - 1])
         self.busy[j] = None
@@ -296,12 +302,22 @@ class ServeSim(RequestSim):
                 ms += p.kv_compact_ms if compacted else 0.0
                 yield from self._compute("draft", self.head_dev, ms, "draft",
                                          sum(k for k, _ in sizes))
-            answers = []
-            for r, d, rows in work:
-                compute = self.computes.get(r)      # None: r finished meanwhile
-                proposals = compute.draft(d, rows) if (rows and compute) else {}
-                answers.append((r, d.ticket, proposals))
+            answers = [(r, d.ticket, pr) for (r, d, _), pr in zip(work, self._proposals(work))]
             self._event(self.server.drafted(answers))
+
+    def _proposals(self, work) -> list[dict]:
+        """The draft's proposals per (request, Draft, live rows) of a pass: one compute
+        over all of them with `draft_step`, else each request's own."""
+        out: list[dict] = [{} for _ in work]
+        todo = [(k, self.computes[r], d, rows) for k, (r, d, rows) in enumerate(work)
+                if rows and r in self.computes]       # not: r finished meanwhile
+        if self.draft_step is not None and len(todo) > 1:
+            got = self.draft_step([(c, d, rows) for _, c, d, rows in todo])
+        else:
+            got = [c.draft(d, rows) for _, c, d, rows in todo]
+        for (k, *_), proposals in zip(todo, got):
+            out[k] = proposals
+        return out
 
     def _more_drafts(self, first: int) -> list[tuple[int, Draft]]:
         """What joins the first queued draft request in one pass: with other requests'

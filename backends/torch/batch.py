@@ -1,127 +1,150 @@
-"""Several requests' rows through one shard's decoder layers in ONE padded forward.
+"""Several requests' rows through one shard's decoder layers in ONE forward.
 
-Serving puts rows of several requests into one step; `BatchedRequests` computes them
-together, each request over its own KV context and tree (one additive mask), and gives
-each request's rows what its own unbatched `Shard.forward` gives (tests/test_batch_profile.py).
-`pipedec-real profile` times it (`latency.batch`); the inline serving driver can compute
-a step with it (`backends/torch/serve.py`, `batched=True`).
+Serving puts rows of several requests into one step. `forward_requests` computes them
+together the way a varlen (paged) attention kernel does, which is what the profile's
+default `batching = "requests"` prices: the rows of every request go through the
+weights as one [1, N, H] sequence (the projections, o_proj and the MLP: the weight work
+is shared), and each request's queries attend only over its own KV cache and its own
+tree (one `scaled_dot_product_attention` per request, with the mask `StageState.mask`
+gives it). Nothing is padded and no cache is copied: each request's new keys and values
+are appended to its own `DynamicCache`, as its own `Shard.forward` would append them.
+Each request's output equals its unbatched `Shard.forward` (float rounding aside:
+tests/test_batch_profile.py).
+
+Used by the serving stage processes (`serve_worker.py`), the serving head's draft pass
+(`propose_requests`), the inline serving driver (`serve.py`, `batched=True`) and
+`pipedec-real profile` (`latency.batch`). The decoder layer is Llama's (input norm,
+attention with rotary positions and grouped KV heads, residual, post norm, MLP,
+residual), unrolled here so the weight work can be shared between requests.
 """
 from __future__ import annotations
 
-import numpy as np
+from typing import Callable, Sequence
+
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from backends.torch.compat import with_cache
-from backends.torch.shard import Shard
+from backends.torch.shard import DraftModel, Shard
 from pipedec_sim.protocol.messages import Row
-from pipedec_sim.protocol.stage_state import StageState
 
 
-class BatchedRequests:
-    """Decoder layers lo..hi-1 of `model` over B requests' rows in ONE forward, request b
-    holding its own KV context of c_b rows (a `StageState` each: its tree, its prefix).
+@torch.inference_mode()
+def forward_requests(shards: Sequence[Shard], rows: Sequence[Sequence[Row]],
+                     committed: Sequence[int], hidden: Sequence[torch.Tensor] | None = None,
+                     *, between: Callable[[], bool] | None = None
+                     ) -> list[torch.Tensor] | None:
+    """Request b's live `rows[b]` through `shards[b]` (one holder per request, all over
+    the same model's layers lo..hi-1), in one forward. hidden[b] is its input [1, n_b, H]
+    (None: the shards embed). Returns each request's output [1, n_b, H]; each shard then
+    holds its rows' KV and bookkeeping, as after `shards[b].forward(rows[b], ...)`.
 
-    How: right-pad to one tensor. Hidden states [B, N, H] (N = the most new rows of any
-    request; a shorter request's extra rows are padding), KV [B, kv_heads, C, d] per
-    layer (C = the longest context; request b's cache in columns 0..c_b-1, zeros after),
-    built directly into a transformers `DynamicCache` whose layers then append the N new
-    rows at columns C..C+N-1. Position ids [B, N] are each row's own position (RoPE per
-    request), and one additive float mask [B, 1, N, C+N] (finfo.min where hidden) gives
-    request b's row k exactly what `StageState.mask` gives it unbatched: its committed
-    prefix and speculative ancestors (columns < c_b and its own new rows), never another
-    request's or a padding column; a padding row sees only itself. The output of request
-    b's real rows is what its own unbatched `Shard.forward` gives (float rounding aside:
-    tests/test_batch_profile.py). The cost is that of dense padded attention: every
-    request's rows attend over C + N columns, not over its own c_b + n_b."""
-
-    def __init__(self, model, lo: int, hi: int, states: list[StageState],
-                 kv: list[tuple[torch.Tensor, torch.Tensor]], device="cpu"):
-        """`kv[i]`: layer lo+i's padded (keys, values) [B, kv_heads, C, d], C the largest
-        `states[b].context` (see `pad_kv`); they go into the cache as they are."""
-        self.model, self.lo, self.hi = model, lo, hi
-        self.layers = [model.model.layers[i] for i in range(lo, hi)]
-        self.states = states
-        self.contexts = [s.context for s in states]
-        self.c_max = max(self.contexts)
-        self.device = torch.device(device)
-        self.dtype = next(model.parameters()).dtype
-        self.cache = DynamicCache(config=model.config)
-        if self.c_max:
-            for i, (k, v) in zip(range(lo, hi), kv):
-                assert k.shape[0] == len(states) and k.shape[-2] == self.c_max
-                self.cache.update(k, v, i)
-
-    @classmethod
-    def from_shards(cls, shards: list[Shard]) -> "BatchedRequests":
-        """The requests of unbatched `shards` (same model and layers), their caches copied
-        into padded tensors; the shards are left as they were."""
-        s0 = shards[0]
-        per = [[(sh.cache.layers[i].keys, sh.cache.layers[i].values) if sh.kv_len() else None
-                for i in range(s0.lo, s0.hi)] for sh in shards]
-        kv = pad_kv(per, [sh.kv_len() for sh in shards], s0.model.config, s0.dtype,
-                    s0.device)
-        return cls(s0.model, s0.lo, s0.hi, [sh.state for sh in shards], kv, s0.device)
-
-    def mask(self, rows: list[list[Row]], n_max: int) -> torch.Tensor:
-        """The additive mask [B, 1, n_max, C + n_max] (class docstring)."""
-        B, C = len(rows), self.c_max
-        m = np.zeros((B, n_max, C + n_max), dtype=bool)
-        for b, (st, rs) in enumerate(zip(self.states, rows)):
-            c, n = self.contexts[b], len(rs)
-            own = st.mask(rs)                                  # [n, c + n]
-            m[b, :n, :c] = own[:, :c]
-            m[b, :n, C:C + n] = own[:, c:]
-            for k in range(n, n_max):
-                m[b, k, C + k] = True                           # padding rows: themselves
-        f = torch.zeros(m.shape, dtype=self.dtype, device=self.device)
-        f.masked_fill_(~torch.from_numpy(m).to(self.device), torch.finfo(self.dtype).min)
-        return f.view(B, 1, n_max, C + n_max)
-
-    @torch.inference_mode()
-    def forward(self, rows: list[list[Row]], hidden: torch.Tensor) -> torch.Tensor:
-        """Request b's `rows[b]` (hidden[b, :len(rows[b])]; hidden [B, n_max, H]) through
-        the layers: output [B, n_max, H], the padding rows' outputs meaningless. The new
-        rows' KV stays appended after column C until `drop_new` (the states are not told:
-        the measurement prunes them again, as `time_grid` does)."""
-        n_max = hidden.shape[1]
-        hidden = hidden.to(self.device, self.dtype)
-        mask = self.mask(rows, n_max)
-        pos = torch.tensor([[r.pos for r in rs] + [0] * (n_max - len(rs)) for rs in rows],
-                           device=self.device)
-        pe = self.model.model.rotary_emb(hidden, pos)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=pos, use_cache=True,
-                           position_embeddings=pe, **with_cache(self.cache))
-            if isinstance(hidden, tuple):          # older transformers return (hidden, ...)
-                hidden = hidden[0]
-        return hidden
-
-    def drop_new(self) -> None:
-        """Prune the rows the last forward appended: index_select back to the C context
-        columns (as a stage compacts its KV after a prune notice)."""
-        keep = torch.arange(self.c_max, device=self.device)
-        for i in range(self.lo, self.hi):
-            layer = self.cache.layers[i]
-            layer.keys = layer.keys.index_select(-2, keep)
-            layer.values = layer.values.index_select(-2, keep)
+    `between()`, if given, is asked after each decoder layer whether to abandon the
+    step; if it says so, every shard's appended KV is cut back and None is returned."""
+    s0 = shards[0]
+    assert len({id(s) for s in shards}) == len(shards), "one part per request per forward"
+    for sh in shards:
+        assert sh.kv_len() == sh.state.context, "KV cache and bookkeeping disagree"
+    spans = _spans([len(r) for r in rows])
+    x = _inputs(shards, rows, hidden)
+    pos = torch.tensor([[r.pos for rs in rows for r in rs]], device=s0.device)
+    cos, sin = s0.model.model.rotary_emb(x, pos)
+    masks = [_mask(sh, rs) for sh, rs in zip(shards, rows)]
+    for i in range(s0.lo, s0.hi):
+        x = _layer(s0.model.model.layers[i], i, x, cos, sin, shards, spans, masks)
+        if between is not None and between():
+            for sh in shards:
+                sh._crop(i + 1)
+            return None
+    for sh, rs, c in zip(shards, rows, committed):
+        sh.state.append(list(rs), c)
+    return [x[:, a:b] for a, b in spans]
 
 
-def pad_kv(per_request, contexts: list[int], config, dtype, device
-           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the requests' caches right-padded with zeros: per_request[b][i] is
-    (keys, values) [1, kv_heads, contexts[b], d] of layer i (None where contexts[b] is
-    0); returns [(keys, values) [B, kv_heads, C, d]] (C = max(contexts))."""
-    B, C = len(per_request), max(contexts)
-    kvh = config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    out = []
-    for i in range(len(per_request[0])):
-        K = torch.zeros(B, kvh, C, d, dtype=dtype, device=device)
-        V = torch.zeros_like(K)
-        for b, c in enumerate(contexts):
-            if c:
-                K[b, :, :c] = per_request[b][i][0][0]
-                V[b, :, :c] = per_request[b][i][1][0]
-        out.append((K, V))
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each request's rows in the joined sequence."""
+    out, a = [], 0
+    for n in sizes:
+        out.append((a, a + n))
+        a += n
     return out
+
+
+def _inputs(shards, rows, hidden) -> torch.Tensor:
+    """The joined input [1, N, H]: the rows' embeddings, or the given hidden states."""
+    s0 = shards[0]
+    if hidden is None:
+        assert s0.has_embed, "hidden states are needed past the first stage"
+        ids = torch.tensor([[r.token for rs in rows for r in rs]], device=s0.device)
+        return s0.model.model.embed_tokens(ids).to(s0.dtype)
+    return torch.cat([h.to(s0.device, s0.dtype) for h in hidden], 1)
+
+
+def _mask(shard: Shard, rows) -> torch.Tensor:
+    """The additive mask [1, 1, n, c + n] of a request's rows over its own context and
+    tree (float: boolean masks are wrong on the eager path, see ENV.md)."""
+    m = torch.from_numpy(shard.state.mask(list(rows))).to(shard.device)
+    f = torch.zeros(m.shape, dtype=shard.dtype, device=shard.device)
+    f.masked_fill_(~m, torch.finfo(shard.dtype).min)
+    return f.view(1, 1, *m.shape)
+
+
+def _layer(layer, i: int, x, cos, sin, shards, spans, masks) -> torch.Tensor:
+    """Llama decoder layer i over the joined rows: the weights once, attention per
+    request over its own cache (which gets the request's new keys and values)."""
+    att = layer.self_attn
+    h = layer.input_layernorm(x)
+    shape = (1, x.shape[1], -1, att.head_dim)
+    q = att.q_proj(h).view(shape).transpose(1, 2)
+    k = att.k_proj(h).view(shape).transpose(1, 2)
+    v = att.v_proj(h).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    outs = []
+    for sh, (a, b), m in zip(shards, spans, masks):
+        keys, values = sh.cache.update(k[:, :, a:b], v[:, :, a:b], i)
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=m,
+                                                   scale=att.scaling, enable_gqa=True))
+    o = torch.cat(outs, 2).transpose(1, 2).reshape(1, x.shape[1], -1)
+    x = x + att.o_proj(o)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def rounds(parts: Sequence, key: Callable) -> list[list]:
+    """`parts` in forwards of at most one part per request (key(part): its request): a
+    request with two parts in one step (a prompt or a new root, then the layer grown
+    from it) gets its second in the next forward, after its first joined its cache."""
+    out: list[list] = []
+    seen: dict = {}
+    for part in parts:
+        k = seen[key(part)] = seen.get(key(part), -1) + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(part)
+    return out
+
+
+def propose_requests(work: Sequence[tuple[DraftModel, object]]) -> list[dict[int, tuple]]:
+    """One draft pass over several requests: (draft model, `Draft` request) per request;
+    each request's new rows are admitted (dead ones dropped), then `propose_live`."""
+    return propose_live([(m, d, m.shard.admit(d.rows, None)[0]) for m, d in work])
+
+
+def propose_live(work: Sequence[tuple[DraftModel, object, Sequence[Row]]]
+                 ) -> list[dict[int, tuple]]:
+    """One draft pass over several requests' admitted rows: (draft model, `Draft`, live
+    rows) per request; one forward (`forward_requests`), then each request's top-k
+    children (`DraftModel.top_k`). A request without live rows proposes nothing."""
+    answers: list[dict[int, tuple]] = [{} for _ in work]
+    todo = [(b, m, d, rows) for b, (m, d, rows) in enumerate(work) if rows]
+    for group in rounds(todo, key=lambda x: id(x[1])):
+        if len(group) == 1:
+            b, m, d, rows = group[0]
+            answers[b] = m.propose_live(list(rows), d.want, d.k, d.committed)
+            continue
+        outs = forward_requests([m.shard for _, m, _, _ in group],
+                                [rows for *_, rows in group],
+                                [d.committed for _, _, d, _ in group])
+        assert outs is not None
+        for (b, m, d, rows), out in zip(group, outs):
+            answers[b] = m.top_k(rows, out, d.want, d.k)
+    return answers

@@ -487,7 +487,8 @@ def add_serve_parser(sub) -> None:
                         "simulated; default off: one process per stage, wall-clock times)")
     g.add_argument("--batched-forward", action="store_true",
                    help="with --inline: a stage computes a step's parts of several requests "
-                        "in one padded forward (default off: one forward per request)")
+                        "in one forward, and a draft pass over several requests too (default "
+                        "off: one forward per request). The distributed runtime always does")
     g.add_argument("--timeout", type=positive(float), default=NO_PROGRESS_S,
                    help="seconds without progress before a run is declared failed "
                         f"(default {NO_PROGRESS_S:g})")
@@ -501,6 +502,10 @@ def add_serve_parser(sub) -> None:
     w.add_argument("--out", type=Path, default=None,
                    help="write summary.csv, requests.csv and outputs.jsonl here (default: "
                         "print the table only)")
+    w.add_argument("--timeline", type=Path, default=None,
+                   help="Chrome/Perfetto JSON, one process per strategy: commits, the head's "
+                        "draft and LM-head work, and every step and prune each stage "
+                        "computed (stages on the head's host; default none)")
     w.add_argument("--quiet", action="store_true", help="no progress on stderr (default off)")
     sampling = add_sampling_flags(p)
     sampling.description = ("--seed also seeds the Poisson arrivals and the requests drawn "
@@ -515,6 +520,7 @@ def cmd_serve(args) -> int:
         if int(os.environ["RANK"]) > 0:
             return _torchrun_serve_stage(args)
     check_output(args.out, "--out", folder=True, files=SERVE_FILES)
+    check_output(args.timeline, "--timeline")
     check_device(args.device)
     sampling = sampling_of(args)                  # a bad combination: one line, exit 2
     if not args.quiet and not sampling.greedy:
@@ -525,6 +531,7 @@ def cmd_serve(args) -> int:
         failure = _serve(args, workload, served)
     if served:
         _write_serving(args, workload[0], served)
+        _write_serving_timeline(args, served)
     if failure is None:
         return 0
     print(f"pipedec-real: error: {failure} (kept {len(served)} finished serving runs)",
@@ -595,20 +602,17 @@ def _server(args):
     from pipedec_sim.protocol.knobs import ServeKnobs, values_of
     serve_knobs = values_of(args, (ServeKnobs,))
     draft = args.draft if any(s != "pp" for s in args.strategies) else None
-    if args.batched_forward and not args.inline:
-        raise InputError("one padded forward per step is the inline driver's only (the "
-                         "stage processes compute a step's parts one forward each)",
-                         field="--batched-forward")
     if args.inline:
         from backends.torch.serve import InlineServer
         return InlineServer(load(args.target), load(draft) if draft else None, args.stages,
                             topology=args.topology, prune=args.prune, cancel=args.cancel,
                             knobs=_knobs(args), serve_knobs=serve_knobs, device=args.device,
                             dtype=getattr(torch, args.dtype), sampling=sampling_of(args),
-                            batched=args.batched_forward)
+                            batched=args.batched_forward, timeline=bool(args.timeline))
     from backends.torch.serve_runtime import DistributedServer
     return DistributedServer(_stage_config(args), draft, knobs=_knobs(args),
-                             serve_knobs=serve_knobs, torchrun="RANK" in os.environ).start()
+                             serve_knobs=serve_knobs, torchrun="RANK" in os.environ,
+                             timeline=bool(args.timeline)).start()
 
 
 def _write_serving(args, workload, served: dict) -> None:
@@ -644,6 +648,14 @@ def _write_serving(args, workload, served: dict) -> None:
                                          "prompt_ids": req.prompt_ids,
                                          "output_ids": outputs[r]}) + "\n")
     print(f"wrote {args.out}/{', '.join(SERVE_FILES)}", file=sys.stderr)
+
+
+def _write_serving_timeline(args, served: dict) -> None:
+    """--timeline: each strategy's run as one process of a Chrome/Perfetto trace."""
+    if args.timeline:
+        from pipedec_sim.results.timeline import write_chrome_trace
+        write_chrome_trace(args.timeline, {name: run.pipeline.timeline
+                                           for name, (run, _) in served.items()})
 
 
 def _served_rows(args, name: str, run, requests) -> list[dict]:

@@ -7,8 +7,9 @@ Timings are medians after warm-up, one thread per process (as the stage workers 
   lm_head     final norm + LM head + argmax for n rows;   embed: the embedding lookup
   kv_compact  one prune (index_select) of a half-model stage's KV at the largest context
   batch       (optional section) one decoder layer over B requests' rows at once, each
-              request over its own context: one padded forward (`BatchedRequests`), timed
-              like `layer`; `Profile.batch_error` compares `batch_layer`'s model with it
+              request over its own context, in one forward (`batch.forward_requests`, what
+              the serving stages run), timed like `layer`; `Profile.batch_error` compares
+              `batch_layer`'s model with it
   link        gloo between two local ranks: ping-pong latency, bulk bandwidth
   cold_*      (CPU) the same work right after streaming a buffer larger than the last-level
               cache, minus warm: what a stage pays when the rest of the pipeline evicted
@@ -26,14 +27,13 @@ from datetime import date, timedelta
 
 import torch
 
-from backends.torch.batch import BatchedRequests
+from backends.torch.batch import forward_requests
 from backends.torch.models import load
 from backends.torch.shard import DraftModel, Shard
 from pipedec_sim.inputs.host import host_record
 from pipedec_sim.inputs.profile import parse_profile, save_profile
 from pipedec_sim.inputs.profile.model import COLD_FIELDS, CPU_FIELDS, DEVICE_FIELDS
 from pipedec_sim.protocol.messages import Row, Update
-from pipedec_sim.protocol.stage_state import StageState
 
 GRID = {"tokens": (1, 4, 16, 64), "context": (0, 128, 512)}
 QUICK = {"tokens": (1, 4, 16), "context": (0, 128)}
@@ -112,49 +112,50 @@ def batch_points(grid, quick: bool) -> list[tuple[tuple[int, ...], tuple[int, ..
 
 
 def measure_batch(model, points, reps: int, device="cpu", tick=None) -> list[dict]:
-    """ms per layer of one `BatchedRequests` forward over all the model's decoder layers
+    """ms per layer of one `forward_requests` forward over all the model's decoder layers
     (in sequence, divided by their number: cold weights, as the `layer` grid) at each
     point, then the pruning of its new rows (as `time_grid` prunes each batch): medians
     of `reps` after 2 warm-up runs. The KV is random (timing does not depend on its
     values); each request's rows are a star under its last committed row."""
-    cfg = model.config
-    K, H = cfg.num_hidden_layers, cfg.hidden_size
-    dtype = next(model.parameters()).dtype
-    kvh = cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    K = model.config.num_hidden_layers
     gen = torch.Generator().manual_seed(0)
     out = []
     for rows_n, ctxs in points:
-        states = []
-        for c in ctxs:
-            st = StageState()
-            if c:
-                st.append([Row(i, i - 1, 1, i) for i in range(c)], c)
-            states.append(st)
-        B, C = len(ctxs), max(ctxs)
-        kv = [tuple(torch.randn(B, kvh, C, d, generator=gen).mul_(0.5).to(device, dtype)
-                    for _ in range(2)) for _ in range(K)]
-        br = BatchedRequests(model, 0, K, states, kv, device)
-        del kv
-        n_max = max(rows_n)
-        hidden = torch.zeros(B, n_max, H, device=device, dtype=dtype)
-        rows = [_tree(c, n, 10**6) for n, c in zip(rows_n, ctxs)]
+        shards = [_random_kv(Shard(model, 0, K, embed=False, head=False, device=device), c,
+                             gen) for c in ctxs]
+        hidden = [torch.zeros(1, n, model.config.hidden_size, device=device, dtype=sh.dtype)
+                  for n, sh in zip(rows_n, shards)]
+        ids = iter(range(10**6, 10**9, 10**4))
 
-        def once(br=br, rows=rows, hidden=hidden):
-            br.forward(rows, hidden)
-            br.drop_new()
+        def once(shards=shards, hidden=hidden, rows_n=rows_n, ctxs=ctxs):
+            base = next(ids)
+            rows = [_tree(c, n, base) for n, c in zip(rows_n, ctxs)]
+            forward_requests(shards, rows, [0] * len(rows), hidden)
+            for sh, rs in zip(shards, rows):
+                sh.apply(Update(kill=tuple(r.id for r in rs)))
         ms = _median_ms(once, reps)
         out.append({"rows": list(rows_n), "context": list(ctxs), "ms": round(ms / K, 4)})
-        del br
         if tick:
             tick()
     return out
 
 
+def _random_kv(shard: Shard, ctx: int, gen) -> Shard:
+    """`shard` holding `ctx` committed rows with random keys and values (a chain)."""
+    if ctx:
+        cfg = shard.model.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        for i in range(shard.lo, shard.hi):
+            k, v = (torch.randn(1, cfg.num_key_value_heads, ctx, d, generator=gen).mul_(0.5)
+                    .to(shard.device, shard.dtype) for _ in range(2))
+            shard.cache.update(k, v, i)
+        shard.state.append([Row(i, i - 1, 1, i) for i in range(ctx)], ctx)
+    return shard
+
+
 def batch_report(profile) -> list[str]:
     """Lines on how well `Profile.batch_layer` models the measured batched forwards: one
-    per point, then the mean and max |relative error| (and the padded-context variant's,
-    `BatchError.padded_ms`); [] without a batch section."""
+    per point, then the mean and max |relative error|; [] without a batch section."""
     errs = profile.batch_error()
     if not errs:
         return []
@@ -165,13 +166,10 @@ def batch_report(profile) -> list[str]:
                else f"contexts {min(p.context)}..{max(p.context)}")
         rows = f"{p.rows[0]} rows each" if len(set(p.rows)) == 1 else f"rows {list(p.rows)}"
         lines.append(f"  {len(p.rows)} requests x {rows}, {ctx}: measured {p.ms:.4g} ms, "
-                     f"model {e.model_ms:.4g} ms ({e.error:+.1%}), padded "
-                     f"{e.padded_ms:.4g} ms ({e.padded_error:+.1%})")
+                     f"model {e.model_ms:.4g} ms ({e.error:+.1%})")
     a = [abs(e.error) for e in errs]
-    b = [abs(e.padded_error) for e in errs]
-    lines.append(f"batch_layer vs {len(errs)} measured batched forwards (ms per layer): "
-                 f"mean |error| {statistics.fmean(a):.1%}, max {max(a):.1%} (every context "
-                 f"at the batch's longest: mean {statistics.fmean(b):.1%}, max {max(b):.1%})")
+    lines.append(f"batch_layer ({profile.batching}) vs {len(errs)} measured batched forwards "
+                 f"(ms per layer): mean |error| {statistics.fmean(a):.1%}, max {max(a):.1%}")
     return lines
 
 
@@ -461,7 +459,7 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     _phase("target layers")
     layer_ms = [[round(v / K, 4) for v in row] for row in time_grid(layer_step, layer, grid,
                                                                      reps, steps.step)]
-    _phase("batched requests (one padded forward over several contexts)")
+    _phase("batched requests (one forward over several requests' contexts)")
     batch = measure_batch(tm, batch_points(grid, quick), reps, device, steps.step)
     _phase("draft step")
     draft_ms = time_grid(lambda rows: d.propose(rows, [r.id for r in rows], 16, 0),
@@ -529,8 +527,9 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                       "tensors + reader-thread hand-off per event; core_share = share of a "
                       "core each of n busy processes got while profiling (n = 1..5); batch = "
                       "one decoder layer (mean over the target's layers in sequence) over B "
-                      "requests' rows in one forward, each over its own context, padded "
-                      "to the longest (Profile.batch_error compares batch_layer with it)."
+                      "requests' rows in one forward (weights shared, attention per request "
+                      "over its own context: batch.forward_requests; Profile.batch_error "
+                      "compares batch_layer with it)."
                       + shapes),
             "details": {"link": link_details, "head_overhead": head_details,
                         **({"cpu_costs": cpu_details} if cpu_details else {}),
@@ -545,8 +544,6 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
             "lm_head": {"tokens": list(grid["tokens"]), "ms": lm},
             "embed": {"tokens": list(grid["tokens"]), "ms": emb},
             "kv_compact_ms": compact, "head_overhead_ms": round(head_ms, 4),
-            # the torch backend serves a step's requests one forward each (serve.py)
-            "batching": "sequential",
             **{k: v for k, v in cpu_costs.items() if k in CPU_FIELDS},
             **{k: v for k, v in cold.items() if k in COLD_FIELDS},
             "batch": batch,

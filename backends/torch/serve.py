@@ -13,10 +13,10 @@ a request's compute when it finishes, and its caches go with it.
 A step that carries several requests is computed one request after the other by
 default: ServeSim calls `ModelCompute.stage(j, batch, rows)` per part, so each part runs
 one forward through its own request's cache. With `batched=True` a stage computes a
-step's parts in ONE padded forward (`batched_stage`: `batch.BatchedRequests`, each
-request over its own context and tree through one mask), then appends each request's
-new rows to its own cache. The draft and the LM head stay one request at a time. Times
-in the results are simulated.
+step's parts in ONE forward (`batched_stage`: `batch.forward_requests`, the weights once
+and each request's attention over its own cache and tree), as the distributed serving
+stages do, and a draft pass over several requests is one forward too (`batched_draft`).
+The LM head stays one request at a time. Times in the results are simulated.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 
 from backends.simulated.pipeline import Pipeline
 from backends.simulated.serve import ServeRun, ServeSim
-from backends.torch.batch import BatchedRequests
+from backends.torch.batch import forward_requests, propose_live, rounds
 from backends.torch.head import Request
 from backends.torch.inline import ModelCompute, clock_profile
 from backends.torch.shard import DraftModel, Shard, TargetSampler, Verifier, select_rows
@@ -94,60 +94,39 @@ class InlineServer:
 
         sim = ServeSim(self.pipe, server_of, lambda r: self.compute_for(requests[r]),
                        len(requests), arrivals_ms=arrivals_ms, concurrency=concurrency,
-                       stage_step=batched_stage if self.batched else None)
+                       stage_step=batched_stage if self.batched else None,
+                       draft_step=batched_draft if self.batched else None)
         run = sim.run()
         return run, {r: list(s.output) for r, s in sorted(strategies.items())}
 
 
 def batched_stage(j: int, parts) -> None:
-    """Stage j's compute of a step's parts, [(ModelCompute, batch, rows)], in one padded
-    forward over their requests. A request with two parts in the step (a prompt, or a
-    new root, and the first layer grown from it) has them in order: its second part goes
-    in a second forward, after the first part's rows joined its cache."""
-    rounds: list[list] = []
-    seen: dict[int, int] = {}
-    for part in parts:
-        k = seen[id(part[0])] = seen.get(id(part[0]), -1) + 1
-        if k == len(rounds):
-            rounds.append([])
-        rounds[k].append(part)
-    for group in rounds:
+    """Stage j's compute of a step's parts, [(ModelCompute, batch, rows)], in one forward
+    over their requests (`batch.forward_requests`); a request's second part of the step
+    goes in a second forward (`batch.rounds`). Then, as `ModelCompute.stage` does per
+    part, each request's output goes on."""
+    for group in rounds(parts, key=lambda part: id(part[0])):
         if len(group) == 1:
             c, b, rows = group[0]
             c.stage(j, b, rows)
-        else:
-            _one_forward(j, group)
+            continue
+        shards = [c.shards[j - 1] for c, _, _ in group]
+        hidden = None if j == 1 else [_stage_input(c, j, b, rows) for c, b, rows in group]
+        outs = forward_requests(shards, [rows for _, _, rows in group],
+                                [b.committed for _, b, _ in group], hidden)
+        assert outs is not None
+        for (c, b, rows), out in zip(group, outs):
+            c.passed(j, b, rows, out)
 
 
-def _one_forward(j: int, parts) -> None:
-    """`parts` of different requests in one padded forward; then, as `ModelCompute.stage`
-    does per part, each request's new rows join its own cache and bookkeeping and its
-    output goes on."""
-    shards = [c.shards[j - 1] for c, _, _ in parts]
-    inputs = [_stage_input(c, sh, j, b, rows) for (c, b, rows), sh in zip(parts, shards)]
-    n_max = max(len(rows) for _, _, rows in parts)
-    x = inputs[0]
-    hidden = torch.zeros(len(parts), n_max, x.shape[-1], dtype=x.dtype, device=x.device)
-    for k, h in enumerate(inputs):
-        hidden[k, :h.shape[1]] = h[0]
-    batch = BatchedRequests.from_shards(shards)
-    out = batch.forward([list(rows) for _, _, rows in parts], hidden)
-    C = batch.c_max
-    for k, ((c, b, rows), sh) in enumerate(zip(parts, shards)):
-        n = len(rows)
-        for i in range(sh.lo, sh.hi):              # the new rows sit after the padding
-            layer = batch.cache.layers[i]
-            sh.cache.update(layer.keys[k:k + 1, :, C:C + n], layer.values[k:k + 1, :, C:C + n],
-                            i)
-        sh.state.append(list(rows), b.committed)
-        c.passed(j, b, rows, out[k:k + 1, :n])
+def batched_draft(items) -> list[dict]:
+    """The draft pass of several requests, [(ModelCompute, Draft, admitted rows)], in one
+    forward (`batch.propose_live`)."""
+    return propose_live([(c.draft_model, d, rows) for c, d, rows in items])
 
 
-def _stage_input(c: ModelCompute, sh: Shard, j: int, b, rows) -> torch.Tensor:
-    """A part's hidden states [1, n, H] into stage j: its embeddings at stage 1, else what
-    stage j - 1 passed on (its live rows)."""
-    if sh.has_embed:
-        ids = torch.tensor([[r.token for r in rows]], device=sh.device)
-        return sh.model.model.embed_tokens(ids).to(sh.dtype)
+def _stage_input(c: ModelCompute, j: int, b, rows) -> torch.Tensor:
+    """A part's hidden states [1, n, H] into stage j > 1: what stage j - 1 passed on
+    (its live rows)."""
     rows_in, h = c.inputs.pop((j, b.id))
-    return select_rows(rows_in, h, rows).to(sh.device, sh.dtype)
+    return select_rows(rows_in, h, rows)

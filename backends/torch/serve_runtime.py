@@ -13,12 +13,14 @@ simulator's `backends.simulated.serve.ServeSim`:
   for it) and the head gives it its own `DraftModel` and `Verifier` over the head's
   weights; when it finishes, a FREE drops its holders everywhere;
 * a step travels as its parts, one BATCH message each (REQ = the request's sequence
-  number), back to back. Stage 1 acks every part it takes; once it has taken all of a
-  step's parts the scheduler hears `entry_taken()`. Parts come back from the last stage
-  in the order they were sent; once a step's parts are all back (verified on the head in
-  topology A) it hears `returned(step, parts)`;
+  number, LEFT = the parts after it), back to back; every stage computes a step in one
+  forward over its requests (`serve_worker.ServeStage`). Stage 1 acks every part it
+  takes; once it has taken all of a step's parts the scheduler hears `entry_taken()`.
+  Parts come back from the last stage in the order they were sent; once a step's parts
+  are all back (verified on the head in topology A) it hears `returned(step, parts)`;
 * the draft: one pass answers the oldest pending Draft of each request (as ServeSim),
-  computed one request after the other on the head, then one `drafted(answers)`;
+  in one forward over those requests (`batch.propose_requests`), then one
+  `drafted(answers)`;
 * prune notices: the head's own holders at once; the stages by broadcast (CTRL, tagged
   with REQ), in-band, or piggyback (ahead of the next step), as the prune mode says;
 * commits on the head's wall clock, in ms from the run's start; arrivals open loop (each
@@ -43,10 +45,11 @@ import torch
 from backends.simulated.replay import RequestRun
 from backends.simulated.serve import Served, ServeRun
 from backends.torch import wire
+from backends.torch.batch import propose_requests
 from backends.torch.head import Request
 from backends.torch.runtime import DistributedPipeline, StageFailed
 from backends.torch.shard import DraftModel, TargetSampler, Verifier, rows_tensor
-from backends.torch.worker import SLICE_CANCEL, StageConfig
+from backends.torch.worker import SLICE_BATCH, SLICE_CANCEL, SLICE_PRUNE, StageConfig
 from pipedec_sim.protocol.knobs import ServeKnobs
 from pipedec_sim.protocol.messages import Commit, Draft, Step, Update
 from pipedec_sim.protocol.sampling import request_key
@@ -69,9 +72,13 @@ class DistributedServer(DistributedPipeline):
     STAGE_MODULE = "backends.torch.serve_worker"
 
     def __init__(self, cfg: StageConfig, draft_spec: str | None, *, knobs=None,
-                 serve_knobs: dict | None = None, torchrun: bool = False):
+                 serve_knobs: dict | None = None, torchrun: bool = False,
+                 timeline: bool = False):
+        """timeline: each run keeps its commits, the head's work and (stages on the head's
+        host) every stage's computes as timeline events (`ServeRun.pipeline.timeline`)."""
         super().__init__(cfg, draft_spec, knobs=knobs, torchrun=torchrun)
         self.serve_knobs = ServeKnobs(**(serve_knobs or {}))
+        self.timeline = timeline
 
     def serve(self, name: str, requests: Sequence[Request], *, arrivals_ms=None,
               concurrency: int | None = None) -> tuple[ServeRun, dict[int, list[int]]]:
@@ -128,7 +135,7 @@ class ServingRun:
         self.untaken: dict[int, int] = {}       # step -> its parts stage 1 has not taken
         self.back: dict[tuple[int, int], tuple[int, int]] = {}  # (seq, batch) -> (step, part)
         self.returning: dict[int, list] = {}    # step -> [answers by part, parts not back]
-        self.issued = self.ended = self.parts = 0
+        self.issued = self.ended = self.parts = self.forwards = 0
         self.t0 = time.perf_counter()
 
     def now_ms(self) -> float:
@@ -151,7 +158,9 @@ class ServingRun:
         self._report()
         self.out.end_ms = end
         outputs = {r: list(s.output) for r, s in sorted(self.strategies.items())}
-        return ServeRun(dict(sorted(self.served.items())), self.out, end, self.parts), outputs
+        run = ServeRun(dict(sorted(self.served.items())), self.out, end, self.parts,
+                       self.forwards)
+        return run, outputs
 
     def _wait_s(self) -> float:
         """How long the loop may wait for a message: not at all with drafts to run, and
@@ -253,22 +262,22 @@ class ServingRun:
             (keep if r in seen else work).append((r, d))
             seen.add(r)
         self.drafts = keep
-        answers = []
-        for r, d in work:
-            holders = self.holders.get(r)      # None: r finished meanwhile
-            proposals: dict = {}
-            if holders is not None and holders.draft is not None:
-                t = time.perf_counter()
-                proposals = holders.draft.propose(d.rows, d.want, d.k, d.committed)
-                self._busy("draft", t, len(d.rows))
-            answers.append((r, d.ticket, proposals))
-        self.server.dispatch(self.server.drafted(answers))
+        todo = [(k, self.holders[r].draft, d) for k, (r, d) in enumerate(work)
+                if r in self.holders and self.holders[r].draft is not None]
+        got: list[dict] = [{} for _ in work]     # none: r finished meanwhile
+        if todo:
+            t = time.perf_counter()
+            for (k, _, _), proposals in zip(todo, propose_requests([x[1:] for x in todo])):
+                got[k] = proposals
+            self._busy("draft", t, sum(len(d.rows) for _, _, d in todo))
+        self.server.dispatch(self.server.drafted(
+            [(r, d.ticket, g) for (r, d), g in zip(work, got)]))
         return True
 
     def _busy(self, actor: str, since: float, rows: int) -> None:
-        out = self.out
-        out.busy_ms[actor] = out.busy_ms.get(actor, 0.0) + (time.perf_counter() - since) * 1e3
-        out.rows[actor] = out.rows.get(actor, 0) + rows
+        """The head's `actor` (draft, lm_head) worked from `since` until now."""
+        self.out.worked(actor, (since - self.t0) * 1e3, self.now_ms(), actor, rows, True,
+                        self.pipe.timeline)
 
     def _report(self) -> None:
         """Every stage's busy time and rows over the run (REPORT walks the ring behind the
@@ -286,11 +295,22 @@ class ServingRun:
                 if time.monotonic() > deadline:
                     raise StageFailed(f"no report from the last stage within "
                                       f"{pipe.cfg.timeout_s:g} s{pipe._hint()}")
-        for j, (us, rows) in enumerate(item[2].tolist(), 1):
-            self.out.busy_ms[f"stage{j}"] = us / 1e3
-            self.out.rows[f"stage{j}"] = rows
         slices = [] if item[3] is None else item[3].tolist()
         self.out.cancelled = sum(1 for s in slices if s[1] == SLICE_CANCEL)
+        self.forwards = sum(1 for s in slices if s[1] in (SLICE_BATCH, SLICE_CANCEL))
+        if pipe.timeline and pipe.links.one_host:   # one host: one monotonic clock
+            self._stage_events(slices)
+        for j, (us, rows) in enumerate(item[2].tolist(), 1):   # the stages' own totals
+            self.out.busy_ms[f"stage{j}"] = us / 1e3
+            self.out.rows[f"stage{j}"] = rows
+
+    def _stage_events(self, slices) -> None:
+        """The stages' timeline slices as timeline events on the run's clock (their busy
+        time and rows are then replaced by the stages' totals)."""
+        labels = {SLICE_BATCH: "step", SLICE_PRUNE: "prune", SLICE_CANCEL: "step"}
+        for j, kind, _, start, end, rows in slices:
+            self.out.worked(f"stage{int(j)}", (start - self.t0) * 1e3, (end - self.t0) * 1e3,
+                            labels[int(kind)], int(rows), kind != SLICE_CANCEL, True)
 
     # ---- ServeDispatch: the scheduler's actions --------------------------------------
     def inject(self, step: Step, notices: tuple[tuple[int, Update], ...]) -> None:
@@ -306,7 +326,7 @@ class ServingRun:
             self.back[(seq, b.id)] = (step.id, i)
             self.taking.append((seq, step.id))
             self.served[r].batches += 1
-            self.pipe.out.send([wire.batch_header(wire.BATCH, seq, b)]
+            self.pipe.out.send([wire.batch_header(wire.BATCH, seq, b, k - 1 - i)]
                                + ([rows_tensor(b.rows)] if b.rows else []), 1)
         self.out.batches += 1
         self.parts += k
@@ -336,7 +356,7 @@ class ServingRun:
         now = self.now_ms()
         self.served[r].commits.append((now, len(commit.tokens), commit.drafted,
                                        commit.outcome))
-        self.out.committed(now, commit, False)
+        self.out.committed(now, commit, self.pipe.timeline)
 
     def finish(self, r: int) -> None:
         """Request r is complete: its holders go, on the head and at every stage."""

@@ -13,12 +13,16 @@ KV cache and sampler, so one request never sees another's cache. The DATA messag
   REPORT  busy time, rows and timeline slices since the last REPORT (once per serving
           run), then the counters start again
 
-A serving step travels as its parts, one BATCH message each, back to back; the stage
-computes them one after another (no padded forward over several requests' rows), acks
-each part it takes (stage 1) and passes each on as soon as it is done. Broadcast
-notices (CTRL) go to their request's holder: a request's notices that arrive before its
-RESET wait for it, those of a finished request are dropped. With cancel a part is
-abandoned when a notice kills all of its rows (`pacing.cancels`), as one request's batch.
+A serving step travels as its parts, one BATCH message each, back to back, the header's
+LEFT slot counting the parts still to come. The stage acks each part as it takes it
+(stage 1), gathers them, then computes the step's live rows in ONE forward over their
+requests (`batch.forward_requests`: the weights once, attention per request over its
+own cache and tree; a request with two parts in the step gets its second in a second
+forward), and passes every part on as its own message. Broadcast notices (CTRL) go to
+their request's holder: a request's notices that arrive before its RESET wait for it,
+those of a finished request are dropped. With cancel the forward is abandoned once
+notices have killed every row of every part in it (`pacing.cancels`), as the simulator
+abandons a step.
 
 Launched by `serve_runtime.DistributedServer` as `python -m backends.torch.serve_worker`
 (or as a torchrun rank of `pipedec-real serve`).
@@ -27,9 +31,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 
+import torch
+
 from backends.torch import wire
+from backends.torch.batch import forward_requests, rounds
 from backends.torch.shard import Shard, TargetSampler
 from backends.torch.worker import (
     Control,
@@ -37,7 +45,18 @@ from backends.torch.worker import (
     StageConfig,
     stage_main,
 )
-from pipedec_sim.protocol.messages import Update
+from pipedec_sim.protocol.messages import Batch, Update
+from pipedec_sim.protocol.pacing import cancels, stage_output
+
+
+@dataclass
+class Part:
+    """One request's part of the step being gathered, then computed."""
+    r: int                       # its request (sequence number)
+    batch: Batch
+    hidden: torch.Tensor | None  # into this stage (None at stage 1: it embeds)
+    rows: tuple = ()             # its live rows, once admitted
+    out: torch.Tensor | None = None    # its output hidden states
 
 
 @dataclass
@@ -55,6 +74,7 @@ class ServeStage(Stage):
         self.shard = None            # the holder being worked on (`_use`), none between
         self.holders: dict[int, Holder] = {}
         self.opened = -1             # the newest request seen (RESETs come in seq order)
+        self.gathered: list[Part] = []   # the parts of the step coming in
         self.handlers = {wire.BATCH: self.on_batch, wire.UPDATE: self.on_update,
                          wire.RESET: self.on_open, wire.FREE: self.on_free,
                          wire.REPORT: self.on_report}      # `Stage.loop` dispatches
@@ -127,8 +147,67 @@ class ServeStage(Stage):
 
     # ---- work ------------------------------------------------------------------------
     def on_batch(self, h) -> None:
-        self._use(int(h[wire.REQ]))
-        super().on_batch(h)
+        """One part of a step: kept until the step's last part has come (wire.LEFT = 0),
+        then the step is computed (`_step`)."""
+        r = int(h[wire.REQ])
+        self._use(r)
+        batch, hidden = self._take(h)
+        self.gathered.append(Part(r, batch, hidden))
+        if int(h[wire.LEFT]) == 0:
+            parts, self.gathered = self.gathered, []
+            self._step(parts)
+
+    def _step(self, parts: list[Part]) -> None:
+        """A step's parts: each request's dead rows dropped, its live rows computed, one
+        forward per round (`batch.rounds`: a request's second part in the next), then
+        every part sent on as its own message, in the order they came."""
+        for p in parts:
+            p.rows, p.hidden = self.holders[p.r].shard.admit(p.batch.rows, p.hidden)
+        for group in rounds([p for p in parts if p.rows], key=lambda p: p.r):
+            self._forward(group)
+        for k, p in enumerate(parts):
+            out = stage_output(p.batch, p.rows)
+            self._use(p.r)
+            t = time.perf_counter()
+            tokens = self._tokens(out, p.out) if out.rows else None
+            self.busy_us += int((time.perf_counter() - t) * 1e6)
+            self._send_on(p.r, out, p.out, tokens, len(parts) - 1 - k)
+
+    def _forward(self, group: list[Part]) -> None:
+        """One forward over parts of distinct requests (a lone part: its request's own
+        `Shard.forward`, as for one request). With cancel, the forward is abandoned once
+        notices have killed every row of every part (`pacing.cancels`), as the
+        simulator abandons a step; an abandoned part goes on with no rows."""
+        t = time.perf_counter()
+        self.abandoned = False
+        if len(group) == 1:
+            p = group[0]
+            self._use(p.r)
+            outs = [self.shard.forward(p.rows, p.batch.committed, p.hidden,
+                                       between=self._between if self.cancel else None)]
+            outs = None if outs[0] is None else outs
+        else:
+            cancel = all(self.holders[p.r].cancel for p in group)
+            outs = forward_requests([self.holders[p.r].shard for p in group],
+                                    [p.rows for p in group], [p.batch.committed for p in group],
+                                    None if self.j == 1 else [p.hidden for p in group],
+                                    between=self._all_killed(group) if cancel else None)
+            self.abandoned = outs is None
+        for k, p in enumerate(group):
+            p.out = None if outs is None else outs[k]
+            p.rows = p.rows if outs is not None else ()
+        self._account(t, group[0].batch.id, sum(len(p.rows) for p in group))
+
+    def _all_killed(self, group: list[Part]):
+        """`forward_requests`' between-layer check: have arrived notices killed every row
+        of every part?"""
+        ids = [(p.r, frozenset(row.id for row in p.rows)) for p in group]
+
+        def between() -> bool:
+            self._collect()
+            return all(any(q == r and cancels(rows, u) for q, u in self.notices)
+                       for r, rows in ids)
+        return between
 
     def on_report(self, h) -> None:
         """The serving run's totals (`Stage.on_report`), then a fresh count for the next."""

@@ -198,7 +198,12 @@ class DraftModel:
     @torch.inference_mode()
     def propose_live(self, live, want, k: int, committed: int) -> dict[int, tuple]:
         """`propose` for rows already admitted (the inline driver's simulator admits)."""
-        hidden = self.shard.forward(live, committed)
+        return self.top_k(live, self.shard.forward(live, committed), want, k)
+
+    @torch.inference_mode()
+    def top_k(self, live, hidden: torch.Tensor, want, k: int) -> dict[int, tuple]:
+        """Top-k (token, log-prob) children of each wanted row of `live` (their draft
+        hidden states [1, n, H], already computed)."""
         at = {r.id: j for j, r in enumerate(live)}
         wanted = [i for i in want if i in at]
         if not wanted:

@@ -5,8 +5,10 @@ tensor send over gloo, see ENV.md); the header says which tensors follow and the
 
   BATCH   rows int64 [n, 4] (id, parent, token, pos), then hidden [n, H] unless it comes
           from the head (float32 over gloo, or the model's dtype over NCCL: see link.py);
-          slots: batch id, n, verify_from, committed. n = 0: header only (every row died
-          on the way; the next stage and the head still count it)
+          slots: batch id, n, verify_from, committed, and (serving) left: how many parts
+          of the same step follow back to back (a stage computes a step once it has its
+          last part, left = 0). n = 0: header only (every row died on the way; the next
+          stage and the head still count it)
   TOKENS  (topology B, last stage -> head) rows int64 [n, 4] + argmax tokens int64 [n]
           n = 0: header only
   UPDATE  ids int64 [n_commit + n_kill] (a prune notice; slots n, n2 = the two counts)
@@ -31,21 +33,22 @@ from pipedec_sim.protocol.pacing import PRUNE_MODES
 
 HEADER_LEN = 8
 BATCH, TOKENS, UPDATE, RESET, REPORT, STOP, FREE = 1, 2, 3, 4, 5, 6, 7
-KIND, REQ, ID, N, VFROM, COMMITTED, N2 = 0, 1, 2, 3, 4, 5, 6   # header slots
+KIND, REQ, ID, N, VFROM, COMMITTED, N2, LEFT = 0, 1, 2, 3, 4, 5, 6, 7   # header slots
 TAG_DATA, TAG_ACK, TAG_CTRL = 1, 2, 3
 
 
 def header(kind: int, req: int, *, id: int = 0, n: int = 0, vfrom: int = 0,
-           committed: int = 0, n2: int = 0) -> torch.Tensor:
+           committed: int = 0, n2: int = 0, left: int = 0) -> torch.Tensor:
     h = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    h[KIND], h[REQ], h[ID], h[N], h[VFROM], h[COMMITTED], h[N2] = (
-        kind, req, id, n, vfrom, committed, n2)
+    h[KIND], h[REQ], h[ID], h[N], h[VFROM], h[COMMITTED], h[N2], h[LEFT] = (
+        kind, req, id, n, vfrom, committed, n2, left)
     return h
 
 
-def batch_header(kind: int, req: int, batch: Batch) -> torch.Tensor:
+def batch_header(kind: int, req: int, batch: Batch, left: int = 0) -> torch.Tensor:
+    """A BATCH/TOKENS header; `left`: the parts of its serving step after this one."""
     return header(kind, req, id=batch.id, n=len(batch.rows), vfrom=batch.verify_from,
-                  committed=batch.committed)
+                  committed=batch.committed, left=left)
 
 
 def reset(req: int, prune: str, cancel: bool, key: int = 0) -> torch.Tensor:

@@ -239,33 +239,46 @@ class Stage:
         self.slices.append((self.j, kind, batch_id, start, time.perf_counter(), rows))
 
     def on_batch(self, h) -> None:
-        n = int(h[wire.N])
-        rows = tensor_rows(wire.recv((n, 4), torch.int64, self.prev)) if n else ()
-        hidden = self.links.recv(n, self.prev) if self.j > 1 and n else None
-        if self.j == 1:       # tell the head stage 1 took it (the strategy's EntryFree)
-            self.out.send([torch.tensor([int(h[wire.REQ]), int(h[wire.ID])])], 0, wire.TAG_ACK)
-        if self.fault and self.fault[0] == self.req:
-            self._crash()
-        batch = Batch(int(h[wire.ID]), rows, "", int(h[wire.VFROM]), int(h[wire.COMMITTED]))
+        batch, hidden = self._take(h)
         t = time.perf_counter()
         self.abandoned = False
         out, hidden = run_stage(self.shard, batch, hidden,
                                 between=self._between if self.cancel else None)
-        tokens = None
-        if self.next == 0 and self.cfg.topology == "B":
-            tokens = lm_head(self.shard, out, hidden, self.sampler)
-        self.busy_us += int((time.perf_counter() - t) * 1e6)
-        self.rows += len(out.rows)
-        self._slice(SLICE_CANCEL if self.abandoned else SLICE_BATCH, batch.id, t,
-                    len(out.rows))
+        tokens = self._tokens(out, hidden)
+        self._account(t, batch.id, len(out.rows))
         self._send_on(int(h[wire.REQ]), out, hidden, tokens)
 
-    def _send_on(self, req: int, out: Batch, hidden, tokens) -> None:
+    def _take(self, h) -> tuple[Batch, torch.Tensor | None]:
+        """Receive the batch whose header is `h` (its rows, and past stage 1 its hidden
+        states); stage 1 tells the head it took it (the strategy's EntryFree)."""
+        n = int(h[wire.N])
+        rows = tensor_rows(wire.recv((n, 4), torch.int64, self.prev)) if n else ()
+        hidden = self.links.recv(n, self.prev) if self.j > 1 and n else None
+        if self.j == 1:
+            self.out.send([torch.tensor([int(h[wire.REQ]), int(h[wire.ID])])], 0, wire.TAG_ACK)
+        if self.fault and self.fault[0] == int(h[wire.REQ]):
+            self._crash()
+        return Batch(int(h[wire.ID]), rows, "", int(h[wire.VFROM]),
+                     int(h[wire.COMMITTED])), hidden
+
+    def _tokens(self, out: Batch, hidden) -> dict[int, int] | None:
+        """Topology B's last stage: the target's tokens after the rows to verify."""
+        if self.next == 0 and self.cfg.topology == "B":
+            return lm_head(self.shard, out, hidden, self.sampler)
+        return None
+
+    def _account(self, since: float, batch_id: int, rows: int) -> None:
+        """One compute since `since`: busy time, rows, and its timeline slice."""
+        self.busy_us += int((time.perf_counter() - since) * 1e6)
+        self.rows += rows
+        self._slice(SLICE_CANCEL if self.abandoned else SLICE_BATCH, batch_id, since, rows)
+
+    def _send_on(self, req: int, out: Batch, hidden, tokens, left: int = 0) -> None:
         """The stage's output (`stage_output`: header only if every row died) to the next
         stage; from the last stage only the verified rows go back to the head, with their
-        hidden states (topology A) or their tokens (B)."""
+        hidden states (topology A) or their tokens (B). left: as the part came (serving)."""
         if self.next != 0:
-            msg = [wire.batch_header(wire.BATCH, req, out)]
+            msg = [wire.batch_header(wire.BATCH, req, out, left)]
             self.out.send(msg + ([rows_tensor(out.rows)] if out.rows else []), self.next)
             if out.rows:
                 self.links.send(self.out, hidden[0], self.next)
@@ -273,11 +286,11 @@ class Stage:
         vrows = verify_rows(out)
         back = Batch(out.id, vrows, out.kind)
         if tokens is not None:
-            h = wire.batch_header(wire.TOKENS, req, back)
+            h = wire.batch_header(wire.TOKENS, req, back, left)
             toks = torch.tensor([tokens[r.id] for r in vrows], dtype=torch.int64)
             self.out.send([h] + ([rows_tensor(vrows), toks] if vrows else []), 0)
             return
-        self.out.send([wire.batch_header(wire.BATCH, req, back)]
+        self.out.send([wire.batch_header(wire.BATCH, req, back, left)]
                       + ([rows_tensor(vrows)] if vrows else []), 0)
         if vrows:
             self.links.send(self.out, hidden[0, out.verify_from:], 0)

@@ -191,10 +191,11 @@ def add_parser(sub) -> None:
                         f"{DEFAULT_PROFILE})")
     p.add_argument("--batching", choices=BATCHING, default=None,
                    help="how a step over several requests' rows is priced: sequential (one "
-                        "forward per request, as the torch stage processes serve), requests "
-                        "(one forward; each request's own attention from the profile's "
-                        "context grid), flat (one forward; all rows as one sequence over "
-                        "their mean context, as a paged-attention kernel). Default: the "
+                        "forward per request), requests (one forward: the weights once, each "
+                        "request's own attention from the profile's context grid, as the "
+                        "torch backend's serving computes it), flat (one forward; all rows "
+                        "as one sequence over their mean context, as a paged-attention "
+                        "kernel). Default: the "
                         "profile's (latency.batching; requests where it says nothing)")
     p.add_argument("--strategies", type=serve_list, default=SERVE_STRATEGIES,
                    help="comma-separated serving strategies (default pp,tree-sd,chain-sd,"

@@ -12,9 +12,9 @@ from .grid import Grid1D, Grid2D
 
 SCHEMA = "pipedec-profile/1"
 # How one step over several requests' rows is priced (Profile.batch_layer, `batching`):
-# "sequential" one forward per request (the torch stage processes' serving), "requests" one
-# forward whose attention is each request's own (varlen / paged kernels), "flat" one
-# forward whose rows attend as one sequence over their mean context.
+# "sequential" one forward per request, "requests" one forward whose attention is each
+# request's own (varlen / paged kernels; the torch backend's serving), "flat" one forward
+# whose rows attend as one sequence over their mean context.
 BATCHING = ("sequential", "requests", "flat")
 DEFAULT_BATCHING = "requests"
 SCHEMA_PREFIX = "pipedec-profile/"
@@ -32,8 +32,8 @@ COLD_FIELDS = ("cold_stage_ms", "cold_layer_ms", "cold_lm_head_ms", "cold_draft_
 class BatchPoint:
     """One measured batched forward ("latency.batch", optional): a decoder layer of the
     target over B requests' rows at once, request b with rows[b] new rows over its own
-    context[b] cached rows, padded to one [B, max rows] forward over [B, max context]
-    KV (`backends.torch.profiler.BatchedRequests`); ms per layer, like the `layer` grid."""
+    context[b] cached rows (`backends.torch.batch.forward_requests`: the weights once,
+    attention per request); ms per layer, like the `layer` grid."""
 
     rows: tuple[int, ...]
     context: tuple[int, ...]
@@ -50,22 +50,15 @@ class BatchPoint:
 
 @dataclass(frozen=True)
 class BatchError:
-    """`Profile.batch_layer` at a measured `BatchPoint` (model_ms; error = model_ms /
-    measured - 1, signed: > 0 the model overestimates), and beside it the same formula
-    with every request's context at the batch's longest (padded_ms, padded_error): what
-    a padded forward's attention would cost if every request held that context."""
+    """`Profile.batch_layer` at a measured `BatchPoint`: model_ms, and error = model_ms /
+    measured - 1 (signed: > 0 the model overestimates)."""
 
     point: BatchPoint
     model_ms: float
-    padded_ms: float
 
     @property
     def error(self) -> float:
         return self.model_ms / self.point.ms - 1.0
-
-    @property
-    def padded_error(self) -> float:
-        return self.padded_ms / self.point.ms - 1.0
 
 
 @dataclass(frozen=True)
@@ -171,8 +164,8 @@ class Profile:
     # `batch_layer` against; () in older profiles. Never used to simulate.
     batch: tuple[BatchPoint, ...] = ()
     # How a step over several requests' rows is priced (`batch_layer`, BATCHING):
-    # "latency.batching" in the file; `pipedec-real profile` writes "sequential", what the
-    # torch backend's serving does; absent: DEFAULT_BATCHING.
+    # "latency.batching" in the file; absent: DEFAULT_BATCHING, what the torch backend's
+    # serving does (`backends.torch.batch`).
     batching: str = DEFAULT_BATCHING
 
     __hash__ = None  # type: ignore[assignment]  # provenance is a dict
@@ -250,22 +243,12 @@ class Profile:
 
     def batch_error(self) -> tuple[BatchError, ...]:
         """`batch_layer` against each measured batched forward (`batch`): the model's
-        value and its relative error per point; () where the profile measured none.
-
-        How to read it: the model prices a batch as the `layer` grid at the batch's total
-        rows over no context plus, per request, what its rows over its own context add,
-        i.e. attention that touches only each request's own KV (varlen / paged kernels,
-        as vLLM's). The measurement is one dense padded forward: every request's rows
-        attend over the longest context (padding masked out, but computed). So at equal
-        contexts the error is the formula's own; with mixed contexts the measured time
-        also holds the padding's waste (a negative error), which `padded_ms` (every
-        context at the longest) brackets from the other side."""
-        out = []
-        for pt in self.batch:
-            top = max(pt.context)
-            out.append(BatchError(pt, self.batch_layer(pt.parts),
-                                  self.batch_layer([(n, top) for n in pt.rows])))
-        return tuple(out)
+        value and its relative error per point; () where the profile measured none. The
+        torch backend's batched forward shares the weight work and gives each request
+        attention over its own KV only, as the default model ("requests") assumes; so
+        there the error is the formula's own (per-request kernel overheads, the grid's
+        interpolation)."""
+        return tuple(BatchError(pt, self.batch_layer(pt.parts)) for pt in self.batch)
 
     def hidden_bytes(self, rows: int) -> int:
         return rows * self.target.hidden * self.target.dtype_bytes
