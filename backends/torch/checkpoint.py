@@ -19,9 +19,12 @@ ever holding the rest of the model:
 
 The seeded `tiny*` specs have no file to read (their weights come from a seed), so they
 keep the old path: build the full seeded model, then drop what the stage does not own.
+The seeded eps pair (eps_pair.py) seeds each tensor by its name, so a stage builds the
+skeleton, drops what it does not own and fills only the rest, as with a checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from backends.torch import models
+from backends.torch import eps_pair, models
 from backends.torch.models import Loaded
 from pipedec_sim.errors import InputError
 
@@ -43,6 +46,11 @@ def load_stage(spec: str, lo: int, hi: int, *, embed: bool, head: bool, device="
     """Decoder layers [lo, hi) of `spec` (plus the embeddings if `embed`, the final norm
     and LM head if `head`), in eval mode on `device`. Layers outside the range are
     `Identity` so that layers and KV cache stay indexed by absolute layer number."""
+    pair = eps_pair.parse(spec)
+    if pair is not None:
+        keep = functools.partial(models.keep_layers, lo=lo, hi=hi, embed=embed, head=head)
+        model = models.eps_model(pair, keep).to(device=device, dtype=dtype)
+        return Loaded(spec, model, models.tiny_encode, None)
     if spec in models.TINY or spec in models.NOISY:
         loaded = models.load(spec)
         models.keep_layers(loaded.model, lo, hi, embed=embed, head=head)
@@ -60,6 +68,9 @@ def load_stage(spec: str, lo: int, hi: int, *, embed: bool, head: bool, device="
 def num_layers(spec: str) -> int:
     """The target's decoder layer count, from its config alone (to split stages before
     anything is loaded)."""
+    pair = eps_pair.parse(spec)
+    if pair is not None:
+        return pair.built_layers
     if spec in models.NOISY:
         spec = "tiny"
     if spec in models.TINY:

@@ -46,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run strategies on real models over a prompt file")
     run.add_argument("--target", required=True,
-                     help="tiny | smollm2 | an HF Llama-family folder (required)")
+                     help="tiny | smollm2 | eps-pair[:LxH[:EPS[:K]]] (a controlled-acceptance "
+                          "pair, not a language model) | an HF Llama-family folder (required)")
     run.add_argument("--draft", default=None,
                      help="tiny-draft | tiny-noisy | tiny | smollm2 | smollm2-draft (the distilled "
-                          "draft in traces/) | a folder (needed unless --strategies ar; "
-                          "default none)")
+                          "draft in traces/) | eps-pair-draft[:LxH[:K]] (eps-pair's) | a folder "
+                          "(needed unless --strategies ar; default none)")
     run.add_argument("--stages", type=positive(), default=2,
                      help="pipeline stages S (default 2)")
     run.add_argument("--prompts", required=True, type=Path,
@@ -107,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "such as llama-3.1-70b, or an HF config.json; no checkpoint needed).")
     tgt = prof.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target",
-                     help="tiny | smollm2 | an HF Llama-family folder (required: this or "
-                          "--target-shape; no default)")
+                     help="tiny | smollm2 | eps-pair[:LxH[:EPS[:K]]] | an HF Llama-family "
+                          "folder (required: this or --target-shape; no default)")
     tgt.add_argument("--target-shape", metavar="NAME|CONFIG",
                      help="time random-weight layers of this shape instead of a checkpoint: a "
                           "preset (pipedec-sim profile list) or an HF config.json; the profile "
@@ -426,11 +427,11 @@ def cmd_profile(args) -> int:
     for spec, flag in ((args.target, "--target"), (args.draft, "--draft")):
         if spec.startswith(SHAPE_PREFIX):
             continue
-        if spec not in models.TINY and spec not in models.NOISY:
-            try:
+        try:
+            if not models.is_seeded(spec):
                 models.resolve_path(spec)         # a folder: config and safetensors weights
-            except InputError as e:
-                raise InputError(e.message, file=e.file, field=flag) from None
+        except InputError as e:
+            raise InputError(e.message, file=e.file, field=flag) from None
     from backends.torch.profiler import profile_main
     return profile_main(args)
 
@@ -456,7 +457,8 @@ def add_serve_parser(sub) -> None:
                        "pipedec-db: SpecPipe-DB, one mixed tree layer per step) and print "
                        "throughput and latency percentiles, one row per strategy.")
     p.add_argument("--target", required=True,
-                   help="tiny | smollm2 | an HF Llama-family folder (required)")
+                   help="tiny | smollm2 | eps-pair[:LxH[:EPS[:K]]] | an HF Llama-family folder "
+                        "(required)")
     p.add_argument("--draft", default=None,
                    help="the draft model, as for `run` (needed unless --strategies pp; "
                         "default none)")

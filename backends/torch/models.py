@@ -1,5 +1,6 @@
 """Model specs for `--target/--draft`: `tiny`, `tiny-draft`, `tiny-noisy`, `smollm2`,
-`smollm2-draft` (the distilled draft shipped in traces/), or an HF folder.
+`smollm2-draft` (the distilled draft shipped in traces/), the acceptance-controlled pair
+`eps-pair[:LxH[:EPS[:K]]]` / `eps-pair-draft[:LxH[:K]]` (eps_pair.py), or an HF folder.
 
 A spec resolves to a `Loaded` (model in eval mode, float32, plus how to turn text into ids
 and which id ends a reply). `load` reads a whole model (the draft, tests, tools); pipeline
@@ -23,6 +24,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from backends.torch import eps_pair
 from backends.torch.weights import check_weights, from_folder
 from pipedec_sim.errors import InputError
 
@@ -53,7 +55,17 @@ class Loaded:
         return self.model.config
 
 
+def is_seeded(spec: str) -> bool:
+    """Whether a spec's weights come from a seed (no file to read): the tiny models and
+    the eps pair. A malformed eps-pair spec raises InputError."""
+    return spec in TINY or spec in NOISY or eps_pair.parse(spec) is not None
+
+
 def tiny_model(name: str) -> LlamaForCausalLM:
+    """The whole model of a seeded spec (`is_seeded`)."""
+    pair = eps_pair.parse(name)
+    if pair is not None:
+        return eps_model(pair)
     if name in NOISY:
         model = tiny_model("tiny")
         gen = torch.Generator().manual_seed(7)
@@ -63,15 +75,37 @@ def tiny_model(name: str) -> LlamaForCausalLM:
         return model
     kw = dict(TINY[name])
     seed = kw.pop("seed")
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                      initializer_range=0.1, tie_word_embeddings=False, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=None, attn_implementation="sdpa", **kw)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(seeded_config(initializer_range=0.1, **kw))
+    return _no_stop_token(model).eval()
+
+
+def eps_model(pair: eps_pair.EpsPair, keep: Callable | None = None) -> LlamaForCausalLM:
+    """One side of the eps pair, built as a meta-device skeleton, cut down by `keep` (a
+    stage's `keep_layers`) and only then given its seeded weights: a stage never builds
+    the layers it does not own."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(seeded_config(**eps_pair.shape(pair)))
+    if keep is not None:
+        keep(model)
+    eps_pair.materialize(model, pair)
+    return _no_stop_token(model).eval()
+
+
+def seeded_config(**shape) -> LlamaConfig:
+    """The config of a seeded model: the tiny vocab and byte-level prompts (no tokenizer,
+    no stop token), untied head, sdpa attention; `shape` gives layers, widths, heads."""
+    return LlamaConfig(vocab_size=TINY_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                       pad_token_id=None, attn_implementation="sdpa", **shape)
+
+
+def _no_stop_token(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Seeded models generate to the length asked for (their outputs have no EOS)."""
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model
 
 
 def tiny_encode(text: str) -> list[int]:
@@ -107,7 +141,8 @@ def resolve_path(spec: str) -> Path:
         return assembled_draft(p)
     if not (p / "config.json").is_file():
         raise InputError(f"{spec!r} is not a model: expected tiny, tiny-draft, tiny-noisy, "
-                         "smollm2, smollm2-draft or an HF folder with config.json")
+                         f"smollm2, smollm2-draft, {eps_pair.SYNTAX} or an HF folder "
+                         "with config.json")
     check_weights(p)
     return p
 
@@ -132,7 +167,7 @@ def assembled_draft(folder: Path) -> Path:
 
 def load(spec: str) -> Loaded:
     """Load a model spec on CPU in float32 (callers move stage slices to a device)."""
-    if spec in TINY or spec in NOISY:
+    if is_seeded(spec):
         return Loaded(spec, tiny_model(spec), tiny_encode, None)
     path = resolve_path(spec)
     model = from_folder(path)
@@ -172,3 +207,7 @@ def check_pair(target: Loaded, draft: Loaded) -> None:
     if tv != dv:
         raise InputError(f"draft vocab {dv} differs from target vocab {tv}: they must share "
                          "a tokenizer", field="--draft")
+    t, d = eps_pair.parse(target.spec), eps_pair.parse(draft.spec)
+    why = eps_pair.mismatch(t, d) if t is not None and d is not None else None
+    if why:
+        raise InputError(why, field="--draft")

@@ -459,7 +459,7 @@ def load_models(target: str, draft: str, *, dtype=torch.float32):
     from backends.torch.weights import from_folder
 
     def one(spec: str):
-        if spec in models.TINY or spec in models.NOISY:
+        if models.is_seeded(spec):
             return models.tiny_model(spec).to(dtype), None
         path = models.resolve_path(spec)
         return from_folder(path, dtype), path
@@ -483,11 +483,11 @@ def load_prompt_source(spec: str, max_requests: int | None = None) -> tuple[list
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="pipedec-real trace", description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="smollm2",
-                    help="as pipedec-real run --target: tiny | smollm2 | an HF folder "
-                         "(default smollm2)")
+                    help="as pipedec-real run --target: tiny | smollm2 | eps-pair[:...] | an "
+                         "HF folder (default smollm2)")
     ap.add_argument("--draft", required=True,
                     help="as pipedec-real run --draft: tiny-draft | tiny-noisy | smollm2-draft "
-                         "| an HF folder (required)")
+                         "| eps-pair-draft[:...] | an HF folder (required)")
     ap.add_argument("--prompts", required=True,
                     help="prompt file (alpaca/sharegpt/mtbench/humaneval/gsm8k/plain) or a "
                          "data-set name: mtbench, humaneval, gsm8k, sharegpt")
