@@ -43,7 +43,9 @@ class StageLedger:
 
     def injected(self, batch_id: int, rows: tuple[Row, ...]) -> None:
         """A batch entered the pipeline."""
-        self.batch_of.update(dict.fromkeys([r.id for r in rows], batch_id))
+        batch_of = self.batch_of
+        for r in rows:                  # (a plain loop: cheaper than a comprehension here)
+            batch_of[r.id] = batch_id
 
     def dispatched(self, update: Update) -> None:
         """The head dispatched `update` (every stage will apply it, in this order)."""
@@ -84,20 +86,42 @@ class StageLedger:
             if seen[0] == epoch:
                 return seen[1]
             rows = seen[1]                      # survivors only shrink as epochs grow
-        death = self._death
-        if self.orphans:
-            out = [r for r in rows if death(r.id) > epoch and death(r.parent) > epoch]
-        else:                                   # the same, without a call per row
-            get = self.kill_at.get
-            out = [r for r in rows if get(r.id, ALIVE) > epoch and get(r.parent, ALIVE) > epoch]
-        if len(out) < len(rows):
-            for r in rows:                      # a dead row's descendants die too
-                if death(r.id) > epoch and death(r.parent) <= epoch:
-                    self.orphans[r.id] = death(r.parent)
-        alive = rows if len(out) == len(rows) else tuple(out)
+        alive = self._filter(rows, epoch)
         if seen is None or seen[0] <= epoch:
             self.survivors[batch_id] = (epoch, alive)
         return alive
+
+    def _filter(self, rows: tuple[Row, ...], epoch: int) -> tuple[Row, ...]:
+        """`rows` less those dead at `epoch` (`rows` itself if none is)."""
+        out = []
+        orphaned = False            # a row is alive but its parent is not
+        if self.orphans:
+            death = self._death
+            for r in rows:
+                if death(r.id) > epoch:
+                    if death(r.parent) > epoch:
+                        out.append(r)
+                    else:
+                        orphaned = True
+        else:                       # the same, without a call per row
+            get = self.kill_at.get
+            for r in rows:
+                if get(r.id, ALIVE) > epoch:
+                    if get(r.parent, ALIVE) > epoch:
+                        out.append(r)
+                    else:
+                        orphaned = True
+        if orphaned:
+            self._orphan(rows, epoch)
+        return rows if len(out) == len(rows) else tuple(out)
+
+    def _orphan(self, rows: tuple[Row, ...], epoch: int) -> None:
+        """A dead row's descendants die too: from its epoch on (in batch order, so that a
+        row orphaned here passes it on to its own children in the batch)."""
+        death = self._death
+        for r in rows:
+            if death(r.id) > epoch and death(r.parent) <= epoch:
+                self.orphans[r.id] = death(r.parent)
 
     def _death(self, i: int) -> int:
         """The epoch from which row i is dead (ALIVE while it lives)."""
@@ -107,7 +131,9 @@ class StageLedger:
     def computed_rows(self, j: int, rows: tuple[Row, ...]) -> None:
         """Stage j computed `rows`: their KV sits in its cache."""
         self.computed[j] += len(rows)
-        self.depth.update(dict.fromkeys([r.id for r in rows], j))
+        depth = self.depth
+        for r in rows:
+            depth[r.id] = j
 
     def left(self, batch_id: int) -> None:
         """The batch left the pipeline: forget its survivors."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from heapq import heappop, heapreplace
 from operator import itemgetter
 from typing import Iterable
 
@@ -39,35 +40,43 @@ def best(cands: list[Candidate], n: int) -> list[Candidate]:
 def merge_best(parents: list[Node], topk: int, n: int) -> list[Candidate]:
     """`best(candidates(parents, topk), n)` without building every candidate: each
     parent's proposals are sorted, so a heap over the parents' next proposals yields the
-    winners in order (ties: parent order, then rank, exactly as `best`)."""
-    heap: list[tuple[float, int, int]] = []
+    winners in order (ties: parent order, then rank, exactly as `best`). A heap entry is
+    (-score, parent index, rank, end of its top-k, parent): at most one entry per parent,
+    so comparisons never get past the index."""
+    heap: list[tuple[float, int, int, int, Node]] = []
     for i, p in enumerate(parents):
-        j = _next_free(p, 0, topk)
-        if j is not None:               # then p has proposals
-            heap.append((-(p.score + (p.proposals or ())[j][1]), i, j))
+        props = p.proposals
+        if props:
+            end = min(topk, len(props))
+            j = _next_free(props, p.children, 0, end) if p.children else 0
+            if j < end:
+                heap.append((-(p.score + props[j][1]), i, j, end, p))
     heapq.heapify(heap)
     out: list[Candidate] = []
-    while heap and len(out) < n:
-        neg, i, j = heapq.heappop(heap)
-        p = parents[i]
+    for _ in range(n):
+        if not heap:
+            break
+        neg, i, j, end, p = heap[0]
         props = p.proposals or ()
         token, logp = props[j]
         out.append((-neg, p, token, logp))
-        j = _next_free(p, j + 1, topk)
-        if j is not None:
-            heapq.heappush(heap, (-(p.score + props[j][1]), i, j))
+        j += 1
+        if p.children:                  # (a frontier node has none: no call per pop)
+            j = _next_free(props, p.children, j, end)
+        if j < end:                     # the parent's next proposal takes its place
+            heapreplace(heap, (-(p.score + props[j][1]), i, j, end, p))
+        else:
+            heappop(heap)
     return out
 
 
-def _next_free(p: Node, j: int, topk: int) -> int | None:
-    """Index of p's next proposal (from j, within top-k) that is not already a child."""
-    props = p.proposals or ()
-    end = min(topk, len(props))
-    while j < end:
-        if props[j][0] not in p.children:
-            return j
+def _next_free(props: tuple[tuple[int, float], ...], children: dict, j: int,
+               end: int) -> int:
+    """Index of the next proposal from j (before `end`) that is not already a child of
+    its parent, else `end`."""
+    while j < end and props[j][0] in children:
         j += 1
-    return None
+    return j
 
 
 # The defaults live in the knob groups (pipedec_sim.protocol.knobs).

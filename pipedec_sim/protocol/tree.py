@@ -7,7 +7,7 @@ of the root's children (that child becomes the root, its siblings' subtrees die)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from operator import attrgetter
 
 
 class Node:
@@ -54,10 +54,15 @@ class PredictionTree:
 
     # ---- growth ------------------------------------------------------------------
     def add(self, parent: Node, token: int, logp: float, node_id: int) -> Node:
-        node = Node(node_id, parent, token, parent.pos + 1, logp, parent.score + logp)
+        pos = parent.pos + 1
+        node = Node(node_id, parent, token, pos, logp, parent.score + logp)
         parent.children[token] = node
         self.nodes[node_id] = node
-        self._levels.setdefault(node.pos, []).append(node)
+        level = self._levels.get(pos)
+        if level is None:
+            self._levels[pos] = [node]
+        else:
+            level.append(node)
         return node
 
     def frontier(self) -> list[Node]:
@@ -66,15 +71,16 @@ class PredictionTree:
 
     # ---- verdicts ----------------------------------------------------------------
     def advance(self, token: int) -> Hit | Miss:
-        child = self.root.children.get(token)
+        root = self.root
+        child = root.children.get(token)
         if child is None:
-            killed = tuple(i for i in self.nodes if i != self.root.id)
-            self.nodes = {self.root.id: self.root}
-            self.root.children = {}
-            self._levels = {self.root.pos: [self.root]}
+            killed = tuple([i for i in self.nodes if i != root.id])
+            self.nodes = {root.id: root}
+            root.children = {}
+            self._levels = {root.pos: [root]}
             return Miss(killed)
         keep = {n.id: n for n in subtree(child)}
-        killed = tuple(i for i in self.nodes if i not in keep and i != self.root.id)
+        killed = tuple([i for i in self.nodes if i not in keep and i != root.id])
         self.nodes = keep
         self.root = child
         self._rebuild_levels()
@@ -82,7 +88,7 @@ class PredictionTree:
 
     def prune_to(self, keep_ids: set[int]) -> tuple[int, ...]:
         """Drop every node (root excepted) whose id is not in `keep_ids`; return them."""
-        killed = tuple(i for i in self.nodes if i not in keep_ids and i != self.root.id)
+        killed = tuple([i for i in self.nodes if i not in keep_ids and i != self.root.id])
         for i in killed:
             node = self.nodes.pop(i)
             if node.parent is not None and node.parent.children.get(node.token) is node:
@@ -93,18 +99,28 @@ class PredictionTree:
     def _rebuild_levels(self) -> None:
         levels: dict[int, list[Node]] = {}
         for node in self.nodes.values():
-            levels.setdefault(node.pos, []).append(node)
+            level = levels.get(node.pos)
+            if level is None:
+                levels[node.pos] = [node]
+            else:
+                level.append(node)
         for level in levels.values():          # creation order: ties break the same way
-            level.sort(key=lambda n: n.id)
+            level.sort(key=_ID)
         self._levels = levels
 
 
-def subtree(node: Node) -> Iterator[Node]:
+_ID = attrgetter("id")
+
+
+def subtree(node: Node) -> list[Node]:
+    """`node` and its descendants, depth first (a list: cheaper than a generator here)."""
+    out: list[Node] = []
     stack = [node]
     while stack:
         n = stack.pop()
-        yield n
+        out.append(n)
         stack.extend(n.children.values())
+    return out
 
 
 def path(node: Node, stop: Node | None = None) -> list[Node]:

@@ -63,28 +63,35 @@ class PipeDec(Strategy):
         """The frontier the next layer grows from, once it is drafted (None: not yet, or
         the tree already reaches the request's last position)."""
         frontier = self.tree.frontier()
-        if frontier[0].pos >= self.last_pos or any(n.proposals is None for n in frontier):
+        if frontier[0].pos >= self.last_pos:
             return None
+        for n in frontier:                 # (a loop: cheaper than any() over a generator)
+            if n.proposals is None:
+                return None
         return frontier
 
     def grow(self, chosen: list[Candidate]) -> list[Action]:
         """Make the `chosen` candidates the next layer: inject it and draft it."""
         if not chosen:
             return []
-        layer = [self.tree.add(p, tok, lp, self.new_id()) for _, p, tok, lp in chosen]
-        for n in layer:
+        add = self.tree.add
+        layer, rows, ids = [], [], []
+        for _, p, tok, lp in chosen:       # one loop: this runs for every node
+            n = add(p, tok, lp, self.new_id())
             n.drafted = True
-        rows = [row(n) for n in layer]
+            layer.append(n)
+            rows.append(row(n))
+            ids.append(n.id)
         self.entry_free = False
-        return [self._send(rows, layer, "layer"),
-                self.draft(rows, [n.id for n in layer], self.policy.topk)]
+        return [self._send(rows, layer, "layer"), self.draft(rows, ids, self.policy.topk)]
 
     def _send(self, rows, nodes, kind: str, **kw) -> Inject:
         """Inject a batch, remembering it in flight and on the nodes it carries."""
         inject = self.inject(rows, kind, **kw)
-        self.in_flight.add(inject.batch.id)
+        batch = inject.batch.id
+        self.in_flight.add(batch)
         for n in nodes:
-            n.batch = inject.batch.id
+            n.batch = batch
         return inject
 
     def on_verified(self, event: Verified) -> list[Action]:
