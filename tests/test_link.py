@@ -53,3 +53,19 @@ def test_nccl_on_cpu_is_a_flag_error(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--transport" in r.stderr, r.stderr
+
+
+def test_a_batch_travels_as_one_payload_and_unpacks_to_the_same_values():
+    """Over gloo a batch's rows and hidden states are one byte payload (`wire.pack`); its
+    views give back exactly the rows and float32 values that were packed."""
+    import torch
+
+    from backends.torch import wire
+    rows = torch.tensor([[7, 3, 42, 9], [8, 7, 5, 10], [2**40, -1, 0, 11]], dtype=torch.int64)
+    hidden = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    buf = wire.pack(rows, hidden)
+    assert buf.dtype == torch.uint8 and buf.numel() == 3 * 4 * 8 + 3 * 6 * 4
+    r, h = wire.unpack(buf, 3, 6)
+    assert torch.equal(r, rows) and torch.equal(h, hidden)
+    t = wire.pack_tokens(rows, torch.tensor([4, 5, 6]))
+    assert torch.equal(t[:12].view(3, 4), rows) and t[12:].tolist() == [4, 5, 6]

@@ -62,7 +62,7 @@ def _first_shared(places) -> tuple[int, int] | None:
 
 @dataclass
 class Links:
-    """This rank's view: `send`/`recv` of hidden states [n, H] with a neighbour."""
+    """This rank's view: `send_batch`/`recv_batch` of batches with a neighbour."""
     rank: int
     kind: str                    # "gloo" | "nccl"
     device: torch.device
@@ -75,20 +75,34 @@ class Links:
     def _nccl(self, peer: int) -> bool:
         return self.kind == "nccl" and self.rank != 0 and peer != 0
 
-    def send(self, out: wire.Outbox, h: torch.Tensor, dst: int) -> None:
-        if self._nccl(dst):
-            out.send([h], dst, group=self.group)
+    def send_batch(self, out: wire.Outbox, header: torch.Tensor, rows: torch.Tensor | None,
+                   hidden: torch.Tensor | None, dst: int) -> None:
+        """A BATCH message: the header, then its rows int64 [n, 4] (None: header only) and
+        their hidden states [n, H] (None: none), packed into one payload over gloo; over
+        NCCL the hidden states follow on the NCCL group."""
+        if rows is None:
+            out.send([header], dst)
+        elif hidden is None:
+            out.send([header, rows], dst)
+        elif self._nccl(dst):
+            out.send([header, rows], dst)
+            out.send([hidden], dst, group=self.group)
         else:
-            out.send([h.float().cpu()], dst)
+            out.send([header, wire.pack(rows, hidden.float().cpu())], dst)
 
-    def recv(self, n: int, src: int) -> torch.Tensor:
-        """[1, n, H] on this rank's device, in the model's dtype."""
+    def recv_batch(self, n: int, src: int, hidden: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A BATCH message's n rows [n, 4] and, if `hidden`, their hidden states [1, n, H]
+        on this rank's device in the model's dtype (`send_batch`)."""
+        if not hidden:
+            return wire.recv((n, 4), torch.int64, src), None
         if self._nccl(src):
+            rows = wire.recv((n, 4), torch.int64, src)
             t = torch.empty((n, self.hidden), dtype=self.dtype, device=self.device)
             dist.recv(t, src, group=self.group)
-        else:
-            t = wire.recv((n, self.hidden), torch.float32, src).to(self.device, self.dtype)
-        return t.unsqueeze(0)
+            return rows, t.unsqueeze(0)
+        rows, t = wire.recv_packed(n, self.hidden, src)
+        return rows, t.to(self.device, self.dtype).unsqueeze(0)
 
 
 def connect(rank: int, world: int, device: str, transport: str, hidden: int,

@@ -250,9 +250,10 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
                  ) -> tuple[float, float, dict]:
     """(one-way latency ms, bandwidth Gbit/s, details) between two local gloo ranks.
 
-    The latency is what a pipeline hop pays: a batch-shaped message (int64 header, rows
-    [1, 4], hidden [1, H], three tensors as `wire.Outbox` sends them) to a process that
-    sat idle in a receive (a `gap_s` pause before each ping), echoed back; one-way = half
+    The latency is what a pipeline hop pays: a batch-shaped message (int64 header, then
+    rows [1, 4] and hidden [1, H] in one payload, as `Links.send_batch` sends them) to a
+    process that sat idle in a receive (a `gap_s` pause before each ping), echoed back;
+    one-way = half
     the round trip, mean of the central 98 % (a sum of hops accumulates means, not
     medians). Back-to-back ping-pong of one small tensor (the old measure) is kept in the
     details: on a VM it is ~4x lower, because neither process ever goes idle."""
@@ -276,8 +277,7 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
             dist.send(small, 1)
             dist.recv(small, 1)
             hot.append(time.perf_counter() - t)
-        msg = (torch.zeros(8, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64),
-               torch.zeros(1, hidden))
+        msg = _batch_message(hidden)
         idle = []
         for _ in range(repeats):
             time.sleep(gap_s)
@@ -306,6 +306,14 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
     return lat, 10 * big.numel() * 4 * 8 / secs / 1e9, details
 
 
+def _batch_message(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-row batch message as `Links.send_batch` sends it over gloo: the header, then
+    the row and its hidden state packed into one payload (`wire.pack`)."""
+    from backends.torch import wire
+    return (torch.zeros(wire.HEADER_LEN, dtype=torch.int64),
+            wire.pack(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, hidden)))
+
+
 def _echo(init: str, repeats: int, hidden: int) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -315,8 +323,7 @@ def _echo(init: str, repeats: int, hidden: int) -> None:
     for _ in range(repeats):
         dist.recv(small, 0)
         dist.send(small, 0)
-    msg = (torch.zeros(8, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64),
-           torch.zeros(1, hidden))
+    msg = _batch_message(hidden)
     for _ in range(repeats):
         for x in msg:
             dist.recv(x, 0)
@@ -784,8 +791,7 @@ def _head_cycle(out, S: int, H: int, seq: int, rows, committed: int, *, ack: boo
     r = wire.recv(wire.HEADER_LEN, torch.int64, S)
     n = int(r[wire.N])
     if n:
-        wire.recv((n, 4), torch.int64, S)
-        wire.recv((n, H), torch.float32, S)
+        wire.recv_packed(n, H, S)
 
 
 def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, window: int,
@@ -807,8 +813,7 @@ def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, win
         r = wire.recv(wire.HEADER_LEN, torch.int64, S)
         m = int(r[wire.N])
         if m:
-            ids = wire.recv((m, 4), torch.int64, S)[:, 0]
-            wire.recv((m, H), torch.float32, S)
+            ids = wire.recv_packed(m, H, S)[0][:, 0]
             if notices:
                 out.send([wire.header(wire.UPDATE, seq, n=0, n2=m), ids.clone()], 1)
         if c + window < cycles:

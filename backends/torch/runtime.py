@@ -302,11 +302,11 @@ class DistributedPipeline:
             if kind == wire.TOKENS:
                 return ("tokens", seq, int(h[wire.ID]), (), [])
             return ("hidden", seq, int(h[wire.ID]), (), None)
-        rows = tensor_rows(wire.recv((n, 4), torch.int64, self.S))
         if kind == wire.TOKENS:
-            return ("tokens", seq, int(h[wire.ID]), rows,
-                    wire.recv(n, torch.int64, self.S).tolist())
-        return ("hidden", seq, int(h[wire.ID]), rows, self.links.recv(n, self.S))
+            t, tokens = wire.recv_tokens(n, self.S)
+            return ("tokens", seq, int(h[wire.ID]), tensor_rows(t), tokens)
+        t, hidden = self.links.recv_batch(n, self.S)
+        return ("hidden", seq, int(h[wire.ID]), tensor_rows(t), hidden)
 
     def _read_ack(self):
         ack = wire.recv(2, torch.int64, 1, wire.TAG_ACK)

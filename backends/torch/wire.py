@@ -3,14 +3,16 @@
 Every message starts with an int64 header of HEADER_LEN slots (pickled objects cost ~4x a
 tensor send over gloo, see ENV.md); the header says which tensors follow and their sizes:
 
-  BATCH   rows int64 [n, 4] (id, parent, token, pos), then hidden [n, H] unless it comes
-          from the head (float32 over gloo, or the model's dtype over NCCL: see link.py);
+  BATCH   rows int64 [n, 4] (id, parent, token, pos), and hidden [n, H] unless it comes
+          from the head: over gloo ONE payload, the rows' and the float32 hidden states'
+          bytes (`pack`); over NCCL the rows, then the hidden states in the model's dtype
+          on the NCCL group (link.py);
           slots: batch id, n, verify_from, committed, and (serving) left: how many parts
           of the same step follow back to back (a stage computes a step once it has its
           last part, left = 0). n = 0: header only (every row died on the way; the next
           stage and the head still count it)
-  TOKENS  (topology B, last stage -> head) rows int64 [n, 4] + argmax tokens int64 [n]
-          n = 0: header only
+  TOKENS  (topology B, last stage -> head) one payload: rows int64 [n, 4], then the
+          target's tokens int64 [n] (`pack_tokens`); n = 0: header only
   UPDATE  ids int64 [n_commit + n_kill] (a prune notice; slots n, n2 = the two counts)
   RESET   a new request: empty every KV cache (slot REQ is the request's sequence number);
           slots n, n2 say how this request's notices travel (`reset`, `reset_mode`)
@@ -24,6 +26,9 @@ ACK (stage 1 took a batch: the head's EntryFree) and CTRL (head -> every stage: 
 prune notices, UPDATE with slot REQ = the request they belong to, then one STOP).
 """
 from __future__ import annotations
+
+import queue
+import threading
 
 import torch
 import torch.distributed as dist
@@ -90,26 +95,84 @@ def recv_update(h: torch.Tensor, src: int, tag: int = TAG_DATA) -> Update:
 
 
 class Outbox:
-    """Non-blocking sends: keep each tensor alive until its send completes. Never waiting
-    on a send avoids ring deadlocks (head -> stage 1 ... last stage -> head)."""
+    """Non-blocking sends. The caller never waits on a send: waiting could deadlock the
+    ring (head -> stage 1 ... last stage -> head), since a gloo send completes only once
+    its receiver has posted the receive. Each tensor must stay alive until its send
+    completes, and gloo's `is_completed()` stays False until someone waits (measured,
+    torch 2.13); so a reaper thread waits on the sends in order and then lets them go.
+    Nothing accumulates, and a send costs no scan of the sends before it. A failed send
+    is raised on the next `send` or `flush`."""
 
     def __init__(self):
-        self.pending: list[tuple] = []
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.reaper: threading.Thread | None = None
 
     def send(self, tensors, dst: int, tag: int = TAG_DATA, group=None) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.reaper is None:
+            self.reaper = threading.Thread(target=self._reap, name="outbox", daemon=True)
+            self.reaper.start()
         for t in tensors:
             t = t.contiguous()
-            self.pending.append((dist.isend(t, dst, group=group, tag=tag), t))
-        self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+            self.queue.put((dist.isend(t, dst, group=group, tag=tag), t))
+
+    def _reap(self) -> None:
+        while True:
+            item = self.queue.get()
+            if isinstance(item, threading.Event):      # a flush: everything before is done
+                item.set()
+                continue
+            try:
+                item[0].wait()
+            except Exception as e:                     # the peer is gone: say so on send
+                self.error = self.error or e
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        from datetime import timedelta
-        for w, _ in self.pending:
-            w.wait(timedelta(seconds=timeout_s))
-        self.pending.clear()
+        """Wait until every send so far has completed (at most `timeout_s`)."""
+        if self.reaper is None:
+            return
+        done = threading.Event()
+        self.queue.put(done)
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"sends not completed within {timeout_s:g} s")
+        if self.error is not None:
+            raise self.error
 
 
 def recv(shape, dtype, src: int, tag: int = TAG_DATA) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype)
     dist.recv(t, src, tag=tag)
     return t
+
+
+# A message is its header and at most ONE payload tensor: every gloo send or receive costs
+# a fixed ~0.1-0.3 ms of CPU (benchmarks/wire_overhead.py), far more than the bytes, so a
+# batch's rows and its float32 hidden states travel as one byte buffer.
+
+def pack(rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """One payload of rows int64 [n, 4] and hidden float32 [n, H]: their bytes, in turn."""
+    return torch.cat([rows.contiguous().view(-1).view(torch.uint8),
+                      hidden.contiguous().view(-1).view(torch.uint8)])
+
+
+def unpack(buf: torch.Tensor, n: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows [n, 4] and hidden states [n, h] of a `pack`ed payload (views, no copy)."""
+    return buf[:n * 32].view(torch.int64).view(n, 4), buf[n * 32:].view(torch.float32).view(n, h)
+
+
+def recv_packed(n: int, h: int, src: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Receive a `pack`ed payload of n rows of hidden size h (`unpack`)."""
+    return unpack(recv(n * 32 + n * h * 4, torch.uint8, src), n, h)
+
+
+def pack_tokens(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """One payload of TOKENS: rows int64 [n, 4], then the n tokens."""
+    return torch.cat([rows.reshape(-1), tokens])
+
+
+def recv_tokens(n: int, src: int) -> tuple[torch.Tensor, list[int]]:
+    """The rows [n, 4] and tokens of a TOKENS payload."""
+    t = recv(n * 5, torch.int64, src)
+    return t[:n * 4].view(n, 4), t[n * 4:].tolist()

@@ -252,8 +252,10 @@ class Stage:
         """Receive the batch whose header is `h` (its rows, and past stage 1 its hidden
         states); stage 1 tells the head it took it (the strategy's EntryFree)."""
         n = int(h[wire.N])
-        rows = tensor_rows(wire.recv((n, 4), torch.int64, self.prev)) if n else ()
-        hidden = self.links.recv(n, self.prev) if self.j > 1 and n else None
+        rows, hidden = (), None
+        if n:
+            t, hidden = self.links.recv_batch(n, self.prev, hidden=self.j > 1)
+            rows = tensor_rows(t)
         if self.j == 1:
             self.out.send([torch.tensor([int(h[wire.REQ]), int(h[wire.ID])])], 0, wire.TAG_ACK)
         if self.fault and self.fault[0] == int(h[wire.REQ]):
@@ -278,22 +280,21 @@ class Stage:
         stage; from the last stage only the verified rows go back to the head, with their
         hidden states (topology A) or their tokens (B). left: as the part came (serving)."""
         if self.next != 0:
-            msg = [wire.batch_header(wire.BATCH, req, out, left)]
-            self.out.send(msg + ([rows_tensor(out.rows)] if out.rows else []), self.next)
-            if out.rows:
-                self.links.send(self.out, hidden[0], self.next)
+            self.links.send_batch(self.out, wire.batch_header(wire.BATCH, req, out, left),
+                                  rows_tensor(out.rows) if out.rows else None,
+                                  hidden[0] if out.rows else None, self.next)
             return
         vrows = verify_rows(out)
         back = Batch(out.id, vrows, out.kind)
         if tokens is not None:
             h = wire.batch_header(wire.TOKENS, req, back, left)
             toks = torch.tensor([tokens[r.id] for r in vrows], dtype=torch.int64)
-            self.out.send([h] + ([rows_tensor(vrows), toks] if vrows else []), 0)
+            self.out.send([h] + ([wire.pack_tokens(rows_tensor(vrows), toks)] if vrows else []),
+                          0)
             return
-        self.out.send([wire.batch_header(wire.BATCH, req, back, left)]
-                      + ([rows_tensor(vrows)] if vrows else []), 0)
-        if vrows:
-            self.links.send(self.out, hidden[0, out.verify_from:], 0)
+        self.links.send_batch(self.out, wire.batch_header(wire.BATCH, req, back, left),
+                              rows_tensor(vrows) if vrows else None,
+                              hidden[0, out.verify_from:] if vrows else None, 0)
 
     def _crash(self) -> None:
         if self.fault[1] == "exit":
