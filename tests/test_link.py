@@ -69,3 +69,35 @@ def test_a_batch_travels_as_one_payload_and_unpacks_to_the_same_values():
     assert torch.equal(r, rows) and torch.equal(h, hidden)
     t = wire.pack_tokens(rows, torch.tensor([4, 5, 6]))
     assert torch.equal(t[:12].view(3, 4), rows) and t[12:].tolist() == [4, 5, 6]
+
+
+@pytest.mark.parametrize("hidden_rows", [2, 40])       # fits its frame / spills
+def test_messages_are_framed_and_read_back_tensor_by_tensor(monkeypatch, hidden_rows):
+    """`wire.frame` puts a message's leading tensors in one fixed-size frame as far as
+    they fit (a message that fits is one gloo operation) and sends the rest as they are;
+    `wire.recv` gives the receiver the same tensors in order either way, and the next
+    message starts a new frame."""
+    import torch
+
+    from backends.torch import wire
+    h = wire.header(wire.BATCH, 3, id=9, n=hidden_rows)
+    rows = torch.arange(hidden_rows * 4, dtype=torch.int64).view(hidden_rows, 4)
+    hidden = torch.randn(hidden_rows, 100)
+    sent = wire.frame([h, rows, hidden], wire.TAG_DATA)
+    sent += wire.frame([wire.header(wire.STOP, 3)], wire.TAG_DATA)
+    assert len(sent) == (2 if hidden_rows == 2 else 3)        # spilled: only the hidden
+    assert all(t.numel() == wire.FRAME_WORDS[wire.TAG_DATA] for t in sent[::len(sent) - 1])
+    wire_queue = list(sent)
+
+    def raw(shape, dtype, src, tag):
+        t = wire_queue.pop(0)
+        assert t.dtype == dtype and tuple(t.shape) == tuple(
+            shape if isinstance(shape, tuple) else (shape,))
+        return t
+    monkeypatch.setattr(wire, "_recv_raw", raw)
+    got = wire.recv(wire.HEADER_LEN, torch.int64, 0)
+    assert torch.equal(got, h)
+    assert torch.equal(wire.recv((hidden_rows, 4), torch.int64, 0), rows)
+    assert torch.equal(wire.recv((hidden_rows, 100), torch.float32, 0), hidden)
+    assert int(wire.recv(wire.HEADER_LEN, torch.int64, 0)[wire.KIND]) == wire.STOP
+    assert not wire_queue and not wire._reading

@@ -1,7 +1,8 @@
 """What crosses a link between pipeline processes: fixed-shape int64 headers, then tensors.
 
 Every message starts with an int64 header of HEADER_LEN slots (pickled objects cost ~4x a
-tensor send over gloo, see ENV.md); the header says which tensors follow and their sizes:
+tensor send over gloo, see ENV.md); the header says which tensors follow and their sizes.
+Over gloo a message travels in one fixed-size frame as far as it fits (`frame`, `recv`):
 
   BATCH   rows int64 [n, 4] (id, parent, token, pos), and hidden [n, H] unless it comes
           from the head: over gloo ONE payload, the rows' and the float32 hidden states'
@@ -27,6 +28,7 @@ prune notices, UPDATE with slot REQ = the request they belong to, then one STOP)
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 
@@ -109,12 +111,14 @@ class Outbox:
         self.reaper: threading.Thread | None = None
 
     def send(self, tensors, dst: int, tag: int = TAG_DATA, group=None) -> None:
+        """Send ONE message, `tensors` in order (gloo: framed, `frame`; on another group,
+        e.g. NCCL, each as it is)."""
         if self.error is not None:
             raise self.error
         if self.reaper is None:
             self.reaper = threading.Thread(target=self._reap, name="outbox", daemon=True)
             self.reaper.start()
-        for t in tensors:
+        for t in (frame(tensors, tag) if group is None else tensors):
             t = t.contiguous()
             self.queue.put((dist.isend(t, dst, group=group, tag=tag), t))
 
@@ -141,15 +145,71 @@ class Outbox:
             raise self.error
 
 
+# Frames. Every gloo message is one fixed-size int64 frame per tag (the receiver must know
+# a receive's size in advance): two meta words (the bytes inline, the tensors that follow
+# the frame), then the bytes of the message's leading tensors that fit, each padded to 8
+# bytes; the tensors that do not fit (a batch's big payload) follow as they are. So a
+# message that fits is one gloo operation, a big batch two. `recv` serves a message's
+# tensors in the order they were sent, from its frame or off the wire, so callers read a
+# message tensor by tensor whichever way it travelled. Each (source, tag) stream is read
+# by one thread only, so the state of the frame being read needs no lock.
+FRAME_WORDS = {TAG_DATA: 2048, TAG_CTRL: 512, TAG_ACK: 8}   # 16 KB, 4 KB, 64 bytes
+META_BYTES = 16
+_reading: dict[tuple[int, int], list] = {}   # (src, tag) -> [frame bytes, offset, end, k]
+
+
+def _padded(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def frame(tensors, tag: int) -> list[torch.Tensor]:
+    """What goes on the wire for one message: its frame, then the tensors that spilled."""
+    f = torch.zeros(FRAME_WORDS[tag], dtype=torch.int64)
+    b, off = f.view(torch.uint8), META_BYTES
+    tensors = list(tensors)
+    for k, t in enumerate(tensors):
+        p = t.contiguous().view(-1).view(torch.uint8)
+        if off + p.numel() > b.numel():
+            f[1] = len(tensors) - k
+            break
+        b[off:off + p.numel()] = p
+        off += _padded(p.numel())
+    else:
+        k = len(tensors)
+    f[0] = off - META_BYTES
+    return [f] + tensors[k:]
+
+
 def recv(shape, dtype, src: int, tag: int = TAG_DATA) -> torch.Tensor:
+    """The next tensor of the message being read from (src, tag) (`frame`)."""
+    key = (src, tag)
+    state = _reading.get(key)
+    if state is None:
+        f = _recv_raw((FRAME_WORDS[tag],), torch.int64, src, tag)
+        state = _reading[key] = [f.view(torch.uint8), META_BYTES, META_BYTES + int(f[0]),
+                                 int(f[1])]
+    buf, off, end, spilled = state
+    if off < end:                                 # from the frame
+        n = math.prod(shape if isinstance(shape, (tuple, list)) else (shape,)) * dtype.itemsize
+        t = buf[off:off + n].view(dtype).view(shape)
+        state[1] = off + _padded(n)
+    else:                                         # spilled: straight off the wire
+        state[3] = spilled = spilled - 1
+        t = _recv_raw(shape, dtype, src, tag)
+    if state[1] >= end and not spilled:
+        del _reading[key]
+    return t
+
+
+def _recv_raw(shape, dtype, src: int, tag: int) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype)
     dist.recv(t, src, tag=tag)
     return t
 
 
-# A message is its header and at most ONE payload tensor: every gloo send or receive costs
-# a fixed ~0.1-0.3 ms of CPU (benchmarks/wire_overhead.py), far more than the bytes, so a
-# batch's rows and its float32 hidden states travel as one byte buffer.
+# Every gloo send or receive costs a fixed ~0.05-0.3 ms of CPU here (benchmarks/
+# wire_overhead.py), far more than its bytes: so a message is one frame where it fits, and
+# a batch's rows and float32 hidden states are one payload where it does not.
 
 def pack(rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """One payload of rows int64 [n, 4] and hidden float32 [n, H]: their bytes, in turn."""
