@@ -206,9 +206,12 @@ def test_dead_node_ends_the_head_with_an_error(launcher, store):
     head has finished one request run: the head ends within seconds, exits non-zero, prints
     one error line and keeps the finished run.
 
-    on-head-node: the head's node hosts the c10d store; the head sees the broken gloo link.
+    on-head-node: the head's node hosts the c10d store; the head sees the broken gloo link
+    (and keeps it as the cause when its agent SIGTERMs it after the node's own stages
+    failed on the same link).
     on-dead-node: the dead node hosted the store; the head's agent loses the rendezvous and
-    SIGTERMs its ranks at once; the head turns that into the error line."""
+    SIGTERMs its ranks at once; the head turns that into the error line, or names the
+    lost link if it saw that first (a race: both are the node's death)."""
     ln = launcher
     deadline = time.monotonic() + HARD_TIMEOUT
     addrs = ("127.0.0.1", "127.0.0.2") if store == "on-head-node" else ("127.0.0.2", "127.0.0.1")
@@ -233,8 +236,9 @@ def test_dead_node_ends_the_head_with_an_error(launcher, store):
     assert seconds < 30, seconds      # measured 1-5 s
     lines = [x for x in err.splitlines() if x.startswith("pipedec-real: error:")]
     assert len(lines) == 1, err[-3000:]
-    why = "lost the link from stage" if store == "on-head-node" else "stopped by torchrun (SIGTERM)"
-    assert why in lines[0] and "finished request runs" in lines[0], lines[0]
+    why = (["lost the link from stage"] if store == "on-head-node"
+           else ["lost the link from stage", "stopped by torchrun (SIGTERM)"])
+    assert any(w in lines[0] for w in why) and "finished request runs" in lines[0], lines[0]
     kept = _outputs(ln.tmp / f"out_{head}" / "outputs.jsonl")
     assert 1 <= len(kept) < 3 * len(PROMPTS) and kept[0]["strategy"] == "ar", kept
 

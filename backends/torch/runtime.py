@@ -320,11 +320,17 @@ class DistributedPipeline:
             return None
         if item[0] == "error":
             _, peer, e = item
-            self.check_alive()
-            time.sleep(1.0)          # a local stage that died: blame it by name instead
-            self.check_alive()
-            raise StageFailed(f"lost the link from stage {peer} (rank {peer}): "
-                              f"{reason(e, kind=False)}")
+            lost = StageFailed(f"lost the link from stage {peer} (rank {peer}): "
+                               f"{reason(e, kind=False)}")
+            try:
+                self.check_alive()
+                time.sleep(1.0)      # a local stage that died: blame it by name instead
+                self.check_alive()
+            except KeyboardInterrupt:
+                # torchrun stops the head (SIGTERM) once its node's stages fail on the same
+                # lost link, often within this second: the link came first, name it
+                raise lost from None
+            raise lost
         return item
 
     # ---- the head's transport ----------------------------------------------------------
