@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from backends.torch.shard import DraftModel, Shard
+from backends.torch.shard import DraftModel, Shard, top_k_children
 from pipedec_sim.protocol.messages import Row
 
 
@@ -133,7 +133,7 @@ def propose_live(work: Sequence[tuple[DraftModel, object, Sequence[Row]]]
                  ) -> list[dict[int, tuple]]:
     """One draft pass over several requests' admitted rows: (draft model, `Draft`, live
     rows) per request; one forward (`forward_requests`), then one LM head and top-k over
-    every request's wanted rows (`_top_k`: what `DraftModel.top_k` gives each). A
+    every request's wanted rows (`shard.top_k_children`, as `DraftModel.top_k`). A
     request without live rows proposes nothing."""
     answers: list[dict[int, tuple]] = [{} for _ in work]
     todo = [(b, m, d, rows) for b, (m, d, rows) in enumerate(work) if rows]
@@ -146,30 +146,7 @@ def propose_live(work: Sequence[tuple[DraftModel, object, Sequence[Row]]]
                                 [rows for *_, rows in group],
                                 [d.committed for _, _, d, _ in group])
         assert outs is not None
-        for (b, *_), got in zip(group, _top_k(group, outs)):
+        picks = [(rows, out, d.want, d.k) for (_, _, d, rows), out in zip(group, outs)]
+        for (b, *_), got in zip(group, top_k_children(group[0][1].shard, picks)):
             answers[b] = got
-    return answers
-
-
-@torch.inference_mode()
-def _top_k(group, outs) -> list[dict[int, tuple]]:
-    """Each request's top-k children of its wanted rows, from ONE LM head and top-k over
-    every request's wanted rows (the weight work shared, as in the forward)."""
-    picks = []                                     # per request: (wanted ids, k)
-    hidden = []
-    for (_, _, d, rows), out in zip(group, outs):
-        at = {r.id: j for j, r in enumerate(rows)}
-        wanted = [i for i in d.want if i in at]
-        picks.append((wanted, d.k))
-        hidden.append(out[:, [at[i] for i in wanted]])
-    shard = group[0][1].shard
-    logp = torch.log_softmax(shard.logits(torch.cat(hidden, 1)), -1)
-    k_max = min(max(k for _, k in picks), logp.shape[-1])
-    top = torch.topk(logp, k_max, dim=-1)
-    toks, lps = top.indices.tolist(), top.values.tolist()
-    answers, j = [], 0
-    for wanted, k in picks:
-        answers.append({i: tuple(zip(toks[j + n][:k], lps[j + n][:k]))
-                        for n, i in enumerate(wanted)})
-        j += len(wanted)
     return answers

@@ -204,13 +204,29 @@ class DraftModel:
     def top_k(self, live, hidden: torch.Tensor, want, k: int) -> dict[int, tuple]:
         """Top-k (token, log-prob) children of each wanted row of `live` (their draft
         hidden states [1, n, H], already computed)."""
+        return top_k_children(self.shard, [(live, hidden, want, k)])[0]
+
+
+@torch.inference_mode()
+def top_k_children(shard: Shard, requests) -> list[dict[int, tuple]]:
+    """Per request (live rows, their draft hidden states [1, n, H], wanted ids, k): the
+    top-k (token, log-prob) children of each wanted row, from ONE LM head and top-k over
+    every request's wanted rows (several requests share the weight work)."""
+    picks, hidden = [], []
+    for live, h, want, k in requests:
         at = {r.id: j for j, r in enumerate(live)}
         wanted = [i for i in want if i in at]
-        if not wanted:
-            return {}
-        h = hidden[:, [at[i] for i in wanted]]
-        logp = torch.log_softmax(self.shard.logits(h), -1)
-        top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
-        toks, lps = top.indices.tolist(), top.values.tolist()
-        return {i: tuple(zip(toks[j], lps[j])) for j, i in enumerate(wanted)}
+        picks.append((wanted, k))
+        hidden.append(h[:, [at[i] for i in wanted]])
+    if not any(wanted for wanted, _ in picks):
+        return [{} for _ in picks]
+    logp = torch.log_softmax(shard.logits(torch.cat(hidden, 1)), -1)
+    top = torch.topk(logp, min(max(k for _, k in picks), logp.shape[-1]), dim=-1)
+    toks, lps = top.indices.tolist(), top.values.tolist()
+    out, j = [], 0
+    for wanted, k in picks:
+        out.append({i: tuple(zip(toks[j + n][:k], lps[j + n][:k]))
+                    for n, i in enumerate(wanted)})
+        j += len(wanted)
+    return out
 
