@@ -250,8 +250,8 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
                  ) -> tuple[float, float, dict]:
     """(one-way latency ms, bandwidth Gbit/s, details) between two local gloo ranks.
 
-    The latency is what a pipeline hop pays: a batch-shaped message (int64 header, then
-    rows [1, 4] and hidden [1, H] in one payload, as `Links.send_batch` sends them) to a
+    The latency is what a pipeline hop pays: a batch-shaped message (int64 header, rows
+    [1, 4] and hidden [1, H], framed as the runtime sends them: `_batch_message`) to a
     process that sat idle in a receive (a `gap_s` pause before each ping), echoed back;
     one-way = half
     the round trip, mean of the central 98 % (a sum of hops accumulates means, not
@@ -306,12 +306,14 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
     return lat, 10 * big.numel() * 4 * 8 / secs / 1e9, details
 
 
-def _batch_message(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A one-row batch message as `Links.send_batch` sends it over gloo: the header, then
-    the row and its hidden state packed into one payload (`wire.pack`)."""
+def _batch_message(hidden: int) -> list[torch.Tensor]:
+    """A one-row batch message as the runtime puts it on the wire over gloo: the header,
+    then the row and its hidden state packed into one payload (`Links.send_batch`), in
+    the DATA stream's frame (`wire.frame`: one tensor while it fits)."""
     from backends.torch import wire
-    return (torch.zeros(wire.HEADER_LEN, dtype=torch.int64),
-            wire.pack(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, hidden)))
+    return wire.frame([torch.zeros(wire.HEADER_LEN, dtype=torch.int64),
+                       wire.pack(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, hidden))],
+                      wire.TAG_DATA)
 
 
 def _echo(init: str, repeats: int, hidden: int) -> None:
