@@ -8,7 +8,10 @@ Prints, in one run on one core:
      ratio; every point checks that both engines gave the same summary;
   2. cost growth: fast-engine tokens/s at 1x, 4x and 16x the requests (S=14, W=16);
   3. where the fast engine's time goes (cProfile, by part: SimPy's calendar, the engine,
-     the strategy and tree, the trace oracle, the profile lookups);
+     the strategy and tree, the trace oracle, the profile lookups), and what bounds it:
+     the CPU per token both engines spend in the same strategy and oracle code, which no
+     engine can shed, and the ceilings that follow (tokens/s and ratio with an engine
+     that cost nothing);
   4. with --main-job, the wall time of `pipedec-sim run --stages 14 --trace
      traces/real-mtbench.jsonl.gz` on the fast engine with 1 and 2 workers and on the
      reference engine, and whether their tables are identical.
@@ -24,12 +27,15 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
+from backends.simulated.replay import Replay
 from pipedec_sim.inputs.acceptance import synthetic_trace
 from pipedec_sim.inputs.host import cpu_model
 from pipedec_sim.inputs.profile import load_profile
 from pipedec_sim.programs.simulate import SimConfig, simulate
+from pipedec_sim.protocol.pacing import Pacer
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_S = (4, 8, 14, 28)
@@ -88,6 +94,73 @@ def where(args, profile) -> None:
     stats.sort_stats("tottime").print_stats(10)
 
 
+# The code both engines run alike: the strategy (through its pacer) and the trace oracle.
+SHARED = ((Pacer, ("start", "feed")), (Replay, ("observe", "draft", "verify")))
+
+
+def _timed(fn, spent: list):
+    """fn, adding the time inside it to spent[0] and counting the call in spent[1]."""
+    def call(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+    return call
+
+
+def _wrapper_cost() -> float:
+    """Seconds a _timed wrapper adds to each call (subtracted from the shared time)."""
+    n, spent = 200_000, [0.0, 0]
+    bare, timed = (lambda: None), _timed(lambda: None, spent)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        bare()
+    t1 = time.perf_counter()
+    for _ in range(n):
+        timed()
+    t2 = time.perf_counter()
+    return max(0.0, ((t2 - t1) - (t1 - t0)) / n - spent[0] / n)
+
+
+@contextmanager
+def timing_shared():
+    """Accumulate the time spent inside the SHARED calls and count them (a few calls per
+    token, so the wrappers add little; `bound` subtracts what they add)."""
+    spent = [0.0, 0]
+    saved = [(cls, name, getattr(cls, name)) for cls, names in SHARED for name in names]
+    for cls, name, fn in saved:
+        setattr(cls, name, _timed(fn, spent))
+    try:
+        yield spent
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+def bound(args, profile) -> None:
+    """Time per token of each engine, and of the shared code inside it."""
+    small = synthetic_trace(requests=10, output_len=args.tokens, prompt_len=(64, 512), seed=1)
+    print("\nwhat bounds it (S=14, W=16, 10 requests; wall time per committed token):")
+    overhead = _wrapper_cost()
+    per_token = {}
+    for engine in ("reference", "fast"):
+        with timing_shared() as spent:
+            t0 = time.perf_counter()
+            _, _, summary = measure(small, profile, 14, 16, engine)
+            total = time.perf_counter() - t0 - spent[1] * overhead
+        tokens = int(summary.tokens.iloc[0])
+        shared = spent[0] - spent[1] * overhead
+        per_token[engine] = (total / tokens, shared / tokens)
+        print(f"  {engine:<9} {1e6 * total / tokens:7.0f} us, of which strategy + oracle "
+              f"{1e6 * shared / tokens:5.0f} us ({100 * shared / total:.0f}%)")
+    ref_total, _ = per_token["reference"]
+    _, shared = per_token["fast"]
+    print(f"  an engine that cost nothing: {1 / shared:,.0f} tok/s, "
+          f"{ref_total / shared:.1f}x the reference")
+
+
 def main_job() -> None:
     trace = ROOT / "traces" / "real-mtbench.jsonl.gz"
     base = [sys.executable, "-m", "pipedec_sim.programs.cli", "run", "--stages", "14",
@@ -135,6 +208,7 @@ def main() -> None:
     if not args.quick:
         growth(args, profile)
     where(args, profile)
+    bound(args, profile)
     if args.main_job:
         main_job()
 

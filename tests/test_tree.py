@@ -55,3 +55,31 @@ def test_prune_to_drops_nodes_and_links():
     assert sorted(killed) == [2, 4, 5]
     assert set(root.children) == {1} and set(a.children) == {3}
     assert {n.id for n in subtree(root)} == {0, 1, 3}
+
+
+def test_hit_on_random_trees_matches_the_survivors_rebuilt_from_scratch():
+    """advance drops the dead instead of rebuilding the survivors: over random trees the
+    nodes, the levels (in creation order) and the killed ids are what a rebuild gives."""
+    import random
+    rng = random.Random(7)
+    for _ in range(200):
+        root = Node(0, None, 0, 0)
+        t = PredictionTree(root)
+        live = [root]
+        for i in range(1, rng.randint(2, 40)):
+            parent = rng.choice(live)
+            token = rng.randrange(6)
+            if token not in parent.children:
+                live.append(t.add(parent, token, -rng.random(), i))
+        if not root.children:
+            continue
+        child = rng.choice(list(root.children.values()))
+        keep = {n.id for n in subtree(child)}
+        before = set(t.nodes)
+        v = t.advance(child.token)
+        assert isinstance(v, Hit) and v.root is child
+        assert set(t.nodes) == keep and set(v.killed) == before - keep - {0}
+        levels = {}
+        for n in sorted(subtree(child), key=lambda n: n.id):
+            levels.setdefault(n.pos, []).append(n)
+        assert t._levels == levels and t.frontier() == levels[max(levels)]

@@ -79,12 +79,19 @@ class PredictionTree:
             root.children = {}
             self._levels = {root.pos: [root]}
             return Miss(killed)
-        keep = {n.id: n for n in subtree(child)}
-        killed = tuple([i for i in self.nodes if i not in keep and i != root.id])
-        self.nodes = keep
+        # What dies is the root and its other children's subtrees: walk those (usually
+        # the smaller part of the tree) and drop them, rather than rebuild the survivors.
+        dead: list[Node] = []
+        for sibling in root.children.values():
+            if sibling is not child:
+                dead += subtree(sibling)
+        nodes = self.nodes
+        del nodes[root.id]
+        for n in dead:
+            del nodes[n.id]
         self.root = child
-        self._rebuild_levels()
-        return Hit(child, killed)
+        self._drop_levels(child.pos, {n.id for n in dead})
+        return Hit(child, tuple([n.id for n in dead]))
 
     def prune_to(self, keep_ids: set[int]) -> tuple[int, ...]:
         """Drop every node (root excepted) whose id is not in `keep_ids`; return them."""
@@ -95,6 +102,17 @@ class PredictionTree:
                 del node.parent.children[node.token]
         self._rebuild_levels()
         return killed
+
+    def _drop_levels(self, top: int, dead: set[int]) -> None:
+        """Keep the levels from `top` down, less the `dead` ids (levels stay in creation
+        order, as `_rebuild_levels` sorts them)."""
+        levels: dict[int, list[Node]] = {}
+        for pos, level in self._levels.items():
+            if pos >= top:
+                kept = [n for n in level if n.id not in dead] if dead else level
+                if kept:
+                    levels[pos] = kept
+        self._levels = levels
 
     def _rebuild_levels(self) -> None:
         levels: dict[int, list[Node]] = {}
