@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations (bfloat16 for large models on GPUs; "
                         "greedy output then matches the target only up to rounding: a tree "
                         "batch sums in another order than one token at a time; default float32)")
+    add_cuda_graphs_flag(w)
     w.add_argument("--out", type=Path, default=None,
                    help="write summary.csv, requests.csv and outputs.jsonl here (default: "
                         "print the table only)")
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "fp32 on cpu); checkpoints load in float32 as before")
     prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                       help="where to measure (default cpu)")
+    add_cuda_graphs_flag(prof)
     prof.add_argument("--out", required=True, type=Path,
                       help="profile JSON to write, for pipedec-sim run --profile (required)")
     prof.add_argument("--quick", action="store_true",
@@ -139,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="no progress on stderr (default off: a bar on a terminal, a line "
                            "per phase in a log)")
     return parser
+
+
+def add_cuda_graphs_flag(group) -> None:
+    group.add_argument("--cuda-graphs", choices=("on", "off"), default="off",
+                       help="on: stages and the draft compute on static buffers (rows padded "
+                            "to 1, 2, 4, ..., 64; KV preallocated), each shape captured once "
+                            "as a CUDA graph and replayed; larger batches (prompts) run "
+                            "eagerly; cancel is checked after a whole batch. Without CUDA the "
+                            "static path runs eagerly (default off)")
+
+
+def graphs_on(args) -> bool:
+    """--cuda-graphs on; on a device without CUDA graphs, say once that it runs eagerly."""
+    on = getattr(args, "cuda_graphs", "off") == "on"
+    if on and args.device != "cuda" and not args.quiet:
+        print("pipedec-real: --cuda-graphs on: no CUDA device, the static-buffer path runs "
+              "eagerly (nothing captured)", file=sys.stderr)
+    return on
 
 
 # ---- run ---------------------------------------------------------------------------------
@@ -209,7 +229,8 @@ def _stage_config(args):
     return StageConfig(target=args.target, stages=args.stages, topology=args.topology,
                        device=args.device, timeout_s=args.timeout, transport=args.transport,
                        dtype=args.dtype, prune=args.prune, cancel=args.cancel,
-                       sampling=None if sampling.greedy else dataclasses.asdict(sampling))
+                       sampling=None if sampling.greedy else dataclasses.asdict(sampling),
+                       cuda_graphs=getattr(args, "cuda_graphs", "off") == "on")
 
 
 def _pipeline(args, recorder):
@@ -223,7 +244,8 @@ def _pipeline(args, recorder):
         return InlinePipeline(load(args.target), load(draft) if draft else None, args.stages,
                               topology=args.topology, prune=args.prune, cancel=args.cancel,
                               recorder=recorder, knobs=_knobs(args), device=args.device,
-                              dtype=getattr(torch, args.dtype), sampling=sampling_of(args))
+                              dtype=getattr(torch, args.dtype), sampling=sampling_of(args),
+                              cuda_graphs=getattr(args, "cuda_graphs", "off") == "on")
     return DistributedPipeline(_stage_config(args), draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
@@ -337,6 +359,7 @@ def cmd_run(args) -> int:
             return _torchrun_stage(args)
     _check_outputs(args)
     check_device(args.device)
+    graphs_on(args)
     sampling = sampling_of(args)                  # a bad combination: one line, exit 2
     if not args.quiet and not sampling.greedy:
         print(f"target tokens: {sampling.describe()}", file=sys.stderr)
@@ -432,6 +455,7 @@ def cmd_profile(args) -> int:
                 models.resolve_path(spec)         # a folder: config and safetensors weights
         except InputError as e:
             raise InputError(e.message, file=e.file, field=flag) from None
+    graphs_on(args)
     from backends.torch.profiler import profile_main
     return profile_main(args)
 

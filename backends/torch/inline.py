@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from backends.simulated.pipeline import Pipeline
+from backends.torch.graphs import make_draft, make_shard
 from backends.torch.head import Request, RunRecord
 from backends.torch.shard import (
     GREEDY_TARGET,
@@ -110,16 +111,18 @@ class InlinePipeline:
                  recorder=None, knobs=None, device="cpu", dtype=None,
                  prune: str = DEFAULT_PRUNE, cancel: bool = DEFAULT_CANCEL,
                  profile: Profile | None = None, timeline: bool = True,
-                 sampling: Sampling = GREEDY):
+                 sampling: Sampling = GREEDY, cuda_graphs: bool = False):
         model = target.model.to(device, dtype)
         n_layers = model.config.num_hidden_layers
         bounds = stage_bounds(n_layers, stages)
         S = len(bounds)
-        self.shards = [Shard(model, lo, hi, embed=(j == 0), head=(j == S - 1), device=device)
+        # cuda_graphs: static-buffer shards (graphs.py), captured on CUDA
+        self.shards = [make_shard(model, lo, hi, embed=(j == 0), head=(j == S - 1),
+                                  device=device, cuda_graphs=cuda_graphs)
                        for j, (lo, hi) in enumerate(bounds)]
         self.verifier = Verifier(self.shards[-1]) if topology == "A" else None
-        self.draft = (DraftModel(draft.model.to(device, dtype), device) if draft is not None
-                      else None)
+        self.draft = (make_draft(draft.model.to(device, dtype), device, cuda_graphs)
+                      if draft is not None else None)
         self.pipe = Pipeline(profile or clock_profile(n_layers), S, topology=topology,
                              prune=prune, cancel=cancel, timeline=timeline)
         self.eos, self.recorder = target.eos, recorder

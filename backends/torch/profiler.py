@@ -28,8 +28,9 @@ from datetime import date, timedelta
 import torch
 
 from backends.torch.batch import forward_requests
+from backends.torch.graphs import make_draft, make_shard
 from backends.torch.models import load
-from backends.torch.shard import DraftModel, Shard
+from backends.torch.shard import Shard
 from pipedec_sim.inputs.host import host_record
 from pipedec_sim.inputs.profile import parse_profile, save_profile
 from pipedec_sim.inputs.profile.model import COLD_FIELDS, CPU_FIELDS, DEVICE_FIELDS
@@ -440,10 +441,12 @@ def measure_head_overhead(events: int = 400) -> tuple[float, dict]:
 
 def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                   command: str, steps: "Steps | None" = None, *, dtype: str | None = None,
-                  stage_layers: int | None = None) -> dict:
+                  stage_layers: int | None = None, cuda_graphs: bool = False) -> dict:
     """Measure a profile; `steps` reports the progress (default: a line per phase). A
     "shape:..." spec builds random weights of that shape in `dtype` (default bf16 on cuda,
-    fp32 on cpu), the target with `stage_layers` layers (default SHAPE_STAGE_LAYERS)."""
+    fp32 on cpu), the target with `stage_layers` layers (default SHAPE_STAGE_LAYERS).
+    `cuda_graphs`: the layer grid, draft step and compaction are timed on the static-buffer
+    shards a `--cuda-graphs on` run computes with (graphs.py; replayed graphs on CUDA)."""
     steps = steps or Steps(quick, device)
     _phase = steps.phase
     torch.set_num_threads(1)
@@ -459,12 +462,13 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     # in turn, so re-running one layer (whose weights then stay in cache: 14 MB for
     # SmolLM2, on a 32 MB L3) measures about half the real cost.
     K = cfg.num_hidden_layers
-    layer = Shard(tm, 0, K, embed=False, head=True, device=device)
+    layer = make_shard(tm, 0, K, embed=False, head=True, device=device,
+                       cuda_graphs=cuda_graphs)
     H = cfg.hidden_size
 
     def layer_step(rows):
         layer.forward(rows, 0, torch.zeros(1, len(rows), H, device=device, dtype=layer.dtype))
-    d = DraftModel(draft.model.to(device), device)
+    d = make_draft(draft.model.to(device), device, cuda_graphs)
     _phase("target layers")
     layer_ms = [[round(v / K, 4) for v in row] for row in time_grid(layer_step, layer, grid,
                                                                      reps, steps.step)]
@@ -480,7 +484,7 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     emb = [round(_median_ms(lambda n=n: tm.model.embed_tokens(
         torch.ones(1, n, dtype=torch.long, device=device)), reps), 4) for n in grid["tokens"]]
     compact = _compact_ms(tm, max(1, cfg.num_hidden_layers // 2), grid["context"][-1], device,
-                          reps)
+                          reps, cuda_graphs)
     steps.step()
     _phase("link between two processes")
     lat, bw, link_details = measure_link(50 if quick else 200, hidden=H)
@@ -524,7 +528,8 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
     short = "-".join(_short_name(x) for x in (target_spec, draft_spec))
     return {
         "schema": "pipedec-profile/1",
-        "name": f"cpu-{short}" if device == "cpu" else f"{device}-{_short_name(target_spec)}",
+        "name": (f"cpu-{short}" if device == "cpu" else f"{device}-{_short_name(target_spec)}")
+        + ("-graphs" if cuda_graphs else ""),
         "provenance": {
             "kind": "measured", "device": _device_name(device), "date": date.today().isoformat(),
             "command": command, "versions": versions, "host": host,
@@ -539,7 +544,7 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                       "requests' rows in one forward (weights shared, attention per request "
                       "over its own context: batch.forward_requests; Profile.batch_error "
                       "compares batch_layer with it)."
-                      + shapes),
+                      + shapes + (GRAPHS_NOTE if cuda_graphs else "")),
             "details": {"link": link_details, "head_overhead": head_details,
                         **({"cpu_costs": cpu_details} if cpu_details else {}),
                         **({"cold": cold_details} if cold_details else {})},
@@ -564,6 +569,12 @@ def build_profile(target_spec: str, draft_spec: str, device: str, quick: bool,
                     **{k: cpu_costs[k] for k in DEVICE_FIELDS if k in cpu_costs}},
         "split": None,
     }
+
+
+GRAPHS_NOTE = (" --cuda-graphs on: layer, draft_step and kv_compact_ms timed on the "
+               "static-buffer shards (rows padded to a bucket, KV preallocated; CUDA-graph "
+               "replay on CUDA, the same code eagerly elsewhere); batch, lm_head and embed "
+               "eager as before.")
 
 
 class Steps:
@@ -698,9 +709,11 @@ def measure_cold(model, draft, ctx: int, reps: int, head_shard) -> tuple[dict, d
 
 
 
-def _compact_ms(model, layers: int, ctx: int, device, reps: int) -> float:
+def _compact_ms(model, layers: int, ctx: int, device, reps: int,
+                cuda_graphs: bool = False) -> float:
     """One prune of a `layers`-layer stage holding ctx committed + 16 tree rows."""
-    shard = Shard(model, 0, layers, embed=True, head=False, device=device)
+    shard = make_shard(model, 0, layers, embed=True, head=False, device=device,
+                       cuda_graphs=cuda_graphs)
     ts = []
     for _ in range(reps):
         _prefilled(shard, ctx)
@@ -731,7 +744,8 @@ def profile_main(args) -> int:
     with Steps(args.quick, args.device, args.quiet) as steps:
         prof = build_profile(args.target, args.draft, args.device, args.quick, command, steps,
                              dtype=getattr(args, "dtype", None),
-                             stage_layers=getattr(args, "stage_layers", None))
+                             stage_layers=getattr(args, "stage_layers", None),
+                             cuda_graphs=getattr(args, "cuda_graphs", "off") == "on")
     save_profile(prof, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     lines = batch_report(parse_profile(prof))

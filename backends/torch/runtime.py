@@ -40,11 +40,11 @@ import torch.distributed as dist
 
 from backends.torch import wire
 from backends.torch.checkpoint import load_stage
+from backends.torch.graphs import make_draft
 from backends.torch.head import Head, Request, RunRecord
 from backends.torch.link import connect, rank_device
 from backends.torch.models import load
 from backends.torch.shard import (
-    DraftModel,
     Shard,
     TargetSampler,
     Verifier,
@@ -142,8 +142,8 @@ class DistributedPipeline:
         if cfg.topology == "A":
             self.verifier = Verifier(Shard(target.model, 0, 0, embed=False, head=True,
                                            device=self.device))
-        draft = (DraftModel(load(draft_spec).model.to(self.device, self.dtype), self.device)
-                 if draft_spec else None)
+        draft = (make_draft(load(draft_spec).model.to(self.device, self.dtype), self.device,
+                            cfg.cuda_graphs) if draft_spec else None)
         self.hidden_size = target.config.hidden_size
         knobs = dict(knobs or {})
         knobs["window"] = window_for(self.S, knobs.get("window"))

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from backends.torch import wire
 from backends.torch.checkpoint import load_stage, num_layers
+from backends.torch.graphs import make_shard
 from backends.torch.link import Links, connect, rank_device
 from backends.torch.shard import GREEDY_TARGET, Shard, TargetSampler, rows_tensor, tensor_rows
 from backends.torch.stage import lm_head, run_stage, stage_bounds
@@ -59,6 +60,7 @@ class StageConfig:
     cancel: bool = DEFAULT_CANCEL    # broadcast: abandon a batch whose rows all died
     # The target's sampling (pipedec_sim.protocol.sampling.Sampling's fields; none: greedy)
     sampling: dict | None = None
+    cuda_graphs: bool = False    # static-buffer shards, CUDA graphs on CUDA (graphs.py)
 
     def __post_init__(self):
         check_prune(self.prune)
@@ -82,7 +84,8 @@ def build_shard(cfg: StageConfig, j: int) -> Shard:
     device = rank_device(cfg.device, j)
     loaded = load_stage(cfg.target, lo, hi, embed=(j == 1), head=head, device=device,
                         dtype=cfg.torch_dtype)
-    return Shard(loaded.model, lo, hi, embed=(j == 1), head=head, device=device)
+    return make_shard(loaded.model, lo, hi, embed=(j == 1), head=head, device=device,
+                      cuda_graphs=cfg.cuda_graphs)
 
 
 def _fault(j: int):

@@ -14,7 +14,22 @@ Sections (each one guarded: a failure is reported and the next one still runs):
   profile per-layer latency of a Llama-3.1-70B-shaped layer, a Llama-3.2-1B-shaped draft
           step, LM head and embedding in bf16 (random weights), through the backend's own
           `Shard` code, written as a `pipedec-profile/1` calibration profile
+  graphs  CUDA graphs (`--cuda-graphs on`, backends/torch/graphs.py): a 70B-shaped stage's
+          layer batch and a 1B-shaped draft step at a few row counts, eager vs graph replay
+          vs summed kernel time (aim: graphs within 1.3x of kernels), the static path's
+          numbers against Shard's, and the in-process pipeline lossless with graphs on
+  fidelity1  one-GPU fidelity: every stage and the head's draft time-share the GPU. Per
+          model pair (tiny; a random-weight 1B-shaped eps pair) and graphs off/on:
+          `pipedec-real profile` on the device, then real `pipedec-real run` at S = 2, 4 x
+          ar, tree-sd, pipedec against the simulator's prediction from that profile, with
+          the GPU as each stage's own and as one device they share (shared_cores = 1)
+  speedup  issue 16's real speedup on the machine's CPU cores (16 on the GPU machine):
+          `benchmarks/speedup.py`, the eps pair at S = 4, 8: a profile measured there, the
+          simulator's PP / tree-SD / PipeDec prediction written first, then the real runs
+In --smoke (CPU) the graphs section runs the static path eagerly (nothing captured) and
+fidelity1 runs tiny shapes at S = 2 with CPU profiles: both only test the script.
 Writes DIR/gpu_check.json (every figure) and DIR/<profile name>.json; prints a summary last.
+`--sections a,b` runs only those (a rerun); the plan's estimated GPU time is printed first.
 """
 from __future__ import annotations
 
@@ -36,6 +51,7 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from backends.torch.compat import CACHE_KW  # noqa: E402
+from backends.torch.graphs import GraphDraft, GraphShard  # noqa: E402
 from backends.torch.head import Request  # noqa: E402
 from backends.torch.inline import InlinePipeline  # noqa: E402
 from backends.torch.models import load  # noqa: E402
@@ -167,11 +183,12 @@ def greedy_refs(n: int) -> tuple[list, list]:
     return prompts, refs
 
 
-def check_lossless(device, n: int) -> dict:
+def check_lossless(device, n: int, cuda_graphs: bool = False) -> dict:
     prompts, refs = greedy_refs(n)
     res = {"tokens": n, "requests": len(prompts)}
     for name in ("ar", "tree-sd", "pipedec"):
-        pipe = InlinePipeline(load("tiny"), load("tiny-noisy"), 2, knobs=KNOBS, device=device)
+        pipe = InlinePipeline(load("tiny"), load("tiny-noisy"), 2, knobs=KNOBS, device=device,
+                              cuda_graphs=cuda_graphs)
         runs = [pipe.run(name, Request(str(i), p, n)) for i, p in enumerate(prompts)]
         res[name] = all(r.output == ref for r, ref in zip(runs, refs))
         res[f"{name}_hit_rate"] = round(sum(c[2] for r in runs for c in r.commits)
@@ -247,6 +264,188 @@ def check_cli_profile(device, out: Path) -> dict:
     p = load_profile(path)
     return {"ok": True, "device": p.provenance["device"], "layer_ms_1tok": p.layer(1, 0),
             "draft_ms_1tok": p.draft_step(1, 0), "lm_head_ms_1tok": p.lm_head(1)}
+
+
+# ---- CUDA graphs ---------------------------------------------------------------------------
+GRAPH_ROWS = (1, 4, 12, 16, 64)      # 12: padded to the 16-row bucket
+GRAPH_AIM = 1.3                      # graph replay within this factor of the kernel time
+
+
+def check_graphs(device, smoke: bool, n: int) -> dict:
+    """Eager vs static-buffer (graph replay on CUDA) vs summed kernel time of a stage's
+    layer batch (STAGE_LAYERS 70B-shaped layers) and a 1B-shaped draft step, each batch a
+    star of n rows over a prefilled context; then the static path's outputs against
+    Shard's and the pipeline lossless with graphs on."""
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tspec, dspec = (SMOKE70, SMOKE1) if smoke else (LLAMA70B, LLAMA1B)
+    ctx, reps = (128, 3) if smoke else (512, 7)
+    grid = {"tokens": GRAPH_ROWS, "context": (ctx,)}
+    res: dict = {"mode": "CUDA graphs captured and replayed" if cuda else
+                 "NO CUDA: the static-buffer path runs eagerly, nothing captured (needs "
+                 "CUDA for graph timings)", "context": ctx, "rows": list(GRAPH_ROWS)}
+    target = random_llama(tspec, STAGE_LAYERS, device, dtype)
+    H = tspec["hidden_size"]
+    xs = {k: torch.randn(1, k, H, device=device, dtype=dtype) for k in GRAPH_ROWS}
+    eager = Shard(target, 0, STAGE_LAYERS, embed=False, head=False, device=device)
+    static = GraphShard(target, 0, STAGE_LAYERS, embed=False, head=False, device=device)
+
+    def stage(sh):
+        return lambda rows: sh.forward(rows, 0, xs[len(rows)])
+    res["stage"] = _graph_table(stage(eager), eager, stage(static), static, grid, device,
+                                reps)
+    res["stage_rel_err"] = _static_error(eager, static, ctx, device, xs)
+    res["stage_calls"] = dict(static.calls)
+    eager = static = target = None
+    if cuda:
+        torch.cuda.empty_cache()
+    draft = random_llama(dspec, dspec["layers"], device, dtype)
+    d0, d1 = DraftModel(draft, device), GraphDraft(draft, device)
+
+    def step(d):
+        return lambda rows: d.propose(rows, [r.id for r in rows], 16, 0)
+    res["draft"] = _graph_table(step(d0), d0.shard, step(d1), d1.shard, grid, device, reps)
+    res["draft_calls"] = dict(d1.shard.calls)
+    d0 = d1 = draft = None
+    res["lossless"] = check_lossless(device, n, cuda_graphs=True)
+    worst = max(r["graph_over_kernel"] for t in ("stage", "draft") for r in res[t])
+    res["worst_graph_over_kernel"] = worst
+    res["aim_met"] = bool(cuda and worst <= GRAPH_AIM)
+    res["ok"] = res["lossless"]["ok"] and res["stage_rel_err"] < (3e-2 if cuda else 1e-4)
+    return res
+
+
+def _graph_table(eager_step, eager, graph_step, graph, grid, device, reps) -> list[dict]:
+    """Per row count: eager ms, static/graph ms, eager's summed kernel ms and the ratios."""
+    e = time_grid(eager_step, eager, grid, device, reps)
+    g = time_grid(graph_step, graph, grid, device, reps)
+    k = time_grid(eager_step, eager, grid, device, reps, kernels=True)
+    return [{"rows": n, "eager_ms": e[i][0], "graph_ms": g[i][0], "kernel_ms": k[i][0],
+             "eager_over_graph": round(e[i][0] / g[i][0], 2),
+             "graph_over_kernel": round(g[i][0] / max(k[i][0], 1e-6), 2)}
+            for i, n in enumerate(grid["tokens"])]
+
+
+def _static_error(eager: Shard, static: GraphShard, ctx: int, device, xs) -> float:
+    """Largest relative error of the static path's outputs against Shard's: a tree batch
+    of each row count over the same prefilled context."""
+    worst = 0.0
+    for n in GRAPH_ROWS:
+        for sh in (eager, static):
+            torch.manual_seed(1)                     # the same context in both
+            _prefilled_on(sh, ctx, device)
+        outs = [sh.forward(_tree(ctx, n, 10**6), 0, xs[n]) for sh in (eager, static)]
+        worst = max(worst, rel(outs[1], outs[0]))
+    return worst
+
+
+def graphs_lines(res: dict) -> list[str]:
+    lines = [f"graphs: {res['mode']}; context {res['context']}"]
+    for what in ("stage", "draft"):
+        lines.append(f"  {what:5s} rows  eager ms  graph ms  kernel ms  eager/graph  "
+                     "graph/kernel")
+        for r in res[what]:
+            lines.append(f"  {'':5s} {r['rows']:4d}  {r['eager_ms']:8.3f}  {r['graph_ms']:8.3f}"
+                         f"  {r['kernel_ms']:9.3f}  {r['eager_over_graph']:11.2f}  "
+                         f"{r['graph_over_kernel']:12.2f}")
+    return lines
+
+
+# ---- one-GPU fidelity -----------------------------------------------------------------------
+FIDELITY_PAIRS = {"tiny": ("tiny", "tiny-noisy"),
+                  "1b-shape": ("eps-pair:16x2048:0.02:1", "eps-pair-draft:16x2048:1")}
+SMOKE_PAIRS = {"tiny": ("tiny", "tiny-noisy")}   # CPU profiles take ~45 s each
+
+
+def check_fidelity1(device, smoke: bool, out: Path) -> dict:
+    """Real runs on one GPU against the simulator (benchmarks/fidelity.py's machinery):
+    per pair and graphs mode a profile on the device, a trace per pair (CPU, float32),
+    then per S the real run and the simulation, with the GPU as every stage's own
+    (shared_cores None, as measured) and as one device all share (shared_cores 1)."""
+    import dataclasses
+
+    import benchmarks.fidelity as fid
+    from pipedec_sim.inputs.profile import load_profile
+    work = out / "fidelity1"
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    stages, tokens = ((2,), 8) if smoke else ((2, 4), 24)
+    cells, log = [], []
+
+    def say(msg):
+        log.append(msg)
+        print(msg, flush=True)
+    for key, (target, draft) in (SMOKE_PAIRS if smoke else FIDELITY_PAIRS).items():
+        args = fid.build_parser().parse_args(["--target", target, "--draft", draft,
+                                              "--max-new-tokens", str(tokens),
+                                              "--max-requests", str(len(PROMPTS)),
+                                              "--share", "profile"])
+        trace = fid.record(args, prompts, say)
+        for graphs in ("off", "on"):
+            path = work / f"profile-{key}-{graphs}.json"
+            fid._run([sys.executable, "-m", "backends.torch.cli", "profile", "--target",
+                      target, "--draft", draft, "--device", device, "--quick", "--quiet",
+                      "--cuda-graphs", graphs, "--out", str(path)], "profile", 900, say)
+            own = load_profile(path)
+            shared = dataclasses.replace(own, shared_cores=1, core_share=None)
+            for S in stages:
+                run = work / f"real-{key}-{graphs}-S{S}"
+                opts = fid.pipeline_options(args)
+                opts = {**opts, "real_flags": opts["real_flags"] + [
+                    "--device", device, "--cuda-graphs", graphs]}
+                run.mkdir(parents=True, exist_ok=True)
+                (run / "pipeline.json").write_text(json.dumps({"prune": opts["prune"],
+                                                               "cancel": opts["cancel"]}))
+                fid.real_run(args, S, prompts, run, say, opts)
+                for device_model, prof in (("own", own), ("shared", shared)):
+                    got, _ = fid.compare_stage(args, S, trace, prof, run, say)
+                    for c in got:
+                        c.update(pair=key, graphs=graphs, gpu=device_model)
+                    cells += got
+    table = fidelity_table(cells)
+    print(table, flush=True)
+    shared_errs = [abs(c["err"]) for c in cells if c["gpu"] == "shared"]
+    return {"ok": True, "stages": list(stages), "tokens": tokens, "table": table,
+            "cells": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()}
+                      for c in cells],
+            "median_abs_err_shared": round(statistics.median(shared_errs), 4),
+            "worst_abs_err_shared": round(max(shared_errs), 4),
+            "note": None if device == "cuda" else "CPU smoke: CPU profiles, tests the script"}
+
+
+def check_speedup(smoke: bool, out: Path) -> dict:
+    """benchmarks/speedup.py in a process of its own (it starts the stage processes), its
+    report kept as DIR/speedup.txt; smoke: a tiny pair at S = 2 on the cores there are."""
+    flags = (["--stages", "2", "--shape", "4x64", "--max-requests", "1",
+              "--max-new-tokens", "8", "--force"] if smoke else
+             ["--stages", "4,8", "--max-requests", "3", "--max-new-tokens", "32"])
+    report = out / "speedup.txt"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speedup.py"), *flags,
+                        "--out", str(report), "--work", str(out / "speedup")],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    text = report.read_text() if report.exists() else ""
+    print(text or r.stderr[-3000:], flush=True)
+    return {"ok": r.returncode == 0, "flags": flags, "report": text.splitlines()[-16:],
+            **({} if r.returncode == 0 else {"error": r.stderr[-3000:]})}
+
+
+def fidelity_table(cells: list[dict]) -> str:
+    """One line per (pair, graphs, S, strategy): real ms per token vs the simulator with
+    the GPU per stage (own) and shared by all (shared); * = the event oracle."""
+    by = {}
+    for c in cells:
+        by.setdefault((c["pair"], c["graphs"], c["stages"], c["strategy"]), {})[c["gpu"]] = c
+    lines = ["real / sim ms per token; own: a GPU per stage (as profiled), shared: one GPU "
+             "time-shared by all; * = shared, the event oracle",
+             "pair      graphs  S  strategy  real ms  sim own  error  sim shared  error  "
+             "error*"]
+    for (pair, graphs, S, name), d in by.items():
+        o, sh = d["own"], d["shared"]
+        lines.append(f"{pair:9s} {graphs:6s} {S:2d}  {name:8s} {o['real_tbt_ms']:8.2f} "
+                     f"{o['sim_tbt_ms']:8.2f} {o['err']:+6.1%} {sh['sim_tbt_ms']:11.2f} "
+                     f"{sh['err']:+6.1%} {sh.get('exact_err', float('nan')):+6.1%}")
+    return "\n".join(lines)
 
 
 # ---- profile -------------------------------------------------------------------------------
@@ -426,13 +625,27 @@ def _device_name(device) -> str:
 
 
 # ---- main ----------------------------------------------------------------------------------
+# Estimated seconds of each section on one H100/H200 (the first five measured on an H100,
+# benchmarks/gpu/README.md; graphs, fidelity1 and speedup estimated from their parts).
+ESTIMATE_S = {"tree": 10, "lossless": 10, "runtime": 35, "bf16": 25, "cliprofile": 25,
+              "profile": 30, "kernels": 20, "graphs": 45, "fidelity1": 270,
+              "speedup": 180}
+SECTIONS = ",".join(ESTIMATE_S)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
-    ap.add_argument("--only",
-                    default="tree,lossless,runtime,bf16,cliprofile,profile,kernels")
+    ap.add_argument("--sections", "--only", dest="only", default=SECTIONS,
+                    help=f"comma-separated sections to run (default all: {SECTIONS})")
     args = ap.parse_args(argv)
+    keys = args.only.split(",")
+    unknown = [k for k in keys if k not in ESTIMATE_S]
+    if unknown:
+        ap.error(f"unknown sections {', '.join(unknown)} (choose from {SECTIONS})")
+    print("plan (estimated GPU seconds): " + ", ".join(f"{k} {ESTIMATE_S[k]}" for k in keys)
+          + f"; total ~{sum(ESTIMATE_S[k] for k in keys) / 60:.1f} min", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke else "cuda"
     torch.manual_seed(0)
@@ -446,8 +659,11 @@ def main(argv=None) -> int:
              "bf16": lambda: check_bf16(device, args.out, n),
              "cliprofile": lambda: check_cli_profile(device, args.out),
              "profile": lambda: _profile(device, args),
-             "kernels": lambda: _profile(device, args, kernels=True)}
-    for key in args.only.split(","):
+             "kernels": lambda: _profile(device, args, kernels=True),
+             "graphs": lambda: check_graphs(device, args.smoke, n),
+             "fidelity1": lambda: check_fidelity1(device, args.smoke, args.out),
+             "speedup": lambda: check_speedup(args.smoke, args.out)}
+    for key in keys:
         t = time.perf_counter()
         try:
             report[key] = steps[key]()
@@ -455,12 +671,15 @@ def main(argv=None) -> int:
             report[key] = {"ok": False, "error": f"{type(e).__name__}: {e}",
                            "trace": traceback.format_exc()[-3000:]}
         report[key]["seconds"] = round(time.perf_counter() - t, 1)
-        print(f"[{key}] {json.dumps({k: v for k, v in report[key].items() if k != 'trace'})}",
+        if key == "graphs" and "stage" in report[key]:
+            print("\n".join(graphs_lines(report[key])), flush=True)
+        shown = {k: v for k, v in report[key].items() if k not in ("trace", "cells", "table")}
+        print(f"[{key}] {json.dumps(shown)} (estimated {ESTIMATE_S[key]} s on the GPU)",
               flush=True)
         (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    print("\nsummary: " + ", ".join(f"{k} {'ok' if report[k].get('ok') else 'FAILED'}"
-                                    for k in args.only.split(",")))
-    return 0 if all(report[k].get("ok") for k in args.only.split(",")) else 1
+    print("\nsummary: " + ", ".join(f"{k} {'ok' if report[k].get('ok') else 'FAILED'} "
+                                    f"({report[k]['seconds']:.0f} s)" for k in keys))
+    return 0 if all(report[k].get("ok") for k in keys) else 1
 
 
 def _profile(device, args, kernels=False) -> dict:
