@@ -47,6 +47,7 @@ class RequestSim:
         self.verify_box = Inbox(env) if self.A else None
         self.busy: dict[int, set | None] = {j: None for j in range(1, S + 1)}
         self.head_last: tuple[str, float] = ("", -1.0)   # the head device's last job, its end
+        self.ctrl: dict[int, list] = {}   # CPU hosts: this dispatch's control message per stage
 
     def _devices(self) -> None:
         """An exclusive device needs no resource; a shared one (B: stage 1 + draft + head)
@@ -75,7 +76,7 @@ class RequestSim:
         env.process(self._draft())
         if self.A:
             env.process(self._verifier())
-        self.pacer.dispatch(self.pacer.start())
+        self._dispatch(self.pacer.start())
         self.out.end_ms = run_until_done(env, self.done, strategy.name,
                                          lambda: f"{len(strategy.output)} tokens")
         return self.out
@@ -210,8 +211,9 @@ class RequestSim:
 
     def _wire_ms(self, notices: int, *, batch: bool = True) -> float:
         """A stage process's CPU for one message outside the compute (profile fields
-        stage_message_ms per batch message, stage_notice_ms per notice: the real runtime
-        sends each notice on its own)."""
+        stage_message_ms per batch message, stage_notice_ms per notice message: in the
+        stream the real runtime sends each notice in a message of its own, a broadcast
+        one message per event, `_notice_to`)."""
         p = self.profile
         ms = (p.stage_message_ms if batch else 0.0) + notices * p.stage_notice_ms
         if ms and self.pool is not None and self.pool.busy() + 1 > self.pool.cores:
@@ -282,12 +284,19 @@ class RequestSim:
     def _after_head(self, actions) -> None:
         delay = self.profile.head_overhead_ms
         if delay > 0.0 and actions:
-            self.env.timeout(delay).callbacks.append(lambda _e: self.pacer.dispatch(actions))
+            self.env.timeout(delay).callbacks.append(lambda _e: self._dispatch(actions))
         else:
-            self.pacer.dispatch(actions)
+            self._dispatch(actions)
+
+    def _dispatch(self, actions) -> None:
+        """The head's actions leave; its broadcast notices among them share one control
+        message per stage (`_notice_to`), as the torch head sends them."""
+        self.pacer.dispatch(actions)
+        self.ctrl = {}
 
     # ---- pacing.Dispatch: what the head's actions do -----------------------------------
     def inject(self, batch: Batch, notices) -> None:
+        self.ctrl = {}          # the torch head sends held broadcasts ahead of a batch
         self.compute.observe(batch.rows)
         self.out.batches += 1
         self._into_stage1((batch, list(notices)), len(batch.rows) * 4 * TOKEN_BYTES)
@@ -312,21 +321,35 @@ class RequestSim:
                 self.holders[key].notices.append((now, update))
 
     def broadcast(self, update: Update) -> None:
-        now = self.env.now
         for j in range(1, self.S + 1):
-            at = now + self.holders[j].latency
-            if self._wire_ms(1, batch=False) > 0.0:   # CPU hosts: the stage receives it
-                self.env.timeout(at - now).callbacks.append(
-                    lambda _e, j=j: self.env.process(self._receive(j, update)))
-            else:
-                self._arrive(j, update, at)
+            self._notice_to(j, update, self.holders[j].latency)
 
-    def _receive(self, j: int, update: Update):
-        """A broadcast notice reaches stage j once its control reader has received it:
-        stage_notice_ms of CPU on the shared cores (beside the stage's compute), so under
-        contention notices land late and dead rows get computed, as on the real runtime."""
+    def _notice_to(self, j: int, item, hop: float) -> None:
+        """A broadcast notice (`item`; serving: (request, notice)) reaches stage j one hop
+        from now. On a CPU host it rides in this dispatch's control message to j: the
+        first notice of a dispatch sends it, the others join it until the dispatch ends
+        or injects a batch (the torch head sends the message ahead of that batch)."""
+        if self._wire_ms(1, batch=False) <= 0.0:
+            self._land(j, item, self.env.now + hop)
+            return
+        message = self.ctrl.get(j)
+        if message is None:
+            message = self.ctrl[j] = []
+            self.env.timeout(hop).callbacks.append(
+                lambda _e, j=j, m=message: self.env.process(self._receive(j, m)))
+        message.append(item)
+
+    def _receive(self, j: int, message: list):
+        """A control message reaches stage j once its control reader has received it:
+        stage_notice_ms of CPU on the shared cores (beside the stage's compute) however
+        many notices it carries, so under contention notices land late and dead rows get
+        computed, as on the real runtime. Then its notices land, in order."""
         yield from self._compute(f"wire{j}", None, self._wire_ms(1, batch=False), "notice", 0)
-        self._arrive(j, update, self.env.now)
+        for item in message:
+            self._land(j, item, self.env.now)
+
+    def _land(self, j: int, update: Update, at: float) -> None:
+        self._arrive(j, update, at)
 
     def _arrive(self, j: int, update: Update, at: float) -> None:
         self.holders[j].notices.append((at, update))

@@ -95,6 +95,7 @@ class ServeSim(RequestSim):
         self.verify_box = Inbox(env) if self.A else None
         self.busy: dict[int, dict | None] = {j: None for j in range(1, S + 1)}
         self.head_last: tuple[str, float] = ("", -1.0)
+        self.ctrl: dict[int, list] = {}
         self.served: dict[int, Served] = {}
         self.issued = self.ended = 0
         self.parts = self.forwards = 0
@@ -131,7 +132,7 @@ class ServeSim(RequestSim):
     def _arrive(self, r: int) -> None:
         self.served[r] = Served(self.env.now)
         self.computes[r] = self.compute_of(r)
-        self.server.dispatch(self.server.arrive(r))
+        self._dispatch(self.server.arrive(r))
 
     def _holder(self, r: int, actor) -> Holder | None:
         """Request r's KV holder at `actor` (None once r has finished)."""
@@ -350,12 +351,19 @@ class ServeSim(RequestSim):
     def _after_head(self, actions) -> None:
         delay = self.profile.head_overhead_ms
         if delay > 0.0 and actions:
-            self.env.timeout(delay).callbacks.append(lambda _e: self.server.dispatch(actions))
+            self.env.timeout(delay).callbacks.append(lambda _e: self._dispatch(actions))
         else:
-            self.server.dispatch(actions)
+            self._dispatch(actions)
+
+    def _dispatch(self, actions) -> None:
+        """As `RequestSim._dispatch`: one control message per stage carries the broadcast
+        notices of every request that this dispatch sends."""
+        self.server.dispatch(actions)
+        self.ctrl = {}
 
     # ---- ServeDispatch: what the scheduler's actions do ----------------------------------
     def inject(self, step: Step, notices) -> None:       # type: ignore[override]
+        self.ctrl = {}          # the torch head sends held broadcasts ahead of a step
         for r, b in step.parts:
             self.computes[r].observe(b.rows)
             self.served[r].batches += 1
@@ -380,18 +388,12 @@ class ServeSim(RequestSim):
                 h.notices.append((now, update))
 
     def broadcast(self, r: int, update: Update) -> None:  # type: ignore[override]
-        now = self.env.now
         for j in range(1, self.S + 1):
-            at = now + self.hop[j]
-            if self._wire_ms(1, batch=False) > 0.0:   # CPU hosts: the stage receives it
-                self.env.timeout(at - now).callbacks.append(
-                    lambda _e, j=j: self.env.process(self._receive(j, r, update)))
-            else:
-                self._arrive_notice(j, r, update, at)
+            self._notice_to(j, (r, update), self.hop[j])
 
-    def _receive(self, j: int, r: int, update: Update):     # type: ignore[override]
-        yield from self._compute(f"wire{j}", None, self._wire_ms(1, batch=False), "notice", 0)
-        self._arrive_notice(j, r, update, self.env.now)
+    def _land(self, j: int, item, at: float) -> None:    # type: ignore[override]
+        r, update = item
+        self._arrive_notice(j, r, update, at)
 
     def _arrive_notice(self, j: int, r: int, update: Update, at: float) -> None:
         h = self._holder(r, j)

@@ -6,8 +6,11 @@ driver shares (EntryFree gate, prune delivery) and turns actions into calls of t
 `Dispatch` protocol, which the head implements. What concerns the head's own KV holders
 (draft, verifier), commits and the end it does itself; where batches and notices go is the
 transport's business (`runtime.py`, across processes), which gives the head three calls:
-`inject(batch, notices)`, `broadcast(update)`, `inband(update)`. (The inline driver needs
-no head: it is the simulator's pipeline with real models, `inline.py`.)
+`inject(batch, notices)`, `broadcast(updates)`, `inband(update)`. The broadcast notices of
+one event (one strategy call's actions) leave together as one message per stage, ahead of
+the next batch it injects (as if each had left at once) or after its dispatch. (The
+inline driver needs no head: it is the simulator's pipeline with real models,
+`inline.py`.)
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class Flight:
     t0: float                   # perf_counter() at its start
     drafts: deque = field(default_factory=deque)     # Draft actions not yet run
     kinds: dict[int, str] = field(default_factory=dict)   # batch id -> kind (slice labels)
+    outgoing: list[Update] = field(default_factory=list)  # this dispatch's broadcasts
 
 
 class Head:
@@ -78,7 +82,7 @@ class Head:
                               max_new_tokens=req.max_new_tokens, eos=self.eos, knobs=self.knobs)
         pacer = Pacer(strategy, self, prune=self.prune_mode, recorder=self.recorder)
         f = self.flight = Flight(seq, pacer, RunRecord(name, req), time.perf_counter())
-        pacer.dispatch(pacer.start())          # the pacer records what it is told and says
+        self._dispatch(pacer.start())          # the pacer records what it is told and says
         return f
 
     @property
@@ -110,8 +114,18 @@ class Head:
 
     # ---- facts in: events to the strategy --------------------------------------------
     def feed(self, event) -> None:
-        pacer = self.flight.pacer
-        pacer.dispatch(pacer.feed(event))      # nothing once the request is done
+        self._dispatch(self.flight.pacer.feed(event))   # nothing once the request is done
+
+    def _dispatch(self, actions) -> None:
+        """Execute one event's actions; its broadcast notices go as one message."""
+        self.flight.pacer.dispatch(actions)
+        self._broadcast_held()
+
+    def _broadcast_held(self) -> None:
+        f = self.flight
+        if f.outgoing:
+            updates, f.outgoing = tuple(f.outgoing), []
+            self.transport.broadcast(updates)
 
     def entry_taken(self) -> None:
         """Stage 1 took a batch (its ack)."""
@@ -149,6 +163,7 @@ class Head:
         f = self.flight
         f.record.batches += 1
         f.kinds[batch.id] = batch.kind
+        self._broadcast_held()                 # the notices before it leave before it
         self.transport.inject(batch, notices)
 
     def draft(self, request: Draft) -> None:
@@ -159,7 +174,7 @@ class Head:
             holder.apply(update)
 
     def broadcast(self, update: Update) -> None:
-        self.transport.broadcast(update)
+        self.flight.outgoing.append(update)    # sent by `_broadcast_held`
 
     def inband(self, update: Update) -> None:
         self.transport.inband(update)

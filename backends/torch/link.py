@@ -93,7 +93,9 @@ class Links:
     def recv_batch(self, n: int, src: int, hidden: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A BATCH message's n rows [n, 4] and, if `hidden`, their hidden states [1, n, H]
-        on this rank's device in the model's dtype (`send_batch`)."""
+        on this rank's device in the model's dtype (`send_batch`). The rows may be a view
+        of the receive frame (`wire.recv`: decode them before the next receive); the
+        hidden states are the caller's (a serving stage holds a step's parts)."""
         if not hidden:
             return wire.recv((n, 4), torch.int64, src), None
         if self._nccl(src):
@@ -101,7 +103,8 @@ class Links:
             t = torch.empty((n, self.hidden), dtype=self.dtype, device=self.device)
             dist.recv(t, src, group=self.group)
             return rows, t.unsqueeze(0)
-        rows, t = wire.recv_packed(n, self.hidden, src)
+        same = self.device.type == "cpu" and self.dtype == torch.float32   # .to: no copy
+        rows, t = wire.recv_packed(n, self.hidden, src, keep=same)
         return rows, t.to(self.device, self.dtype).unsqueeze(0)
 
 

@@ -395,8 +395,7 @@ def measure_head_overhead(events: int = 400) -> tuple[float, dict]:
                 wire.header(wire.BATCH, 1, id=a.batch.id, n=len(a.batch.rows))
                 rows_tensor(a.batch.rows)
             elif isinstance(a, Update):
-                wire.header(wire.UPDATE, 1, n=len(a.commit), n2=len(a.kill))
-                torch.tensor(list(a.commit) + list(a.kill), dtype=torch.int64)
+                wire.notices([(1, a)])
 
     n_tok = events // 3
     s = make_strategy("pipedec", list(range(1, 33)), n_tok, width=4, topk=4)
@@ -817,7 +816,7 @@ def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, win
     that follows the batches already queued). Stage 1's acks are drained at the end."""
     from backends.torch import wire
     from backends.torch.shard import rows_tensor
-    from pipedec_sim.protocol.messages import Row
+    from pipedec_sim.protocol.messages import Row, Update
 
     def send(c):
         rows = [Row(10**6 + c * 100 + k, ctx - 1, 1 + k, ctx) for k in range(n)]
@@ -830,8 +829,8 @@ def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, win
         m = int(r[wire.N])
         if m:
             ids = wire.recv_packed(m, H, S)[0][:, 0]
-            if notices:
-                out.send([wire.header(wire.UPDATE, seq, n=0, n2=m), ids.clone()], 1)
+            if notices:                   # one notice message, as the runtime sends them
+                out.send(wire.notices([(seq, Update(kill=tuple(ids.tolist())))]), 1)
         if c + window < cycles:
             send(c + window)
     for _ in range(cycles):
@@ -857,8 +856,9 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
     `window` batches in flight back to back (a saturated pipeline, every process runnable).
 
     Two requests: `cycles` batches of n tree rows; then `cycles` x (batch, prune notice
-    killing it). Per stage: batch_ms = (process CPU - run_stage CPU) / batches of the first;
-    notice_ms = the second's extra CPU per notice, KV compaction excluded. Also
+    message killing it). Per stage: batch_ms = (process CPU - run_stage CPU) / batches of
+    the first; notice_ms = the second's extra CPU per notice message (the runtime sends
+    one per event, however many notices it carries), KV compaction excluded. Also
     compute_after_idle = run_stage CPU / the profile-style back-to-back time of the same
     rows (median over the batches; the idle gap cools caches). Returns (fields, details)."""
     import multiprocessing as mp
@@ -869,7 +869,7 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
     from backends.torch.link import connect
     from backends.torch.runtime import loopback_store
     from backends.torch.worker import IDLE_TIMEOUT, StageConfig
-    from pipedec_sim.protocol.messages import Row
+    from pipedec_sim.protocol.messages import Row, Update
     S = stages
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store, init = loopback_store(S + 1)       # the rendezvous listens on 127.0.0.1 only
@@ -901,10 +901,10 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
                 time.sleep(gap_s)
                 rows = [Row(10**6 + c * 100 + k, ctx - 1, 1 + k, ctx) for k in range(n)]
                 _head_cycle(out, S, H, seq, rows, ctx)
-                if notices:
+                if notices:               # one notice message, as the runtime sends them
                     time.sleep(gap_s)
-                    ids = torch.tensor([r.id for r in rows], dtype=torch.int64)
-                    out.send([wire.header(wire.UPDATE, seq, n=0, n2=n), ids], 1)
+                    kill = Update(kill=tuple(r.id for r in rows))
+                    out.send(wire.notices([(seq, kill)]), 1)
             head_cpu.append((time.process_time() - c0) * 1e3)
             out.send([wire.header(wire.REPORT, seq), torch.zeros((S, 2), dtype=torch.int64)], 1)
             r = wire.recv(wire.HEADER_LEN, torch.int64, S)

@@ -8,7 +8,8 @@ of its own, else through host memory over gloo (`link.py`).
 
 Pacing is the shared core's (`pipedec_sim.protocol.pacing`): EntryFree comes from stage 1's
 ACK per batch taken, through `Pacer.entry_taken`. Prune notices (`cfg.prune`, default
-broadcast) go straight to every stage on the control tag (`broadcast`), into stage 1's
+broadcast) go straight to every stage on the control tag (`broadcast`: one message per
+event the head handled, carrying all its notices), into stage 1's
 batch stream at once (`inband`), or just ahead of the next injected batch (`piggyback`);
 with `cfg.cancel` (broadcast only) a stage abandons a batch whose rows all died at the next
 layer boundary (worker.py). Each RESET tells the stages the request's mode.
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -292,25 +294,26 @@ class DistributedPipeline:
 
     def _read_data(self):
         h = wire.recv(wire.HEADER_LEN, torch.int64, self.S)
-        kind, seq, n = int(h[wire.KIND]), int(h[wire.REQ]), int(h[wire.N])
+        kind, seq, bid, n = h[:wire.VFROM].tolist()
         if kind == wire.STOP:
             return None
-        if kind == wire.REPORT:
-            table = wire.recv((self.S, 2), torch.int64, self.S)
-            return ("report", seq, table, wire.recv((n, 6), torch.float64, self.S) if n else None)
+        if kind == wire.REPORT:          # kept: the next receive reuses the frame (wire.recv)
+            table = wire.recv((self.S, 2), torch.int64, self.S, keep=True)
+            slices = wire.recv((n, 6), torch.float64, self.S, keep=True) if n else None
+            return ("report", seq, table, slices)
         if n == 0:                   # a batch whose rows all died on the way (header only)
             if kind == wire.TOKENS:
-                return ("tokens", seq, int(h[wire.ID]), (), [])
-            return ("hidden", seq, int(h[wire.ID]), (), None)
+                return ("tokens", seq, bid, (), [])
+            return ("hidden", seq, bid, (), None)
         if kind == wire.TOKENS:
             t, tokens = wire.recv_tokens(n, self.S)
-            return ("tokens", seq, int(h[wire.ID]), tensor_rows(t), tokens)
+            return ("tokens", seq, bid, tensor_rows(t), tokens)
         t, hidden = self.links.recv_batch(n, self.S)
-        return ("hidden", seq, int(h[wire.ID]), tensor_rows(t), hidden)
+        return ("hidden", seq, bid, tensor_rows(t), hidden)
 
     def _read_ack(self):
-        ack = wire.recv(2, torch.int64, 1, wire.TAG_ACK)
-        return None if int(ack[0]) < 0 else ("ack", int(ack[0]))
+        seq = int(wire.recv(2, torch.int64, 1, wire.TAG_ACK)[0])
+        return None if seq < 0 else ("ack", seq)
 
     def _next(self, block: bool, wait_s: float = 0.05):
         """The next inbound item; None if none came (after up to `wait_s` if `block`)."""
@@ -341,13 +344,15 @@ class DistributedPipeline:
                        rows_tensor(batch.rows)], 1)
 
     def inband(self, update: Update) -> None:
-        if wire.has_ids(update):
-            self.out.send(wire.update_tensors(self.seq, update), 1)
+        message = wire.notices([(self.seq, update)])
+        if message:
+            self.out.send(message, 1)
 
-    def broadcast(self, update: Update) -> None:
-        if wire.has_ids(update):
-            for j in range(1, self.S + 1):
-                self.out.send(wire.update_tensors(self.seq, update), j, wire.TAG_CTRL)
+    def broadcast(self, updates: Sequence[Update]) -> None:
+        """One event's notices: one control message to every stage, applied in order."""
+        message = wire.notices([(self.seq, u) for u in updates])
+        if message:
+            self.out.send_all(message, range(1, self.S + 1), wire.TAG_CTRL)
 
     # ---- one request -------------------------------------------------------------------------
     def run(self, name: str, req: Request) -> RunRecord:

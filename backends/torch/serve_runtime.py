@@ -21,8 +21,9 @@ simulator's `backends.simulated.serve.ServeSim`:
 * the draft: one pass answers the oldest pending Draft of each request (as ServeSim),
   in one forward over those requests (`batch.propose_requests`), then one
   `drafted(answers)`;
-* prune notices: the head's own holders at once; the stages by broadcast (CTRL, tagged
-  with REQ), in-band, or piggyback (ahead of the next step), as the prune mode says;
+* prune notices: the head's own holders at once; the stages by broadcast (CTRL: the
+  notices of one event, every request's, in one message per stage, each tagged with its
+  request), in-band, or piggyback (ahead of the next step), as the prune mode says;
 * commits on the head's wall clock, in ms from the run's start; arrivals open loop (each
   request at its time from the start; one due while the head computes waits for the head)
   or closed loop (`concurrency` outstanding, the next issued as one finishes);
@@ -136,6 +137,7 @@ class ServingRun:
         self.back: dict[tuple[int, int], tuple[int, int]] = {}  # (seq, batch) -> (step, part)
         self.returning: dict[int, list] = {}    # step -> [answers by part, parts not back]
         self.issued = self.ended = self.parts = self.forwards = 0
+        self.outgoing: list[tuple[int, Update]] = []    # this dispatch's broadcasts
         self.t0 = time.perf_counter()
 
     def now_ms(self) -> float:
@@ -192,11 +194,25 @@ class ServingRun:
                 self._arrive(self.arrivals[self.issued])
         return self.issued > before
 
+    def _dispatch(self, actions) -> None:
+        """Execute one event's actions (a step back, a draft pass, an ack, an arrival); its
+        broadcast notices, of every request, go as one control message per stage (ahead
+        of a step it sends, as if each had left at once)."""
+        self.server.dispatch(actions)
+        self._broadcast_held()
+
+    def _broadcast_held(self) -> None:
+        """The broadcast notices held so far, as one message to every stage."""
+        message = wire.notices(self.outgoing)
+        self.outgoing = []
+        if message:
+            self.pipe.out.send_all(message, range(1, self.pipe.S + 1), wire.TAG_CTRL)
+
     def _arrive(self, at_ms: float) -> None:
         r = self.issued
         self.issued += 1
         self.served[r] = Served(at_ms)
-        self.server.dispatch(self.server.arrive(r))
+        self._dispatch(self.server.arrive(r))
 
     def _make(self, r: int):
         """Request r is admitted: its holders everywhere, then its strategy."""
@@ -232,7 +248,7 @@ class ServingRun:
             del self.untaken[step]
             actions = self.server.entry_taken()
             if actions is not None:
-                self.server.dispatch(actions)
+                self._dispatch(actions)
 
     def _back(self, r: int, kind: str, seq: int, batch_id: int, rows, payload) -> None:
         """A part left the last stage: hidden states to verify here (A) or tokens (B)."""
@@ -250,7 +266,7 @@ class ServingRun:
         answers[1] -= 1
         if answers[1] == 0:
             del self.returning[step]
-            self.server.dispatch(self.server.returned(step, answers[0]))
+            self._dispatch(self.server.returned(step, answers[0]))
 
     def _draft_pass(self) -> bool:
         """Run one draft pass (the oldest pending Draft of each request); False if none
@@ -270,7 +286,7 @@ class ServingRun:
             for (k, _, _), proposals in zip(todo, propose_requests([x[1:] for x in todo])):
                 got[k] = proposals
             self._busy("draft", t, sum(len(d.rows) for _, _, d in todo))
-        self.server.dispatch(self.server.drafted(
+        self._dispatch(self.server.drafted(
             [(r, d.ticket, g) for (r, d), g in zip(work, got)]))
         return True
 
@@ -315,6 +331,7 @@ class ServingRun:
     # ---- ServeDispatch: the scheduler's actions --------------------------------------
     def inject(self, step: Step, notices: tuple[tuple[int, Update], ...]) -> None:
         assert step.parts, "a step carries at least one part"
+        self._broadcast_held()                 # the notices before it leave before it
         for r, u in notices:                   # piggyback: just ahead of the step
             self.inband(r, u)
         k = len(step.parts)
@@ -343,14 +360,12 @@ class ServingRun:
                 holder.apply(update)
 
     def broadcast(self, r: int, update: Update) -> None:
-        if wire.has_ids(update):
-            for j in range(1, self.pipe.S + 1):
-                self.pipe.out.send(wire.update_tensors(self.seq_of[r], update), j,
-                                   wire.TAG_CTRL)
+        self.outgoing.append((self.seq_of[r], update))    # sent after the dispatch
 
     def inband(self, r: int, update: Update) -> None:
-        if wire.has_ids(update):
-            self.pipe.out.send(wire.update_tensors(self.seq_of[r], update), 1)
+        message = wire.notices([(self.seq_of[r], update)])
+        if message:
+            self.pipe.out.send(message, 1)
 
     def commit(self, r: int, commit: Commit) -> None:
         now = self.now_ms()

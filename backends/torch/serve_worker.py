@@ -9,7 +9,7 @@ KV cache and sampler, so one request never sees another's cache. The DATA messag
           cancel rule and sampling key as for one request (`wire.reset`)
   FREE    request REQ is complete: its holder and its KV go (`wire.FREE`)
   BATCH   one part of a serving step, computed through REQ's holder and passed on at once
-  UPDATE  an in-band notice for REQ's holder
+  UPDATE  in-band notices, each for its own request's holder (`wire.recv_notices`)
   REPORT  busy time, rows and timeline slices since the last REPORT (once per serving
           run), then the counters start again
 
@@ -18,7 +18,8 @@ LEFT slot counting the parts still to come. The stage acks each part as it takes
 (stage 1), gathers them, then computes the step's live rows in ONE forward over their
 requests (`batch.forward_requests`: the weights once, attention per request over its
 own cache and tree; a request with two parts in the step gets its second in a second
-forward), and passes every part on as its own message. Broadcast notices (CTRL) go to
+forward), and passes every part on as its own message. Broadcast notices (CTRL: one
+message per head event, with the notices of every request it prunes) go to
 their request's holder: a request's notices that arrive before its RESET wait for it,
 those of a finished request are dropped. With cancel the forward is abandoned once
 notices have killed every row of every part in it (`pacing.cancels`), as the simulator
@@ -139,11 +140,11 @@ class ServeStage(Stage):
         self._apply(update)
 
     def on_update(self, h) -> None:
-        r = int(h[wire.REQ])
-        update = wire.recv_update(h, self.prev)
-        if r in self.holders:
-            self._apply_to(r, update)
-        self._pass_on(wire.update_tensors(r, update))
+        pairs, message = wire.recv_notices(h, self.prev)
+        for r, update in pairs:
+            if r in self.holders:
+                self._apply_to(r, update)
+        self._pass_on(message)
 
     # ---- work ------------------------------------------------------------------------
     def on_batch(self, h) -> None:

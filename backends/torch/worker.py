@@ -3,10 +3,11 @@
 Rank j (1..S) holds stage j's decoder layers; rank 0 is the head. Data messages (the batch
 stream, tag DATA) are handled in arrival order; an UPDATE among them (prune `inband` or
 `piggyback`) is applied, then passed on, behind the batches before it. With prune
-`broadcast` the head sends every notice straight to each stage (tag CTRL, read by a thread
-into a queue): the stage applies the notices that have arrived when it starts its next
-message, and with `cancel` it also looks between decoder layers and abandons a batch
-whose rows have all died (`pacing.cancels`). Each RESET says which mode a request uses.
+`broadcast` the head sends every notice straight to each stage (tag CTRL: one message per
+event the head handled, carrying all its notices; read by a thread into a queue): the stage
+applies the notices that have arrived, in order, when it starts its next message, and
+with `cancel` it also looks between decoder layers and abandons a batch whose rows have
+all died (`pacing.cancels`). Each RESET says which mode a request uses.
 """
 from __future__ import annotations
 
@@ -113,21 +114,21 @@ class Control:
                 h = wire.recv(wire.HEADER_LEN, torch.int64, 0, wire.TAG_CTRL)
                 if int(h[wire.KIND]) == wire.STOP:
                     return
-                self.queue.put((int(h[wire.REQ]), wire.recv_update(h, 0, wire.TAG_CTRL)))
+                self.queue.put(wire.recv_notices(h, 0, wire.TAG_CTRL)[0])   # one message
         except Exception as e:             # the head is gone: say so on the next poll
-            self.queue.put(("error", e))
+            self.queue.put(e)
 
     def arrived(self) -> list[tuple[int, Update]]:
         """The (request, notice) pairs that came since the last call, in order."""
-        out = []
+        out: list[tuple[int, Update]] = []
         while True:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 return out
-            if item[0] == "error":
-                raise item[1]
-            out.append(item)
+            if isinstance(item, BaseException):
+                raise item
+            out += item
 
 
 class Stage:
@@ -142,6 +143,7 @@ class Stage:
         self.sampler = GREEDY_TARGET      # this request's (B's last stage verifies)
         self.control: Control | None = None    # started by the first broadcast RESET
         self.notices: list[tuple[int, Update]] = []    # arrived broadcast notices, unapplied
+        self.rows_in: torch.Tensor | None = None       # the batch's rows as received
         self.abandoned = False        # the batch being computed was cancelled
         self.busy_us = 0
         self.rows = 0
@@ -220,11 +222,12 @@ class Stage:
             self.out.send([h], self.next)
 
     def on_update(self, h) -> None:
-        """An in-band notice (inband / piggyback): apply it, then pass it on."""
-        update = wire.recv_update(h, self.prev)
-        self._apply(update)
+        """In-band notices (inband / piggyback): apply them in order, then pass them on."""
+        pairs, message = wire.recv_notices(h, self.prev)
+        for _, update in pairs:
+            self._apply(update)
         if self.next != 0:
-            self.out.send(wire.update_tensors(int(h[wire.REQ]), update), self.next)
+            self.out.send(message, self.next)
 
     def on_report(self, h) -> None:
         """Fill in this stage's busy time and rows, append its slices to those of the
@@ -249,22 +252,22 @@ class Stage:
                                 between=self._between if self.cancel else None)
         tokens = self._tokens(out, hidden)
         self._account(t, batch.id, len(out.rows))
-        self._send_on(int(h[wire.REQ]), out, hidden, tokens)
+        self._send_on(int(h[wire.REQ]), out, hidden, tokens, rows_in=self.rows_in)
 
     def _take(self, h) -> tuple[Batch, torch.Tensor | None]:
         """Receive the batch whose header is `h` (its rows, and past stage 1 its hidden
-        states); stage 1 tells the head it took it (the strategy's EntryFree)."""
-        n = int(h[wire.N])
-        rows, hidden = (), None
+        states); stage 1 tells the head it took it (the strategy's EntryFree). Its rows
+        tensor stays in `rows_in` until the next receive overwrites it (`wire.recv`)."""
+        _, req, bid, n, vfrom, committed = h[:wire.N2].tolist()     # one decode
+        rows, hidden, self.rows_in = (), None, None
         if n:
-            t, hidden = self.links.recv_batch(n, self.prev, hidden=self.j > 1)
-            rows = tensor_rows(t)
+            self.rows_in, hidden = self.links.recv_batch(n, self.prev, hidden=self.j > 1)
+            rows = tensor_rows(self.rows_in)
         if self.j == 1:
-            self.out.send([torch.tensor([int(h[wire.REQ]), int(h[wire.ID])])], 0, wire.TAG_ACK)
-        if self.fault and self.fault[0] == int(h[wire.REQ]):
+            self.out.send([torch.tensor((req, bid))], 0, wire.TAG_ACK)
+        if self.fault and self.fault[0] == req:
             self._crash()
-        return Batch(int(h[wire.ID]), rows, "", int(h[wire.VFROM]),
-                     int(h[wire.COMMITTED])), hidden
+        return Batch(bid, rows, "", vfrom, committed), hidden
 
     def _tokens(self, out: Batch, hidden) -> dict[int, int] | None:
         """Topology B's last stage: the target's tokens after the rows to verify."""
@@ -278,25 +281,30 @@ class Stage:
         self.rows += rows
         self._slice(SLICE_CANCEL if self.abandoned else SLICE_BATCH, batch_id, since, rows)
 
-    def _send_on(self, req: int, out: Batch, hidden, tokens, left: int = 0) -> None:
+    def _send_on(self, req: int, out: Batch, hidden, tokens, left: int = 0,
+                 rows_in: torch.Tensor | None = None) -> None:
         """The stage's output (`stage_output`: header only if every row died) to the next
         stage; from the last stage only the verified rows go back to the head, with their
-        hidden states (topology A) or their tokens (B). left: as the part came (serving)."""
+        hidden states (topology A) or their tokens (B). left: as the part came (serving).
+        rows_in: the batch's rows tensor as received, reused if every row survived."""
+        if len(out.rows) != (0 if rows_in is None else len(rows_in)):
+            rows_in = None                    # rows died: the survivors' tensor is new
         if self.next != 0:
             self.links.send_batch(self.out, wire.batch_header(wire.BATCH, req, out, left),
-                                  rows_tensor(out.rows) if out.rows else None,
+                                  _rows(out.rows, rows_in) if out.rows else None,
                                   hidden[0] if out.rows else None, self.next)
             return
         vrows = verify_rows(out)
         back = Batch(out.id, vrows, out.kind)
+        vt = None if rows_in is None else rows_in[out.verify_from:]
         if tokens is not None:
             h = wire.batch_header(wire.TOKENS, req, back, left)
             toks = torch.tensor([tokens[r.id] for r in vrows], dtype=torch.int64)
-            self.out.send([h] + ([wire.pack_tokens(rows_tensor(vrows), toks)] if vrows else []),
+            self.out.send([h] + ([wire.pack_tokens(_rows(vrows, vt), toks)] if vrows else []),
                           0)
             return
         self.links.send_batch(self.out, wire.batch_header(wire.BATCH, req, back, left),
-                              rows_tensor(vrows) if vrows else None,
+                              _rows(vrows, vt) if vrows else None,
                               hidden[0, out.verify_from:] if vrows else None, 0)
 
     def _crash(self) -> None:
@@ -307,6 +315,11 @@ class Stage:
             os.kill(os.getpid(), signal.SIGSTOP)
             return
         raise RuntimeError(f"injected fault ({FAULT_ENV}) on request {self.req}")
+
+
+def _rows(rows, given: torch.Tensor | None) -> torch.Tensor:
+    """`rows` as the wire's int64 [n, 4]: `given` if it already is that."""
+    return rows_tensor(rows) if given is None else given
 
 
 def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: str, *,

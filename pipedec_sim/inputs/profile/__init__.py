@@ -11,7 +11,8 @@ behaves exactly as before), all CPU work on the host's shared cores, measured by
 
   latency.stage_message_ms   CPU ms a stage process spends per batch message outside the
                              compute (wire recv/isend, row decoding, gloo's threads)
-  latency.stage_notice_ms    the same per prune notice (KV compaction excluded: kv_compact_ms)
+  latency.stage_notice_ms    the same per prune notice message (one per head event, however
+                             many notices it carries; KV compaction excluded: kv_compact_ms)
   latency.head_event_ms      CPU ms the head spends per event outside the draft and LM head
                              (reader threads, wire, gloo); unlike head_overhead_ms (a delay)
                              it occupies the head's core
