@@ -93,19 +93,32 @@ def _layer(layer, i: int, x, cos, sin, shards, spans, masks) -> torch.Tensor:
     """Llama decoder layer i over the joined rows: the weights once, attention per
     request over its own cache (which gets the request's new keys and values)."""
     att = layer.self_attn
+    q, k, v = qkv(layer, x, cos, sin)
+    outs = []
+    for sh, (a, b), m in zip(shards, spans, masks):
+        keys, values = sh.cache.update(k[:, :, a:b], v[:, :, a:b], i)
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=m,
+                                                   scale=att.scaling, enable_gqa=True))
+    return layer_out(layer, x, torch.cat(outs, 2))
+
+
+def qkv(layer, x, cos, sin):
+    """Llama layer's queries, keys and values [1, heads, n, head_dim] of the rows x
+    [1, n, H], rotary applied: the part of the layer before attention."""
+    att = layer.self_attn
     h = layer.input_layernorm(x)
     shape = (1, x.shape[1], -1, att.head_dim)
     q = att.q_proj(h).view(shape).transpose(1, 2)
     k = att.k_proj(h).view(shape).transpose(1, 2)
     v = att.v_proj(h).view(shape).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    outs = []
-    for sh, (a, b), m in zip(shards, spans, masks):
-        keys, values = sh.cache.update(k[:, :, a:b], v[:, :, a:b], i)
-        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=m,
-                                                   scale=att.scaling, enable_gqa=True))
-    o = torch.cat(outs, 2).transpose(1, 2).reshape(1, x.shape[1], -1)
-    x = x + att.o_proj(o)
+    return q, k, v
+
+
+def layer_out(layer, x, o):
+    """The rest of the layer after attention output o [1, heads, n, head_dim]: o_proj into
+    the residual, then the MLP's."""
+    x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, x.shape[1], -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from backends.torch.batch import layer_out, qkv
 from backends.torch.shard import DraftModel, Shard
 from pipedec_sim.protocol.messages import Update
 
@@ -204,22 +204,16 @@ class GraphShard(Shard):
         return x
 
     def _layer(self, layer, i: int, x, cos, sin, slots, mask, C: int):
-        """Llama's decoder layer (as batch._layer) with its KV written into slots `slots`
+        """Llama's decoder layer (batch.qkv, batch.layer_out) with its KV written into slots `slots`
         of the static buffer and attention over the first C of them."""
-        att = layer.self_attn
-        h = layer.input_layernorm(x)
-        shape = (1, x.shape[1], -1, self.head_dim)
-        q = att.q_proj(h).view(shape).transpose(1, 2)
-        k = att.k_proj(h).view(shape).transpose(1, 2)
-        v = att.v_proj(h).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = qkv(layer, x, cos, sin)
         kv = self.kv[i]
         kv[0].index_copy_(1, slots, k[0])
         kv[1].index_copy_(1, slots, v[0])
         o = F.scaled_dot_product_attention(q, kv[0, :, :C][None], kv[1, :, :C][None],
-                                           attn_mask=mask, scale=att.scaling, enable_gqa=True)
-        x = x + att.o_proj(o.transpose(1, 2).reshape(1, x.shape[1], -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+                                           attn_mask=mask, scale=layer.self_attn.scaling,
+                                           enable_gqa=True)
+        return layer_out(layer, x, o)
 
     def _outputs(self, x) -> tuple:
         if not self.topk:
