@@ -110,3 +110,17 @@ def real_cli(argv, capsys) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+def wire_loopback(monkeypatch, sent: list) -> None:
+    """`backends.torch.wire.recv` reads the frames in `sent` (as `wire.frame` made them)
+    in order, without gloo; each receive must ask for the dtype and shape that was sent."""
+    from backends.torch import wire
+
+    def raw(into, src, tag):
+        t = sent.pop(0)
+        assert t.dtype == into.dtype and t.shape == into.shape
+        into.copy_(t)
+    monkeypatch.setattr(wire, "_recv_raw", raw)
+    monkeypatch.setattr(wire, "_frames", {})
+    monkeypatch.setattr(wire, "_reading", {})

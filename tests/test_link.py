@@ -80,6 +80,7 @@ def test_messages_are_framed_and_read_back_tensor_by_tensor(monkeypatch, hidden_
     import torch
 
     from backends.torch import wire
+    from tests.helpers import wire_loopback
     h = wire.header(wire.BATCH, 3, id=9, n=hidden_rows)
     rows = torch.arange(hidden_rows * 4, dtype=torch.int64).view(hidden_rows, 4)
     hidden = torch.randn(hidden_rows, 100)
@@ -88,13 +89,7 @@ def test_messages_are_framed_and_read_back_tensor_by_tensor(monkeypatch, hidden_
     assert len(sent) == (2 if hidden_rows == 2 else 3)        # spilled: only the hidden
     assert all(t.numel() == wire.FRAME_WORDS[wire.TAG_DATA] for t in sent[::len(sent) - 1])
     wire_queue = list(sent)
-
-    def raw(into, src, tag):
-        t = wire_queue.pop(0)
-        assert t.dtype == into.dtype and t.shape == into.shape
-        into.copy_(t)
-    monkeypatch.setattr(wire, "_recv_raw", raw)
-    monkeypatch.setattr(wire, "_frames", {})
+    wire_loopback(monkeypatch, wire_queue)
     got = wire.recv(wire.HEADER_LEN, torch.int64, 0)
     assert torch.equal(got, h)
     assert torch.equal(wire.recv((hidden_rows, 4), torch.int64, 0), rows)

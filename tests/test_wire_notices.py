@@ -6,17 +6,7 @@ torch = pytest.importorskip("torch")
 
 from backends.torch import wire  # noqa: E402
 from pipedec_sim.protocol.messages import Update  # noqa: E402
-
-
-def _loopback(monkeypatch, sent: list):
-    """`wire.recv` reads the frames in `sent` (as `frame` made them) in order."""
-    def raw(into, src, tag):
-        t = sent.pop(0)
-        assert t.dtype == into.dtype and t.shape == into.shape
-        into.copy_(t)
-    monkeypatch.setattr(wire, "_recv_raw", raw)
-    monkeypatch.setattr(wire, "_frames", {})
-    monkeypatch.setattr(wire, "_reading", {})
+from tests.helpers import wire_loopback as _loopback  # noqa: E402
 
 
 def test_one_message_carries_several_notices_in_order(monkeypatch):
