@@ -49,3 +49,34 @@ def test_stage_failure_is_reported_and_cleaned_up(tmp_path, mode):
     assert tagged_pids(tag) == [], "orphan stage processes"
     out = [json.loads(x) for x in (tmp_path / "out" / "outputs.jsonl").read_text().splitlines()]
     assert [x["id"] for x in out] == ["1"]          # request 1 finished and is kept
+
+
+def test_a_stop_signal_while_closing_a_failed_run_keeps_its_failure(monkeypatch):
+    """torchrun SIGTERMs the head once its node's stages failed on the same lost link, often
+    while the head is already closing that failed run: the run still returns the lost link
+    (the error line names it, not "interrupted") and the close is finished."""
+    import argparse
+    from types import SimpleNamespace
+
+    from backends.torch import cli
+    from backends.torch.runtime import StageFailed
+
+    closes: list[bool] = []
+
+    class Pipe:
+        def close(self, clean: bool = True) -> None:
+            closes.append(clean)
+            if len(closes) == 1:             # the agent's SIGTERM lands during the close
+                raise cli.Stopped("stopped by torchrun (SIGTERM)", 1)
+
+    def lost(*_):
+        raise StageFailed("lost the link from stage 2 (rank 2): connection closed")
+
+    monkeypatch.setattr(cli, "_load", lambda *_: SimpleNamespace(encode=str.split))
+    monkeypatch.setattr(cli, "_check", lambda *_: None)
+    monkeypatch.setattr(cli, "_requests", lambda *_: [])
+    monkeypatch.setattr(cli, "_pipeline", lambda *_: Pipe())
+    monkeypatch.setattr(cli, "_run_all", lost)
+    failure = cli._run(argparse.Namespace(target="tiny", record_events=None), [])
+    assert isinstance(failure, StageFailed) and "lost the link" in str(failure)
+    assert closes == [False, False]

@@ -399,10 +399,24 @@ def _run(args, runs: list):
     except (StageFailed, Stopped) as e:
         return e
     finally:
-        if pipe is not None and hasattr(pipe, "close"):
-            pipe.close(clean=False)       # bounded: a stage that does not stop is killed
+        if pipe is not None:
+            _close_failed(pipe)
         if rec_fh:
             rec_fh.close()
+
+
+def _close_failed(pipe) -> None:
+    """Close the pipeline of a run that failed or stopped (bounded: a stage that does not
+    stop is killed). A stop signal that comes meanwhile must not replace the failure
+    already known: under torchrun the head's agent SIGTERMs it once the node's stages
+    failed on the same lost link, often while the head is closing. The close is finished
+    instead (`close` may be called again) and the signal is dropped: the run ends anyway."""
+    if not hasattr(pipe, "close"):
+        return
+    try:
+        pipe.close(clean=False)
+    except Stopped:
+        pipe.close(clean=False)
 
 
 def _torchrun_world(args) -> None:
@@ -595,8 +609,8 @@ def _serve(args, workload: list, served: dict):
     except (StageFailed, Stopped) as e:
         return e
     finally:
-        if pipe is not None and hasattr(pipe, "close"):
-            pipe.close(clean=False)
+        if pipe is not None:
+            _close_failed(pipe)
 
 
 def _single_request_view(args):
