@@ -1,11 +1,12 @@
 """The fidelity benchmark's pipeline end to end on `tiny` models (issue 6), and the
 sim-vs-real agreement of decisions on the same prompts and models (issue 3).
 
-One small run (S=2, two prompts, 16 tokens, a quick profile) serves every test here: it
-profiles, runs the real distributed pipeline (ar, tree-sd, pipedec) with --record-events,
-records a trace from the same target and draft, and simulates it twice (trace oracle;
-event oracle = the real run's own draft proposals). No timed assertion on the error size:
-wall-clock fidelity is reported by `benchmarks/fidelity.py`, not tested.
+One small run (S=2, two prompts, 16 tokens, the session's quick profile of the same models:
+`conftest.tiny_profile`) serves every test here: it runs the real distributed pipeline (ar,
+tree-sd, pipedec) with --record-events, records a trace from the same target and draft,
+and simulates it twice (trace oracle; event oracle = the real run's own draft proposals).
+No timed assertion on the error size: wall-clock fidelity is reported by
+`benchmarks/fidelity.py`, not tested.
 """
 from __future__ import annotations
 
@@ -35,14 +36,16 @@ def _bench():
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def result(tmp_path_factory, tiny_profile):
     bench = _bench()
     work = tmp_path_factory.mktemp("fidelity")
     (work / "p.txt").write_text("Hello, world! This is a test.\nabc def ghi\n")
+    code, profile = tiny_profile        # this session's quick profile of the same models
+    assert code == 0
     args = bench.build_parser().parse_args([
         "--target", "tiny", "--draft", "tiny-noisy", "--stages", "2", "--prompts",
         str(work / "p.txt"), "--max-requests", "2", "--max-new-tokens", "16",
-        "--quick-profile", "--share", "profile", "--work", str(work / "run")])
+        "--profile", str(profile), "--share", "profile", "--work", str(work / "run")])
     lines: list[str] = []
     t = time.perf_counter()
     res = bench.run_benchmark(args, log=lines.append)

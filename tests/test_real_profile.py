@@ -11,12 +11,12 @@ from pipedec_sim.inputs.profile import bundled_profiles, load_profile  # noqa: E
 pytestmark = pytest.mark.real
 
 
-def test_profile_loads_in_the_simulator(tmp_path, capsys):
-    from backends.torch.cli import main as real
+def test_profile_loads_in_the_simulator(tiny_profile, tmp_path, capsys):
+    """`pipedec-real profile --quick` (the session's `tiny_profile`): a measured CPU profile
+    of this host that the simulator runs."""
     from pipedec_sim.programs.cli import main as sim
-    out = tmp_path / "profile.json"
-    assert real(["profile", "--target", "tiny", "--draft", "tiny-draft", "--quick",
-                 "--out", str(out)]) == 0
+    code, out = tiny_profile
+    assert code == 0
     p = load_profile(out)
     assert p.provenance["kind"] == "measured" and p.device_kind == "cpu"
     assert p.shared_cores and p.layer(4, 64) > 0 and p.link.latency_ms > 0
