@@ -84,10 +84,11 @@ def smollm2():
     return t, prompts, refs
 
 
-@pytest.mark.parametrize("stages", [1, 2, 4])
+@pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_smollm2_lossless(smollm2, strategy, stages):
-    """SmolLM2-135M drafted by itself: every guess right, so pruning and compaction run hot."""
+    """SmolLM2-135M drafted by itself: every guess right, so pruning and compaction run hot
+    (on split pipelines; the tiny models cover S = 1 too)."""
     target, prompts, refs = smollm2
     pipe = InlinePipeline(target, target, stages, knobs=KNOBS)
     for i, (prompt, ref) in enumerate(zip(prompts, refs)):

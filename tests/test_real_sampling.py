@@ -158,12 +158,12 @@ def smollm2():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages, sampling", [(1, "T0.7"), (4, "T0.7"), (2, "T1-top-p0.9")])
+@pytest.mark.parametrize("stages, sampling", [(4, "T0.7"), (2, "T1-top-p0.9")])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_smollm2_lossless_when_sampling(smollm2, strategy, stages, sampling):
     """SmolLM2-135M with its distilled draft, 32 sampled tokens per prompt: real weights,
-    misses and partial acceptance, and still the target's own seeded samples (the tiny
-    models cover every S with both samplings)."""
+    misses and partial acceptance, and still the target's own seeded samples, on split
+    pipelines with either sampling (the tiny models cover every S with both samplings)."""
     target, draft, prompts, ref = smollm2
     pipe = InlinePipeline(target, draft, stages, knobs=KNOBS, sampling=SAMPLINGS[sampling])
     for i, prompt in enumerate(prompts):
