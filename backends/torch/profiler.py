@@ -830,7 +830,7 @@ def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, win
         if m:
             ids = wire.recv_packed(m, H, S)[0][:, 0]
             if notices:                   # one notice message, as the runtime sends them
-                out.send(wire.notices([(seq, Update(kill=tuple(ids.tolist())))]), 1)
+                out.send_notices([(seq, Update(kill=tuple(ids.tolist())))], (1,))
         if c + window < cycles:
             send(c + window)
     for _ in range(cycles):
@@ -904,7 +904,7 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
                 if notices:               # one notice message, as the runtime sends them
                     time.sleep(gap_s)
                     kill = Update(kill=tuple(r.id for r in rows))
-                    out.send(wire.notices([(seq, kill)]), 1)
+                    out.send_notices([(seq, kill)], (1,))
             head_cpu.append((time.process_time() - c0) * 1e3)
             out.send([wire.header(wire.REPORT, seq), torch.zeros((S, 2), dtype=torch.int64)], 1)
             r = wire.recv(wire.HEADER_LEN, torch.int64, S)

@@ -344,15 +344,12 @@ class DistributedPipeline:
                        rows_tensor(batch.rows)], 1)
 
     def inband(self, update: Update) -> None:
-        message = wire.notices([(self.seq, update)])
-        if message:
-            self.out.send(message, 1)
+        self.out.send_notices([(self.seq, update)], (1,))
 
     def broadcast(self, updates: Sequence[Update]) -> None:
         """One event's notices: one control message to every stage, applied in order."""
-        message = wire.notices([(self.seq, u) for u in updates])
-        if message:
-            self.out.send_all(message, range(1, self.S + 1), wire.TAG_CTRL)
+        self.out.send_notices([(self.seq, u) for u in updates], range(1, self.S + 1),
+                              wire.TAG_CTRL)
 
     # ---- one request -------------------------------------------------------------------------
     def run(self, name: str, req: Request) -> RunRecord:

@@ -203,10 +203,8 @@ class ServingRun:
 
     def _broadcast_held(self) -> None:
         """The broadcast notices held so far, as one message to every stage."""
-        message = wire.notices(self.outgoing)
-        self.outgoing = []
-        if message:
-            self.pipe.out.send_all(message, range(1, self.pipe.S + 1), wire.TAG_CTRL)
+        held, self.outgoing = self.outgoing, []
+        self.pipe.out.send_notices(held, range(1, self.pipe.S + 1), wire.TAG_CTRL)
 
     def _arrive(self, at_ms: float) -> None:
         r = self.issued
@@ -363,9 +361,7 @@ class ServingRun:
         self.outgoing.append((self.seq_of[r], update))    # sent after the dispatch
 
     def inband(self, r: int, update: Update) -> None:
-        message = wire.notices([(self.seq_of[r], update)])
-        if message:
-            self.pipe.out.send(message, 1)
+        self.pipe.out.send_notices([(self.seq_of[r], update)], (1,))
 
     def commit(self, r: int, commit: Commit) -> None:
         now = self.now_ms()

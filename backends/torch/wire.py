@@ -133,9 +133,12 @@ class Outbox:
         e.g. NCCL, each as it is)."""
         self._isend(frame(tensors, tag) if group is None else tensors, (dst,), tag, group)
 
-    def send_all(self, tensors, dsts, tag: int = TAG_DATA) -> None:
-        """The same message to every rank in `dsts` (gloo), framed once."""
-        self._isend(frame(tensors, tag), dsts, tag, None)
+    def send_notices(self, pairs, dsts, tag: int = TAG_DATA) -> None:
+        """The (request, notice) `pairs` as ONE UPDATE message (`notices`) to every rank in
+        `dsts` (gloo), framed once; nothing if none has ids."""
+        message = notices(pairs)
+        if message:
+            self._isend(frame(message, tag), dsts, tag, None)
 
     def _isend(self, tensors, dsts, tag: int, group) -> None:
         if self.error is not None:
