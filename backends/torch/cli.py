@@ -152,13 +152,16 @@ def add_cuda_graphs_flag(group) -> None:
                             "static path runs eagerly (default off)")
 
 
-def graphs_on(args) -> bool:
-    """--cuda-graphs on; on a device without CUDA graphs, say once that it runs eagerly."""
-    on = getattr(args, "cuda_graphs", "off") == "on"
-    if on and args.device != "cuda" and not args.quiet:
+def cuda_graphs(args) -> bool:
+    """--cuda-graphs on (a command without the flag: off)."""
+    return getattr(args, "cuda_graphs", "off") == "on"
+
+
+def say_if_graphs_run_eagerly(args) -> None:
+    """--cuda-graphs on without a CUDA device: say once that the static path runs eagerly."""
+    if cuda_graphs(args) and args.device != "cuda" and not args.quiet:
         print("pipedec-real: --cuda-graphs on: no CUDA device, the static-buffer path runs "
               "eagerly (nothing captured)", file=sys.stderr)
-    return on
 
 
 # ---- run ---------------------------------------------------------------------------------
@@ -230,7 +233,7 @@ def _stage_config(args):
                        device=args.device, timeout_s=args.timeout, transport=args.transport,
                        dtype=args.dtype, prune=args.prune, cancel=args.cancel,
                        sampling=None if sampling.greedy else dataclasses.asdict(sampling),
-                       cuda_graphs=getattr(args, "cuda_graphs", "off") == "on")
+                       cuda_graphs=cuda_graphs(args))
 
 
 def _pipeline(args, recorder):
@@ -245,7 +248,7 @@ def _pipeline(args, recorder):
                               topology=args.topology, prune=args.prune, cancel=args.cancel,
                               recorder=recorder, knobs=_knobs(args), device=args.device,
                               dtype=getattr(torch, args.dtype), sampling=sampling_of(args),
-                              cuda_graphs=getattr(args, "cuda_graphs", "off") == "on")
+                              cuda_graphs=cuda_graphs(args))
     return DistributedPipeline(_stage_config(args), draft, knobs=_knobs(args), recorder=recorder,
                                torchrun="RANK" in os.environ).start()
 
@@ -359,7 +362,7 @@ def cmd_run(args) -> int:
             return _torchrun_stage(args)
     _check_outputs(args)
     check_device(args.device)
-    graphs_on(args)
+    say_if_graphs_run_eagerly(args)
     sampling = sampling_of(args)                  # a bad combination: one line, exit 2
     if not args.quiet and not sampling.greedy:
         print(f"target tokens: {sampling.describe()}", file=sys.stderr)
@@ -469,7 +472,7 @@ def cmd_profile(args) -> int:
                 models.resolve_path(spec)         # a folder: config and safetensors weights
         except InputError as e:
             raise InputError(e.message, file=e.file, field=flag) from None
-    graphs_on(args)
+    say_if_graphs_run_eagerly(args)
     from backends.torch.profiler import profile_main
     return profile_main(args)
 
