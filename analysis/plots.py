@@ -1,9 +1,10 @@
 """Plotting helpers over the tidy frames of `pipedec-sim sweep` / `run` and timeline JSON.
 
 Every function takes a frame (or a timeline), draws into a new figure (or the `ax` given)
-and returns the figure; `save(fig, path)` writes a PNG. The Agg backend is used, so this
-runs headless. Summary frames are `summary.csv` or `summary.parquet` from a sweep (one row
-per configuration; `cfg_*` columns) or from `run --out` (one row per strategy).
+and returns the figure; `save(fig, path)` writes a PNG (or PDF, SVG). The Agg backend is
+used, so this runs headless. Summary frames are `summary.csv` or `summary.parquet` from a
+sweep (one row per configuration; `cfg_*` columns) or from `run --out` (one row per
+strategy).
 """
 from __future__ import annotations
 
@@ -528,11 +529,16 @@ def stage_utilization(source, run: str | None = None) -> plt.Figure:
     return fig
 
 
+# What `save` writes, by the file name's suffix (anything else: PNG).
+IMAGE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
 def save(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
-    """Write a PNG atomically and close the figure."""
+    """Write the figure atomically (PNG, or PDF/SVG by the name's suffix) and close it."""
     from pipedec_sim.atomic import atomic_path
     path = Path(path)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "png")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        fig.savefig(tmp, dpi=dpi, format=fmt)
     plt.close(fig)
     return path

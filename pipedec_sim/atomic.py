@@ -19,8 +19,16 @@ from typing import Iterable, Iterator
 from pipedec_sim.errors import InputError
 
 
-def _temp_beside(path: Path) -> Path:
+def _temp_beside(path: Path, made: list[Path]) -> Path:
+    """A temp file in `path`'s folder, making the folder (and its missing parents, noted
+    in `made`, outermost first) if need be."""
+    missing = []
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
+    made += reversed(missing)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
@@ -36,21 +44,32 @@ def _seal(tmp: Path, path: Path) -> None:
 @contextmanager
 def atomic_paths(paths: Iterable[str | os.PathLike]) -> Iterator[list[Path]]:
     """Yield one temp path per target (in each target's folder); once the block has
-    written them all, each replaces its target. On any error no target changes."""
+    written them all, each replaces its target. On any error no target changes, and the
+    folders made for them are removed again (if still empty)."""
     targets = [Path(p) for p in paths]
     temps: list[Path] = []
+    made: list[Path] = []
     try:
         for path in targets:
-            temps.append(_temp_beside(path))
+            temps.append(_temp_beside(path, made))
         yield temps
         for tmp, path in zip(temps, targets):      # all durable before any becomes visible
             _seal(tmp, path)
         for tmp, path in zip(temps, targets):
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break                       # not empty (or gone): leave it and its parents
+        if isinstance(e, OSError) and e.filename is None and targets:
+            # a write that failed inside a library (a full disk under pandas) names no file
+            where = targets[0] if len(targets) == 1 else targets[0].parent
+            raise OSError(e.errno, e.strerror, str(where)) from e
         raise
 
 

@@ -5,6 +5,7 @@ catch it, print `str(err)` and exit with status 2, never a traceback.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from os import PathLike
 from typing import Callable
@@ -32,13 +33,26 @@ class InputError(ValueError):
         return ": ".join(parts)
 
 
+# What the machine, not the input, can refuse while results are written (a full disk, a
+# quota, a folder made read-only during the run): one line and status 1, not a traceback.
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                            errno.EPERM, errno.EIO, errno.EFBIG})
+
+
 def guarded(prog: str, command: Callable[[], int]) -> int:
-    """Run a CLI command: bad input is one line on stderr and status 2, never a traceback."""
+    """Run a CLI command: bad input is one line on stderr and status 2, never a traceback;
+    a storage failure (STORAGE_ERRORS) is one line and status 1."""
     try:
         return command()
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

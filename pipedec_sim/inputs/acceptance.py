@@ -127,8 +127,13 @@ def load_acceptance(path: FilePath) -> AcceptanceModel:
     spec = os.fspath(path)
     if spec == DEFAULT_ACCEPTANCE.name:
         return DEFAULT_ACCEPTANCE
-    if not os.path.exists(spec) and spec in bundled_acceptance():
-        path = bundled_acceptance()[spec]
+    if not os.path.lexists(spec):
+        bundled = bundled_acceptance()
+        if spec not in bundled:
+            names = ", ".join([DEFAULT_ACCEPTANCE.name, *sorted(bundled)])
+            raise InputError(f"no such file, and not a bundled acceptance model (bundled: "
+                             f"{names})", file=spec, field="--acceptance")
+        path = bundled[spec]
     if is_trace_file(path):
         return fit_acceptance([read_trace(path)])
     d = load_json(read_text(path), file=path)

@@ -21,12 +21,14 @@ import numpy as np
 
 from pipedec_sim.errors import InputError
 from pipedec_sim.inputs.files import FilePath, iter_lines, short
-from pipedec_sim.inputs.limits import MAX_SEED
+from pipedec_sim.inputs.limits import MAX_ARRIVAL_S, MAX_SEED
 from pipedec_sim.inputs.traces import TraceRequest
 
 ARRIVAL_KINDS = ("poisson", "closed", "given")
 ARRIVAL_COLUMN = "arrival_s"      # the column read_arrivals takes from a CSV
-MAX_SERVE_REQUESTS = 10_000_000   # requests one serving run may issue (memory, not realism)
+# requests one serving run may issue: memory, not realism (each costs ~0.25 KB before it runs;
+# a million is days of simulation)
+MAX_SERVE_REQUESTS = 1_000_000
 _CHUNK = 4096                     # Poisson gaps drawn at a time when cutting at a duration
 
 
@@ -167,6 +169,8 @@ def _arrival_s(value: str, previous_ms: float | None, path: FilePath, lineno: in
         fail(f"expected a number of seconds, got {short(value)}")
     if not math.isfinite(t) or t < 0:
         fail(f"expected a finite time >= 0 s, got {short(value)}")
+    if t > MAX_ARRIVAL_S:
+        fail(f"must be <= {MAX_ARRIVAL_S:g} s (the limit), got {short(value)}")
     if previous_ms is not None and t * 1000.0 < previous_ms:
         fail(f"{t:g} s is before the previous arrival ({previous_ms / 1000.0:g} s): "
              "times must be non-decreasing")
@@ -259,6 +263,10 @@ def serve_workload(requests: Sequence[TraceRequest], *, n: int | None, rate: flo
     if not times:
         raise InputError(f"no request arrives within {duration_s:g} s: lengthen it"
                          + (" or raise --rate" if rate is not None else ""), field="--duration")
+    if rate is not None and times[-1] > MAX_ARRIVAL_S * 1000.0:
+        raise InputError(f"{rate:g} requests/s: the last of {len(times)} requests would arrive "
+                         f"at {times[-1] / 1000.0:.3g} s, past the limit of {MAX_ARRIVAL_S:g} "
+                         "s; raise --rate or lower --requests", field="--rate")
     reqs = draw_requests(requests, len(times), seed)
     return ServeWorkload(reqs, times, None, duration_ms, f"{_count(reqs, requests, seed)}, {how}")
 

@@ -76,7 +76,8 @@ def read_text(path: FilePath) -> str:
     except (OSError, EOFError, zlib.error) as e:
         raise InputError(f"cannot read: {os_reason(e)}", file=path) from None
     except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason})", file=path) from None
+        raise InputError(f"not UTF-8 text ({e.reason})", file=path,
+                         line=_first_bad_line(path)) from None
 
 
 def os_reason(e: BaseException) -> str:
@@ -94,7 +95,25 @@ def iter_lines(path: FilePath) -> Iterator[tuple[int, str]]:
         raise InputError(f"cannot read: {os_reason(e)}", file=path,
                          line=lineno + 1 if lineno else None) from None
     except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason})", file=path, line=lineno + 1) from None
+        raise InputError(f"not UTF-8 text ({e.reason})", file=path,
+                         line=_first_bad_line(path) or lineno + 1) from None
+
+
+def _first_bad_line(path: FilePath) -> int | None:
+    """The 1-based line holding the first byte that is not UTF-8 (text is decoded in
+    chunks, so the decoder's error does not say which line)."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return lineno
+    except (OSError, EOFError, zlib.error):
+        pass
+    return None
 
 
 # ----------------------------------------------------------------------------- JSON

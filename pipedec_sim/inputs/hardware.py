@@ -127,6 +127,10 @@ def resolve_gpu(name: str) -> GPU:
 
 
 GPU_SPEC_KEYS = ("name", "memory_gib", "mem_bw_gbs", "tflops", "sources", "label")
+# Each rating's bounds, far beyond any real device both ways (today's: tens to a few
+# hundred GiB, 1-10 TB/s, 10-5000 TFLOP/s): the roofline raises them to powers, so an
+# absurd value would overflow it, not just give absurd times.
+GPU_SPEC_RANGE = {"memory_gib": (1e-3, 1e6), "mem_bw_gbs": (1e-3, 1e7), "tflops": (1e-3, 1e6)}
 
 
 def parse_gpu_spec(d: Any, *, file: FilePath | None = None) -> GPU:
@@ -151,10 +155,11 @@ def parse_gpu_spec(d: Any, *, file: FilePath | None = None) -> GPU:
                          field="label")
 
     def positive(v: Any, where: str) -> float:
+        lo, hi = GPU_SPEC_RANGE[where.split(".")[0]]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or v <= 0:
-            raise InputError(f"expected a positive number, got {short(v)}", file=file,
-                             field=where)
+                or not lo <= v <= hi:
+            raise InputError(f"expected a number in [{lo:g}, {hi:g}], got {short(v)}",
+                             file=file, field=where)
         return float(v)
 
     tf = d["tflops"]

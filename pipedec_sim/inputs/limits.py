@@ -23,6 +23,12 @@ MAX_SEED = 2**63 - 1            # seeds are integers in [0, MAX_SEED]
 MAX_DPI = 1000                  # plot --dpi
 MAX_WORKERS = 1024              # sweep / tune --workers
 
+# Simulated time. A run's clock is a float of ms, so a time past these would leave it too
+# coarse for the steps it adds up (at 1e300 ms adding 175 ms changes nothing).
+MAX_MS = 1e9                    # any one duration in a profile or flag (about 11.6 days)
+MIN_GBPS = 1e-6                 # the slowest link (1 kbit/s: a row takes seconds, not eons)
+MAX_ARRIVAL_S = 1e6             # when the last request may arrive, in seconds (11.6 days)
+
 # Profile model shapes (target and draft; pipedec_sim.inputs.profile.checks.check_shape_field)
 SHAPE_LIMITS = {"layers": 10_000, "hidden": 1_000_000, "heads": 100_000,
                 "kv_heads": 100_000, "intermediate": 10_000_000, "vocab": MAX_VOCAB,

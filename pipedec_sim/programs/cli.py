@@ -16,6 +16,7 @@ from pipedec_sim.programs.flags import (
     DEFAULT_STAGES,
     Parser,
     add_engine_flag,
+    add_link_flags,
     add_out_format_flag,
     add_pipeline_flags,
     add_policy_flags,
@@ -52,14 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated strategies: ar (plain PP), tree-sd, pipedec, "
                           "chain-sd (draft-model chain, --gamma) (default ar,tree-sd,pipedec)")
     add_policy_flags(run)
-    g = add_pipeline_flags(run)
-    g.add_argument("--link-gbps", type=positive(float), default=None,
-                   help="override the profile's link bandwidth (Gbit/s; default the profile's)")
-    g.add_argument("--link-latency-ms", type=number(float, lo=0), default=None,
-                   help="override the profile's per-hop latency (ms; default the profile's)")
+    add_link_flags(add_pipeline_flags(run))
     w = run.add_argument_group("workload and output")
     w.add_argument("--max-requests", type=positive(), default=None,
-                   help="use the first N requests (default all)")
+                   help="use the first N requests; the file is read no further (default all)")
     w.add_argument("--max-new-tokens", type=positive(hi=MAX_OUTPUT_LEN), default=256,
                    help="output length for prompt files without recorded outputs (default 256, "
                         f"at most {MAX_OUTPUT_LEN})")
@@ -122,6 +119,7 @@ def cmd_run(args) -> int:
         profile.stage_layers(args.stages)
     except InputError as e:
         raise InputError(e.message, file=profile.source, field=e.field or "--stages") from None
+    profile.check_topology(args.topology)
     acceptance = load_acceptance(args.acceptance) if args.acceptance else None
     trace, described = load_workload(args.trace, max_requests=args.max_requests,
                                      max_new_tokens=args.max_new_tokens, seed=args.seed,

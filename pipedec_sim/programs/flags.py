@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from pipedec_sim.inputs.limits import MAX_SEED, MAX_WORKERS
+from pipedec_sim.inputs.limits import MAX_MS, MAX_SEED, MAX_WORKERS, MIN_GBPS
 from pipedec_sim.programs.pool import default_workers
 from pipedec_sim.protocol.knobs import Knob, PipeDecKnobs, PipelineKnobs, TreeSDKnobs, knobs_of
 from pipedec_sim.protocol.strategies import STRATEGIES
@@ -78,13 +78,19 @@ def seed(text: str) -> int:
     return v
 
 
-def strategy_list(text):
-    names = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [n for n in names if n not in STRATEGY_NAMES]
+def name_list(text: str, choices, what: str = "strategy") -> tuple[str, ...]:
+    """Comma-separated names from `choices`, each once (a repeat would run, and count,
+    its strategy twice), in the order given."""
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    bad = [n for n in names if n not in choices]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown strategy {', '.join(bad) or text!r}; choose from {', '.join(STRATEGY_NAMES)}")
+            f"unknown {what} {', '.join(bad) or text!r}; choose from {', '.join(choices)}")
     return names
+
+
+def strategy_list(text):
+    return name_list(text, STRATEGY_NAMES)
 
 
 def knob_parser(k: Knob):
@@ -137,6 +143,15 @@ def add_policy_flags(p: argparse.ArgumentParser):
 def add_pipeline_flags(p: argparse.ArgumentParser):
     """The pipeline's knobs (PipelineKnobs); callers add their own flags to the group."""
     return add_knob_flags(p, "pipeline", PipelineKnobs)
+
+
+def add_link_flags(g, *, latency: bool = True) -> None:
+    """--link-gbps (and --link-latency-ms): the profile's link, overridden."""
+    g.add_argument("--link-gbps", type=number(float, lo=MIN_GBPS), default=None,
+                   help="override the profile's link bandwidth (Gbit/s; default the profile's)")
+    if latency:
+        g.add_argument("--link-latency-ms", type=number(float, lo=0, hi=MAX_MS), default=None,
+                       help="override the profile's per-hop latency (ms; default the profile's)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser):

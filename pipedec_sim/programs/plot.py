@@ -11,6 +11,10 @@ KINDS = ("speedup", "stages", "width", "timeline", "utilization", "serving")
 # The columns a summary table needs, by kind (serving: a serving summary from a rate sweep).
 _SUMMARY_COLUMNS = ("strategy", "stages", "tbt_ms")
 _SERVING_COLUMNS = ("strategy", "throughput_tok_s", "tbt_p50_ms", "tbt_p99_ms")
+# Of those, the measures: numbers, and > 0 where given (a speedup divides by them).
+_POSITIVE_COLUMNS = ("stages", "tbt_ms", "throughput_tok_s", "tbt_p50_ms", "tbt_p99_ms")
+# Kinds that compare every strategy with plain PP, so need its rows.
+_NEEDS_AR = ("speedup", "stages")
 
 
 def condition(text: str) -> tuple[str, str]:
@@ -36,7 +40,8 @@ def add_parser(sub) -> None:
                         "S/(p+(1-p)S) curve; width: W x k heatmap; timeline: Gantt of the "
                         "stages; utilization: stage utilisation and wasted work; serving: TBT "
                         "p50/p99 against throughput, one line per strategy")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--out", type=Path, required=True,
+                   help="image to write: .png, .pdf or .svg (the format follows the name)")
     p.add_argument("--stages", type=positive(), default=None,
                    help="which S to show for speedup/width/utilization (default: the largest)")
     p.add_argument("--where", type=condition, action="append", default=[], metavar="KEY=VALUE",
@@ -106,7 +111,25 @@ def _checked_summary(df, p: Path, required=_SUMMARY_COLUMNS):
         raise InputError(f"not a {what} table: missing column(s) {', '.join(missing)}", file=p)
     if not len(df):
         raise InputError("empty table", file=p)
+    for col in (c for c in _POSITIVE_COLUMNS if c in required):
+        _check_measure(df, col, p)
     return df
+
+
+def _check_measure(df, col: str, p: Path) -> None:
+    """Column `col` holds numbers, > 0 where given, at least one (InputError naming the
+    row: its CSV line)."""
+    import pandas as pd
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = (values.isna() & df[col].notna()) | (values <= 0) | values.isin([float("inf")])
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        v = df[col].iloc[i]
+        shown = repr(v) if isinstance(v, str) else str(v)
+        raise InputError(f"expected a number > 0, got {shown}", file=p,
+                         line=i + 2 if p.suffix.lower() != ".parquet" else None, field=col)
+    if values.isna().all():
+        raise InputError("no values (every row is empty)", file=p, field=col)
 
 
 def _read_timeline(path: Path) -> dict:
@@ -122,6 +145,9 @@ def cmd_plot(args) -> int:
     from analysis import plots
     from pipedec_sim.atomic import check_output
     check_output(args.out, "--out")                  # before any work
+    if args.out.suffix.lower() not in plots.IMAGE_FORMATS:
+        raise InputError(f"expected a file name ending in {', '.join(plots.IMAGE_FORMATS)}",
+                         file=args.out, field="--out")
     try:
         if args.kind == "timeline" or (args.kind == "utilization" and _is_timeline(args.results)):
             if args.where:
@@ -139,6 +165,9 @@ def cmd_plot(args) -> int:
                                  "summary.csv), not a timeline", file=args.results)
             required = _SERVING_COLUMNS if args.kind == "serving" else _SUMMARY_COLUMNS
             df = _select(plots, _read_summary(args.results, required), args.where)
+            if args.kind in _NEEDS_AR and not (df.strategy == "ar").any():
+                raise InputError(f"--kind {args.kind} compares with plain PP, but no row has "
+                                 "strategy ar", file=args.results, field="strategy")
             if args.kind == "serving":
                 fig = plots.serving_curves(df)
             elif args.kind == "speedup":

@@ -240,13 +240,8 @@ def add_parser(sub) -> None:
 
 
 def serve_list(text: str) -> tuple[str, ...]:
-    import argparse
-    names = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [n for n in names if n not in SERVE_STRATEGIES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown serving strategy {', '.join(bad) or text!r}; "
-                                         f"choose from {', '.join(SERVE_STRATEGIES)}")
-    return names
+    from pipedec_sim.programs.flags import name_list
+    return name_list(text, SERVE_STRATEGIES, "serving strategy")
 
 
 def _numbers(kind):
@@ -291,6 +286,7 @@ def cmd_serve(args) -> int:
         profile.stage_layers(args.stages)
     except InputError as e:
         raise InputError(e.message, file=profile.source, field=e.field or "--stages") from None
+    profile.check_topology(args.topology)
     acceptance = load_acceptance(args.acceptance) if args.acceptance else None
     trace, described = load_workload(args.trace, max_new_tokens=args.max_new_tokens,
                                      seed=args.seed, acceptance=acceptance, format=args.format,

@@ -495,6 +495,11 @@ def _resolve_files(grid: Grid, where: _Where, check_files: bool) -> None:
         return
     for prof in grid.axes["profile"]:
         profile = load_profile(prof)               # names the profile file on error
+        for t in grid.axes["topology"]:
+            try:
+                profile.check_topology(t)
+            except InputError as e:
+                raise where.fail("topology", f"{e.message} (profile {prof})") from None
         for s in grid.axes["stages"]:
             try:
                 profile.stage_layers(s)
@@ -1079,7 +1084,8 @@ FLAG_AXES = [  # (flag, key, type, help)
     ("--link-latency-ms", "link_latency_ms", float, "per-hop link latencies in ms"),
     ("--trace", "trace", str, "traces or prompt files"),
     ("--seed", "seed", int, "seeds"),
-    ("--max-requests", "max_requests", int, "first N requests of each trace (0 = all)"),
+    ("--max-requests", "max_requests", int,
+     "first N requests of each trace, read no further (0 = all)"),
     ("--max-new-tokens", "max_new_tokens", int, "output length for prompt files"),
     ("--acceptance", "acceptance", str, "acceptance model JSON for prompt files"),
     # serving (SERVE_AXES): a grid with rate or concurrency runs `serve` runs

@@ -198,6 +198,7 @@ def add_parser(sub) -> None:
         DEFAULT_PROFILE,
         DEFAULT_STAGES,
         add_engine_flag,
+        add_link_flags,
         add_out_format_flag,
         add_pipeline_flags,
         add_workers_flag,
@@ -216,15 +217,13 @@ def add_parser(sub) -> None:
                    help="most configurations to simulate (default 16: about 2 minutes at "
                         "S=14 on 8 requests with 2 workers)")
     p.add_argument("--max-requests", type=positive(), default=8,
-                   help="tune on the first N requests (default 8)")
+                   help="tune on the first N requests; the file is read no further (default 8)")
     p.add_argument("--holdout", type=number(int, lo=0), default=0,
                    help="re-measure best and default on the next N requests (default 0: off)")
     p.add_argument("--tolerance", type=number(float, lo=0), default=0.02,
                    help="also show the cheapest tree (fewest wasted rows) within this fraction "
                         "of the best TBT (default 0.02)")
-    g = add_pipeline_flags(p)
-    g.add_argument("--link-gbps", type=positive(float), default=None,
-                   help="override the profile's link bandwidth (Gbit/s; default the profile's)")
+    add_link_flags(add_pipeline_flags(p), latency=False)
     p.add_argument("--max-new-tokens", type=positive(hi=MAX_OUTPUT_LEN), default=256,
                    help="output length for prompt files (default 256)")
     p.add_argument("--acceptance", type=Path, default=None,

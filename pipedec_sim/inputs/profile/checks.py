@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from ...errors import InputError
 from ..files import short
-from ..limits import SHAPE_LIMITS
+from ..limits import MAX_MS, MIN_GBPS, SHAPE_LIMITS
 
 # No integer in a profile may exceed this (2**53: every int up to it is exact as a float,
 # and the grids and timings are computed in floats; 10**400 would overflow them).
@@ -67,8 +67,10 @@ def check_shape_int(v: Any, path: str, src: str | None) -> int:
 
 
 def check_number(v: Any, path: str, src: str | None, *, positive: bool = False,
-                  allow_inf: bool = False) -> float:
-    """A finite number, >= 0 (or > 0 if `positive`); durations may be 0, rates may not."""
+                  allow_inf: bool = False, maximum: float = MAX_MS) -> float:
+    """A finite number, >= 0 (or > 0 if `positive`), at most `maximum` (every number in a
+    profile is a duration in ms or a factor: MAX_MS bounds both); durations may be 0,
+    rates may not."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _fail(src, path, f"expected a number, got {_type_name(v)} {short(v)}")
     if isinstance(v, int) and abs(v) > MAX_PROFILE_INT:
@@ -77,4 +79,14 @@ def check_number(v: Any, path: str, src: str | None, *, positive: bool = False,
         raise _fail(src, path, f"must be finite, got {v}")
     if v < 0 or (positive and v == 0):
         raise _fail(src, path, f"must be {'> 0' if positive else '>= 0'}, got {v}")
+    if v > maximum and not (allow_inf and math.isinf(v)):
+        raise _fail(src, path, f"must be <= {maximum:g} (the limit), got {short(v)}")
     return float(v)
+
+
+def check_bandwidth(v: Any, path: str, src: str | None) -> float:
+    """A link's Gbit/s: > 0 and at least MIN_GBPS (inf: an ideal link)."""
+    bw = check_number(v, path, src, positive=True, allow_inf=True)
+    if bw < MIN_GBPS:
+        raise _fail(src, path, f"must be >= {MIN_GBPS:g} (the limit: 1 kbit/s), got {short(v)}")
+    return bw

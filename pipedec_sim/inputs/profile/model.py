@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ...errors import InputError
-from .checks import check_number
+from .checks import check_bandwidth, check_number
 from .grid import Grid1D, Grid2D
 
 SCHEMA = "pipedec-profile/1"
@@ -189,6 +189,17 @@ class Profile:
                              f"but {stages} were asked for", file=self.source, field="split")
         return list(self.split)
 
+    def check_topology(self, topology: str, field: str = "--topology") -> None:
+        """InputError if the profile was made for the other topology: an analytic profile
+        placed the head (and so its links and memory) for the one it records."""
+        cluster = (self.provenance.get("details") or {}).get("cluster") or {}
+        made = cluster.get("topology") if isinstance(cluster, dict) else None
+        if made in ("A", "B") and made != topology:
+            raise InputError(f"the profile was made for topology {made} (its GPU placement, "
+                             f"links and memory check), not {topology}: run with --topology "
+                             f"{made}, or remake it with --topology {topology}",
+                             file=self.source, field=field)
+
     def stage_servers(self, stages: int) -> tuple[int, ...]:
         """The server of each stage (the head's is 0); all 0 without per-hop links."""
         if self.stage_server is None:
@@ -259,7 +270,7 @@ class Profile:
         hops inside a server keep theirs)."""
         bw = self.link.bandwidth_gbps if bandwidth_gbps is None else bandwidth_gbps
         lat = self.link.latency_ms if latency_ms is None else latency_ms
-        check_number(bw, "bandwidth_gbps", None, positive=True, allow_inf=True)
+        check_bandwidth(bw, "bandwidth_gbps", None)
         check_number(lat, "latency_ms", None)
         return dataclasses.replace(self, link=LinkModel(float(lat), float(bw)))
 

@@ -8,7 +8,18 @@ from datetime import date
 from typing import Any, Mapping
 
 from ...errors import InputError
-from .checks import _fail, _get, _int, _join, _obj, _str, _type_name, check_number, check_shape_int
+from .checks import (
+    _fail,
+    _get,
+    _int,
+    _join,
+    _obj,
+    _str,
+    _type_name,
+    check_bandwidth,
+    check_number,
+    check_shape_int,
+)
 from .grid import Grid1D, Grid2D
 from .model import (
     BATCHING,
@@ -165,8 +176,7 @@ def _link(v: Any, src: str | None, path: str = "link") -> LinkModel:
     d = _obj(v, path, src)
     lat = check_number(_get(d, "latency_ms", path, src), f"{path}.latency_ms", src)
     bw = _get(d, "bandwidth_gbps", path, src)  # null = ideal (infinite) link
-    bw = math.inf if bw is None else check_number(bw, f"{path}.bandwidth_gbps", src,
-                                                  positive=True)
+    bw = math.inf if bw is None else check_bandwidth(bw, f"{path}.bandwidth_gbps", src)
     return LinkModel(lat, bw)
 
 
@@ -250,7 +260,9 @@ def _devices(v: Any, src: str | None) -> tuple[str, int | None, str, tuple | Non
                     f"expected one of {', '.join(map(repr, CORE_SHARING))}, got {sharing!r}")
     share = d.get("core_share")
     if share is not None:
-        share = tuple(check_number(x, f"devices.core_share[{k}]", src, positive=True)
+        # a share of one core: what an actor gets of it beside the others (at most all)
+        share = tuple(check_number(x, f"devices.core_share[{k}]", src, positive=True,
+                                   maximum=1.0)
                       for k, x in enumerate(_list(share, "devices.core_share", src)))
     return kind, cores, sharing, share
 
