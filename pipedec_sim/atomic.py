@@ -125,6 +125,19 @@ def output_problem(path: str | os.PathLike, *, folder: bool = False,
     return None
 
 
+def check_distinct(outputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
+    """InputError if two outputs are one file (the later would silently overwrite the
+    earlier): `outputs` are (flag, path) pairs, a results folder given as its files."""
+    seen: dict[str, str] = {}
+    for field, path in outputs:
+        if path is None:
+            continue
+        key = os.path.abspath(path)
+        if seen.get(key, field) != field:
+            raise InputError(f"is also where {seen[key]} writes", file=path, field=field)
+        seen[key] = field
+
+
 def check_output(path: str | os.PathLike | None, field: str, *, folder: bool = False,
                  files: Iterable[str] = ()) -> None:
     """InputError(field=`field`, e.g. "--out") if `path` cannot be written (output_problem);

@@ -101,6 +101,14 @@ def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
     return found
 
 
+def one_error_line(err: str) -> str:
+    """The one `pipedec-real...` line a refused command prints (no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pipedec-real"), err
+    return lines[0]
+
+
 def real_cli(argv, capsys) -> tuple[int, str]:
     """`pipedec-real` (backends.torch.cli.main) in this process: (exit status, stderr),
     argparse's exits included."""

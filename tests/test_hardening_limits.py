@@ -185,3 +185,18 @@ def test_plot_writes_the_format_its_name_says(tmp_path, capsys, summary, suffix,
     assert out.read_bytes().startswith(magic)
     refused(capsys, "plot", csv, "--kind", "speedup", "--out", tmp_path / "a.txt",
             needles=["a.txt", "--out", ".png, .pdf, .svg"])
+
+
+@pytest.mark.parametrize("more, needle", [
+    (("--out", ""), "--out: expected a path, got an empty string"),
+    (("--timeline", ""), "--timeline: expected a path, got an empty string"),
+])
+def test_an_empty_output_path_is_refused(capsys, more, needle):
+    refused(capsys, *run_args(TRACE, *more), needles=[needle])
+
+
+def test_the_timeline_cannot_be_a_results_table(tmp_path, capsys):
+    out = tmp_path / "o"
+    refused(capsys, *run_args(TRACE, "--out", out, "--timeline", out / "summary.csv"),
+            needles=["summary.csv", "field '--timeline'", "where --out writes"])
+    assert not out.exists()

@@ -36,19 +36,12 @@ pytest.importorskip("transformers")
 
 from backends.torch import cli  # noqa: E402
 
-from .helpers import listening_sockets, real_cli, tagged_pids  # noqa: E402
+from .helpers import listening_sockets, one_error_line, real_cli, tagged_pids  # noqa: E402
 
 pytestmark = pytest.mark.real
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "one\ntwo\nthree\n"
-
-
-def _one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("pipedec-real"), err
-    return lines[0]
 
 
 @pytest.fixture
@@ -87,7 +80,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, prompts, capsys, mon
     ]
     for argv, flag, message in cases:
         code, err = real_cli(argv, capsys)
-        line = _one_error_line(err)
+        line = one_error_line(err)
         assert code == 2 and f"field '{flag}'" in line and message in line, (argv, err)
     assert a_file.read_text() == "x" and list(a_dir.iterdir()) == []
 
@@ -100,11 +93,11 @@ def test_bad_flags_are_one_line(prompts, capsys):
                                                        "--max-new-tokens", "--batch-size")]
     for argv, flag in cases:
         code, err = real_cli(argv, capsys)
-        assert code == 2 and flag in _one_error_line(err), (argv, err)
+        assert code == 2 and flag in one_error_line(err), (argv, err)
     if not torch.cuda.is_available():
         code, err = real_cli(["profile", "--target", "tiny", "--draft", "tiny-draft", "--device",
                            "cuda", "--out", "p.json"], capsys)
-        assert code == 2 and "CUDA is not available" in _one_error_line(err), err
+        assert code == 2 and "CUDA is not available" in one_error_line(err), err
     assert cli.NO_PROGRESS_S == 20.0
     from backends.torch.worker import StageConfig
     assert StageConfig("tiny", 2).timeout_s == cli.NO_PROGRESS_S
@@ -144,7 +137,7 @@ def test_model_folders_need_safetensors_weights(tmp_path, prompts, capsys, monke
     ]
     for argv, flag, where, message in cases:
         code, err = real_cli(argv, capsys)
-        line = _one_error_line(err)
+        line = one_error_line(err)
         assert code == 2 and where in line and message in line, (argv, err)
         assert flag is None or f"field '{flag}'" in line, line
     from backends.torch.checkpoint import load_stage

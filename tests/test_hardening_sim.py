@@ -644,7 +644,7 @@ def test_run_format_flag_forces_the_reader(tmp_path, capsys):
     refused(capsys, *run_args(odd, "--format", "trace"), needles=["prompts.dat:1", "format"])
     unknown = write_lines(tmp_path / "u.jsonl", [{"what": "x"}])
     refused(capsys, *run_args(unknown), needles=["cannot tell the prompt format",
-                                                 "pipedec-sim run --format"])
+                                                 "name it with --format"])
     assert WORKLOAD_FORMATS[:2] == ("auto", "trace")
     code, out, _ = cli(capsys, "run", "--help")
     assert code == 0 and "{" + ",".join(WORKLOAD_FORMATS) + "}" in out

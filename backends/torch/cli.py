@@ -13,14 +13,15 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 from pipedec_sim.errors import InputError, guarded
 from pipedec_sim.programs.flags import (
     Parser,
     add_pipeline_flags,
     add_policy_flags,
+    add_prompt_format_flag,
     add_sampling_flags,
+    file_path,
     positive,
     sampling_of,
     strategy_list,
@@ -54,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(needed unless --strategies ar; default none)")
     run.add_argument("--stages", type=positive(), default=2,
                      help="pipeline stages S (default 2)")
-    run.add_argument("--prompts", required=True, type=Path,
+    run.add_argument("--prompts", required=True, type=file_path,
                      help="prompt file: plain lines, Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K "
                           "(required)")
+    add_prompt_format_flag(run)
     run.add_argument("--strategies", type=strategy_list, default=DEFAULT_STRATEGIES,
                      help="comma-separated strategies: ar (plain PP), tree-sd, pipedec, "
                           "chain-sd (draft-model chain, --gamma) (default ar,tree-sd,pipedec)")
@@ -85,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "greedy output then matches the target only up to rounding: a tree "
                         "batch sums in another order than one token at a time; default float32)")
     add_cuda_graphs_flag(w)
-    w.add_argument("--out", type=Path, default=None,
+    w.add_argument("--out", type=file_path, default=None,
                    help="write summary.csv, requests.csv and outputs.jsonl here (default: "
                         "print the table only)")
-    w.add_argument("--timeline", type=Path, default=None,
+    w.add_argument("--timeline", type=file_path, default=None,
                    help="Chrome/Perfetto JSON: commits, draft and LM-head work, and every "
                         "batch and prune each stage computed (stages on the head's host; "
                         "default none)")
-    w.add_argument("--record-events", type=Path, default=None,
+    w.add_argument("--record-events", type=file_path, default=None,
                    help="JSONL of every event fed to the strategy and the actions returned "
                         "(default none)")
     w.add_argument("--quiet", action="store_true", help="no progress on stderr (default off)")
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                       help="where to measure (default cpu)")
     add_cuda_graphs_flag(prof)
-    prof.add_argument("--out", required=True, type=Path,
+    prof.add_argument("--out", required=True, type=file_path,
                       help="profile JSON to write, for pipedec-sim run --profile (required)")
     prof.add_argument("--quick", action="store_true",
                       help="smaller grids, fewer repeats (default off)")
@@ -175,20 +177,35 @@ def _load(spec: str, flag: str):
         raise InputError(e.message, file=e.file, line=e.line, field=flag) from None
 
 
-def _requests(args, encode):
+def _requests(args, target):
     from backends.torch.head import Request
     from pipedec_sim.inputs.prompts import read_prompts
-    prompts = read_prompts(args.prompts, max_requests=args.max_requests)
-    return [Request(p.id, encode(p.text), args.max_new_tokens) for p in prompts]
+    prompts = read_prompts(args.prompts, format=args.format, max_requests=args.max_requests)
+    reqs = [Request(p.id, target.encode(p.text), args.max_new_tokens) for p in prompts]
+    _check_context(args, target, [(r.id, r.prompt_ids) for r in reqs])
+    return reqs
+
+
+def _check_context(args, target, prompts) -> None:
+    """Each (id, token ids) prompt and its --max-new-tokens within the target's positions
+    (past them a model's positions wrap or fail, and a long prefill looks like a hang)."""
+    limit = getattr(target.config, "max_position_embeddings", None)
+    for pid, ids in prompts:
+        if limit is not None and len(ids) + args.max_new_tokens > limit:
+            raise InputError(f"prompt {pid} is {len(ids)} tokens: with --max-new-tokens "
+                             f"{args.max_new_tokens} past the target's {limit} positions",
+                             file=args.prompts)
 
 
 def _check_outputs(args) -> None:
     """Every output path of `run`, before anything is loaded (the head's: under torchrun
     only rank 0 writes)."""
-    from pipedec_sim.atomic import check_output
+    from pipedec_sim.atomic import check_distinct, check_output
     check_output(args.out, "--out", folder=True, files=RESULT_FILES)
     check_output(args.timeline, "--timeline")
     check_output(args.record_events, "--record-events")
+    check_distinct([*(("--out", args.out / f) for f in RESULT_FILES if args.out),
+                    ("--timeline", args.timeline), ("--record-events", args.record_events)])
 
 
 def _check(args, target):
@@ -382,18 +399,25 @@ def _run(args, runs: list):
     stop signal ends it early: returned, not raised, once the stages are gone."""
     import torch
 
-    from backends.torch.eventlog import Recorder
     from backends.torch.runtime import StageFailed
     torch.set_num_threads(1)
-    pipe = rec_fh = None
     try:
         target = _load(args.target, "--target")
         _check(args, target)
-        requests = _requests(args, target.encode)
-        if args.record_events:
-            args.record_events.parent.mkdir(parents=True, exist_ok=True)
-            rec_fh = open(args.record_events, "w", encoding="utf-8")
-        pipe = _pipeline(args, Recorder(rec_fh))
+        requests = _requests(args, target)
+        with _event_record(args.record_events, runs) as recorder:
+            return _run_pipeline(args, recorder, requests, runs)
+    except (StageFailed, Stopped) as e:          # while loading
+        return e
+
+
+def _run_pipeline(args, recorder, requests, runs: list):
+    """Start the pipeline and run every request into `runs`; a stage failure or a stop
+    signal is returned once the stages are gone."""
+    from backends.torch.runtime import StageFailed
+    pipe = None
+    try:
+        pipe = _pipeline(args, recorder)
         _run_all(args, pipe, requests, runs)
         if hasattr(pipe, "close"):
             pipe.close()
@@ -404,8 +428,32 @@ def _run(args, runs: list):
     finally:
         if pipe is not None:
             _close_failed(pipe)
-        if rec_fh:
-            rec_fh.close()
+
+
+class _NoRecord(Exception):
+    """No request run finished: the old --record-events file stays as it was."""
+
+
+@contextmanager
+def _event_record(path, runs: list):
+    """A Recorder for --record-events (None: one that records nothing). The file is written
+    beside its place and put there at the end, holding the finished request runs' records:
+    a failed run's unfinished request is cut, and with none finished nothing changes."""
+    from backends.torch.eventlog import Recorder
+    from pipedec_sim.atomic import atomic_path
+    if path is None:
+        yield Recorder()
+        return
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                recorder = Recorder(fh)
+                yield recorder
+                recorder.keep(len(runs))
+            if not runs:
+                raise _NoRecord
+    except _NoRecord:
+        pass
 
 
 def _close_failed(pipe) -> None:
@@ -504,9 +552,10 @@ def add_serve_parser(sub) -> None:
                    help="the draft model, as for `run` (needed unless --strategies pp; "
                         "default none)")
     p.add_argument("--stages", type=positive(), default=2, help="pipeline stages S (default 2)")
-    p.add_argument("--prompts", required=True, type=Path,
+    p.add_argument("--prompts", required=True, type=file_path,
                    help="prompt file, as for `run` (required); requests beyond its count are "
                         "drawn from it again (seeded)")
+    add_prompt_format_flag(p)
     p.add_argument("--strategies", type=serve_list, default=SERVE_STRATEGIES,
                    help="comma-separated serving strategies (default pp,tree-sd,chain-sd,"
                         "pipedec-db)")
@@ -542,10 +591,10 @@ def add_serve_parser(sub) -> None:
                    help="where the models run (default cpu)")
     w.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and activations, as for `run` (default float32)")
-    w.add_argument("--out", type=Path, default=None,
+    w.add_argument("--out", type=file_path, default=None,
                    help="write summary.csv, requests.csv and outputs.jsonl here (default: "
                         "print the table only)")
-    w.add_argument("--timeline", type=Path, default=None,
+    w.add_argument("--timeline", type=file_path, default=None,
                    help="Chrome/Perfetto JSON, one process per strategy: commits, the head's "
                         "draft and LM-head work, and every step and prune each stage "
                         "computed (stages on the head's host; default none)")
@@ -556,7 +605,7 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from pipedec_sim.atomic import check_output
+    from pipedec_sim.atomic import check_distinct, check_output
     torchrun = "RANK" in os.environ
     if torchrun:
         _torchrun_world(args)           # every rank, the head too, before loading anything
@@ -564,6 +613,11 @@ def cmd_serve(args) -> int:
             return _torchrun_serve_stage(args)
     check_output(args.out, "--out", folder=True, files=SERVE_FILES)
     check_output(args.timeline, "--timeline")
+    check_distinct([*(("--out", args.out / f) for f in SERVE_FILES if args.out),
+                    ("--timeline", args.timeline)])
+    if args.batched_forward and not args.inline:
+        raise InputError("only changes --inline runs (the distributed runtime always batches)",
+                         field="--batched-forward")
     check_device(args.device)
     sampling = sampling_of(args)                  # a bad combination: one line, exit 2
     if not args.quiet and not sampling.greedy:
@@ -597,7 +651,7 @@ def _serve(args, workload: list, served: dict):
             raise InputError("tree-sd, chain-sd and pipedec-db need a draft model",
                              field="--draft")
         _check(_single_request_view(args), target)
-        workload.append(_serve_workload(args, target.encode))
+        workload.append(_serve_workload(args, target))
         requests, w = workload[0]
         pipe = _server(args)
         for name in args.strategies:
@@ -623,15 +677,16 @@ def _single_request_view(args):
                                                                    args.strategies)})
 
 
-def _serve_workload(args, encode):
+def _serve_workload(args, target):
     """(requests, ServeWorkload): the prompts as requests, the arrivals as the flags say
     (`inputs.arrivals.serve_workload`, as pipedec-sim serve draws them)."""
     from backends.torch.head import Request
     from pipedec_sim.inputs.arrivals import serve_workload
     from pipedec_sim.inputs.prompts import read_prompts
     from pipedec_sim.inputs.traces import TraceRequest
-    prompts = [TraceRequest(p.id, 0, [], [], [], prompt_ids=encode(p.text))
-               for p in read_prompts(args.prompts)]
+    prompts = [TraceRequest(p.id, 0, [], [], [], prompt_ids=target.encode(p.text))
+               for p in read_prompts(args.prompts, format=args.format)]
+    _check_context(args, target, [(r.id, r.prompt_ids) for r in prompts])
     w = serve_workload(prompts, n=args.requests, rate=args.rate, concurrency=args.concurrency,
                        duration_s=None, seed=args.seed)
     return [Request(r.id, r.prompt_ids, args.max_new_tokens) for r in w.requests], w

@@ -95,9 +95,20 @@ class Recorder:
 
     def __init__(self, fh=None):
         self.fh = fh
+        self.starts: list[int] = []     # where each request's record begins in the file
 
     def request(self, **info) -> None:
+        if self.fh is not None:
+            self.starts.append(self.fh.tell())
         self._write({"request": info})
+
+    def keep(self, n: int) -> None:
+        """Cut the file after the first n requests' records (a run that failed midway
+        keeps the records of its finished request runs only)."""
+        if self.fh is not None and n < len(self.starts):
+            self.fh.seek(self.starts[n])
+            self.fh.truncate()
+            del self.starts[n:]
 
     def start(self, actions) -> None:
         self._write({"start": [action_json(a) for a in actions]})

@@ -39,9 +39,17 @@ import torch
 
 from backends.torch.compat import with_cache
 from pipedec_sim.errors import InputError
+from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_TOP_K
 from pipedec_sim.inputs.prompts import Prompt
 from pipedec_sim.inputs.traces import Trace, TraceHeader, TraceRequest, write_trace
-from pipedec_sim.programs.flags import Parser, add_sampling_flags, positive, sampling_of
+from pipedec_sim.programs.flags import (
+    Parser,
+    add_prompt_format_flag,
+    add_sampling_flags,
+    file_path,
+    positive,
+    sampling_of,
+)
 from pipedec_sim.protocol.sampling import GREEDY, Sampling, request_key, sample
 
 PROB_DECIMALS = 4
@@ -349,6 +357,9 @@ def record_trace(target, draft, tokenizer, prompts: Iterable[Prompt | Sequence[i
     draft.eval()
     vocab = min(target.config.vocab_size, draft.config.vocab_size)
     top_k_eff = min(top_k, vocab)
+    if top_k_eff < top_k:
+        print(f"pipedec-real trace: --top-k {top_k} is past the vocabulary: recording all "
+              f"{vocab} tokens per position", file=sys.stderr)
     eos = eos_ids_of(target, tokenizer)
     pad_id = (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None)
     if pad_id is None:
@@ -458,25 +469,29 @@ def load_models(target: str, draft: str, *, dtype=torch.float32):
     from backends.torch import models
     from backends.torch.weights import from_folder
 
-    def one(spec: str):
+    def one(spec: str, flag: str):
         if models.is_seeded(spec):
             return models.tiny_model(spec).to(dtype), None
-        path = models.resolve_path(spec)
+        try:
+            path = models.resolve_path(spec)
+        except InputError as e:                        # name the flag, as `run` does
+            raise InputError(e.message, file=e.file, line=e.line, field=flag) from None
         return from_folder(path, dtype), path
-    tgt, tpath = one(target)
-    drf, dpath = one(draft)
+    tgt, tpath = one(target, "--target")
+    drf, dpath = one(draft, "--draft")
     tok = AutoTokenizer.from_pretrained(tpath) if tpath is not None else None
     return tgt, drf, tok, tpath, dpath
 
 
-def load_prompt_source(spec: str, max_requests: int | None = None) -> tuple[list[Prompt], str]:
-    """A data-set name (backends.torch.datasets) or a prompt file path."""
+def load_prompt_source(spec: str, max_requests: int | None = None,
+                       format: str = "auto") -> tuple[list[Prompt], str]:
+    """A data-set name (backends.torch.datasets) or a prompt file path (of `format`)."""
     from backends.torch import datasets
     if spec in datasets.ALL_DATASETS and not os.path.exists(spec):
         ps = datasets.load_prompts(spec, max_requests=max_requests)
         return ps, f"{spec} ({datasets.data_file(spec)})"
     from pipedec_sim.inputs.prompts import read_prompts
-    ps = read_prompts(spec, max_requests=max_requests)
+    ps = read_prompts(spec, format=format, max_requests=max_requests)
     return ps, f"{ps[0].dataset}: {os.path.basename(spec)}"
 
 
@@ -491,11 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", required=True,
                     help="prompt file (alpaca/sharegpt/mtbench/humaneval/gsm8k/plain) or a "
                          "data-set name: mtbench, humaneval, gsm8k, sharegpt")
-    ap.add_argument("--out", required=True, type=Path,
+    add_prompt_format_flag(ap)
+    ap.add_argument("--out", required=True, type=file_path,
                     help="trace file (.jsonl or .jsonl.gz)")
-    ap.add_argument("--top-k", type=positive(), default=16)
-    ap.add_argument("--max-new-tokens", type=positive(), default=256)
-    ap.add_argument("--max-requests", type=positive(), default=None)
+    ap.add_argument("--top-k", type=positive(hi=MAX_TOP_K), default=16,
+                    help="draft proposals recorded per position (default 16; beyond the "
+                         "vocabulary: all of it, as the header says)")
+    ap.add_argument("--max-new-tokens", type=positive(hi=MAX_OUTPUT_LEN), default=256,
+                    help="tokens the target generates per prompt at most (default 256)")
+    ap.add_argument("--max-requests", type=positive(), default=None,
+                    help="record the first N prompts (default all)")
     ap.add_argument("--batch-size", type=positive(), default=8,
                     help="target generation batch (left padding, outputs re-checked unpadded)")
     ap.add_argument("--no-chat", action="store_true", help="encode prompts without the chat "
@@ -520,7 +540,7 @@ def _record(argv: list[str] | None) -> int:
     check_output(args.out, "--out")                  # before any model is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts, ds = load_prompt_source(args.prompts, args.max_requests)
+    prompts, ds = load_prompt_source(args.prompts, args.max_requests, args.format)
     tgt, drf, tok, tpath, dpath = load_models(args.target, args.draft)
     extra = {}
     prov = Path(dpath or "") / "provenance.json"

@@ -273,7 +273,7 @@ def _detect(it: _Item, path: FilePath) -> str:
     it.fail(path, None, f"cannot tell the prompt format from the keys {sorted(keys)[:8]}: "
             "expected alpaca (instruction), sharegpt (conversations), mtbench (turns), "
             "humaneval (task_id, prompt) or gsm8k (question, answer); or name it with "
-            f"pipedec-sim run --format ({', '.join(FORMATS)})")
+            f"--format ({', '.join(FORMATS)})")
 
 
 # ----------------------------------------------------------------------------- entry points

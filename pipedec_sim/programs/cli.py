@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipedec_sim.errors import InputError, guarded
 from pipedec_sim.inputs.limits import MAX_OUTPUT_LEN, MAX_STAGES
@@ -21,6 +20,7 @@ from pipedec_sim.programs.flags import (
     add_pipeline_flags,
     add_policy_flags,
     add_workers_flag,
+    file_path,
     number,
     positive,
     progress_bar,
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Simulate each strategy on every request of a speculation "
                          "trace (or a prompt file, with a synthetic acceptance model) and print "
                          "one row per strategy.")
-    run.add_argument("--trace", required=True, type=Path,
+    run.add_argument("--trace", required=True, type=file_path,
                      help="speculation trace (.jsonl/.jsonl.gz) or a prompt file "
                           "(Alpaca, ShareGPT, MT-Bench, HumanEval, GSM8K, plain lines)")
     run.add_argument("--format", choices=WORKLOAD_FORMATS, default="auto",
@@ -73,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens (its header says how)")
     w.add_argument("--seed", type=seed, default=0,
                    help="seed for off-path proposals and synthesis (default 0)")
-    w.add_argument("--out", type=Path, default=None,
+    w.add_argument("--out", type=file_path, default=None,
                    help="write summary.csv and requests.csv (or .parquet: --out-format) into "
                         "this folder")
     add_out_format_flag(w, "the --out tables (--format is the workload's input format)")
-    w.add_argument("--timeline", type=Path, default=None,
+    w.add_argument("--timeline", type=file_path, default=None,
                    help="write a Chrome/Perfetto trace JSON of the first request per strategy")
     w.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s = run.add_argument_group("speed")
@@ -98,7 +98,7 @@ RUN_TABLES = ("summary", "requests")     # what run --out writes into its folder
 
 
 def cmd_run(args) -> int:
-    from pipedec_sim.atomic import check_output
+    from pipedec_sim.atomic import check_distinct, check_output
     from pipedec_sim.inputs.acceptance import load_acceptance
     from pipedec_sim.inputs.profile import load_profile
     from pipedec_sim.inputs.prompts import load_workload
@@ -110,6 +110,8 @@ def cmd_run(args) -> int:
     check_out_format(args.out_format)                                # before any work
     check_output(args.out, "--out", folder=True, files=table_names(RUN_TABLES))
     check_output(args.timeline, "--timeline")
+    check_distinct([*(("--out", args.out / f) for f in table_names(RUN_TABLES) if args.out),
+                    ("--timeline", args.timeline)])
     profile = load_profile(args.profile)
     from pipedec_sim.inputs.host import warn_profile_host
     warn_profile_host(profile, "pipedec-sim")          # a CPU profile from another CPU model

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 from pipedec_sim.inputs.limits import MAX_MS, MAX_SEED, MAX_WORKERS, MIN_GBPS
 from pipedec_sim.programs.pool import default_workers
@@ -49,6 +50,13 @@ def number(kind=int, *, lo: float | None = None, lo_open: bool = False,
         return v
     parse.__name__ = kind.__name__
     return parse
+
+
+def file_path(text: str) -> Path:
+    """An argparse type: a file or folder's path (an empty one would silently mean "here")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
 
 
 def positive(kind=int, hi: float | None = None):
@@ -143,6 +151,13 @@ def add_policy_flags(p: argparse.ArgumentParser):
 def add_pipeline_flags(p: argparse.ArgumentParser):
     """The pipeline's knobs (PipelineKnobs); callers add their own flags to the group."""
     return add_knob_flags(p, "pipeline", PipelineKnobs)
+
+
+def add_prompt_format_flag(g) -> None:
+    """--format of a prompt file (pipedec-real's --prompts)."""
+    from pipedec_sim.inputs.prompts import FORMATS
+    g.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
+                   help="the prompt file's format (default auto: told from its content)")
 
 
 def add_link_flags(g, *, latency: bool = True) -> None:

@@ -27,20 +27,20 @@ def condition(text: str) -> tuple[str, str]:
 
 
 def add_parser(sub) -> None:
-    from pipedec_sim.programs.flags import number, positive
+    from pipedec_sim.programs.flags import file_path, number, positive
     p = sub.add_parser("plot", help="draw a PNG from sweep results or a timeline JSON",
                        description="Draw one PNG. RESULTS is a sweep folder or a summary.csv "
                        "or .parquet (from `sweep` or `run --out`) for speedup/stages/width/"
                        "utilization, a serving summary (one row per strategy and rate or "
                        "concurrency) for serving, or a timeline JSON (`run --timeline`) for "
                        "timeline (and for utilization per stage).")
-    p.add_argument("results", type=Path, metavar="RESULTS")
+    p.add_argument("results", type=file_path, metavar="RESULTS")
     p.add_argument("--kind", required=True, choices=KINDS,
                    help="speedup: bars vs plain PP and tree SD; stages: speedup vs S with the "
                         "S/(p+(1-p)S) curve; width: W x k heatmap; timeline: Gantt of the "
                         "stages; utilization: stage utilisation and wasted work; serving: TBT "
                         "p50/p99 against throughput, one line per strategy")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=file_path, required=True,
                    help="image to write: .png, .pdf or .svg (the format follows the name)")
     p.add_argument("--stages", type=positive(), default=None,
                    help="which S to show for speedup/width/utilization (default: the largest)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 from pipedec_sim.inputs.hardware import DTYPES, GPUS, LINKS
 from pipedec_sim.inputs.model_shapes import PRESETS
@@ -23,7 +22,7 @@ from pipedec_sim.inputs.profile.roofline import DEFAULT_EFFICIENCY, EFFICIENCY
 
 
 def add_parser(sub) -> None:
-    from pipedec_sim.programs.flags import Parser, number, positive
+    from pipedec_sim.programs.flags import Parser, file_path, number, positive
     p = sub.add_parser("profile", help="write an analytic calibration profile for a cluster "
                                        "(pipedec-sim profile analytic --help)",
                        description="Calibration profiles without measuring: `analytic` "
@@ -42,7 +41,7 @@ def add_parser(sub) -> None:
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument("--gpu", metavar="NAME",
                        help=f"a catalogue GPU: {', '.join(GPUS)} (see `profile list`)")
-    which.add_argument("--gpu-spec", type=Path, metavar="FILE",
+    which.add_argument("--gpu-spec", type=file_path, metavar="FILE",
                        help='a GPU described in JSON: {"name", "memory_gib", "mem_bw_gbs", '
                             '"tflops": {"bf16": dense TFLOP/s, "fp8": ... or null}, '
                             '"sources": [where each figure comes from]}')
@@ -86,7 +85,7 @@ def add_parser(sub) -> None:
                         "B: the draft shares stage 1's GPU and the last stage runs the LM head "
                         "(default A; run the simulator with the same --topology)")
     o = a.add_argument_group("output")
-    o.add_argument("--out", required=True, type=Path, help="profile JSON to write (required)")
+    o.add_argument("--out", required=True, type=file_path, help="profile JSON to write (required)")
     o.add_argument("--name", default=None,
                    help="the profile's name (default: from the GPU, models and stages)")
     o.add_argument("--quiet", action="store_true", help="no summary on stderr")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from pipedec_sim.errors import InputError
@@ -168,6 +167,7 @@ def add_parser(sub) -> None:
         add_pipeline_flags,
         add_policy_flags,
         add_workers_flag,
+        file_path,
         number,
         positive,
         seed,
@@ -178,7 +178,7 @@ def add_parser(sub) -> None:
                        "chain-sd: speculation per request in micro-batches; pipedec-db: "
                        "SpecPipe-DB, one mixed tree layer per step) and print throughput and "
                        "latency percentiles, one row per strategy and load point.")
-    p.add_argument("--trace", required=True, type=Path,
+    p.add_argument("--trace", required=True, type=file_path,
                    help="speculation trace or prompt file (as for `run`); requests beyond its "
                         "count are drawn from it again (seeded)")
     p.add_argument("--format", choices=WORKLOAD_FORMATS, default="auto",
@@ -207,7 +207,7 @@ def add_parser(sub) -> None:
     load.add_argument("--concurrency", type=_numbers(int), default=None,
                       help="closed loop: N requests outstanding, the next sent when one "
                            "finishes; a comma-separated list sweeps it")
-    load.add_argument("--arrivals", type=Path, default=None,
+    load.add_argument("--arrivals", type=file_path, default=None,
                       help="arrival times in seconds, one per line (or a CSV with an "
                            "arrival_s column), one per request in file order")
     load.add_argument("--requests", type=positive(), default=None,
@@ -232,7 +232,7 @@ def add_parser(sub) -> None:
                    help="the target's sampling temperature for prompt files (as for `run`)")
     w.add_argument("--seed", type=seed, default=0,
                    help="seed for arrivals, repeated requests and synthesis (default 0)")
-    w.add_argument("--out", type=Path, default=None,
+    w.add_argument("--out", type=file_path, default=None,
                    help="write summary.csv and requests.csv (or .parquet) into this folder")
     add_out_format_flag(w, "the --out tables")
     w.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -1106,14 +1106,19 @@ FLAG_AXES = [  # (flag, key, type, help)
 
 
 def add_parser(sub) -> None:
-    from pipedec_sim.programs.flags import add_engine_flag, add_out_format_flag, add_workers_flag
+    from pipedec_sim.programs.flags import (
+        add_engine_flag,
+        add_out_format_flag,
+        add_workers_flag,
+        file_path,
+    )
     p = sub.add_parser("sweep", help="run a grid of configurations in parallel, resumably",
                        description=__doc__.split("\n\n")[0] + " A TOML grid file has one "
                        "top-level key per axis (a value or a list); flags take "
                        "comma-separated lists and replace the file's key. A grid with rate or "
                        "concurrency is a serving grid: each configuration is a `serve` run "
                        "of one serving strategy at one load point.")
-    p.add_argument("--grid", type=Path, default=None, help="TOML grid file")
+    p.add_argument("--grid", type=file_path, default=None, help="TOML grid file")
     g = p.add_argument_group("axes (comma-separated; each replaces the grid file's key)")
     sv = p.add_argument_group(
         "serving axes (a grid with rate or concurrency runs `pipedec-sim serve` runs: a "
@@ -1122,7 +1127,7 @@ def add_parser(sub) -> None:
         (sv if key in SERVE_AXES else g).add_argument(flag, dest=f"axis_{key}",
                                                       type=_list_of(kind), default=None,
                                                       help=help_)
-    p.add_argument("--out", type=Path, default=Path("sweep-results"),
+    p.add_argument("--out", type=file_path, default=Path("sweep-results"),
                    help="results folder (default sweep-results); re-running resumes")
     add_out_format_flag(p, "the merged requests and summary tables (the parts stay CSV)")
     p.add_argument("--dry-run", action="store_true",

@@ -202,13 +202,15 @@ def add_parser(sub) -> None:
         add_out_format_flag,
         add_pipeline_flags,
         add_workers_flag,
+        file_path,
         number,
         positive,
         seed,
     )
     p = sub.add_parser("tune", help="search PipeDec width/top-k/floor for the lowest TBT",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--trace", required=True, type=Path, help="speculation trace or prompt file")
+    p.add_argument("--trace", required=True, type=file_path,
+                   help="speculation trace or prompt file")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"calibration profile file or bundled name (default {DEFAULT_PROFILE})")
     p.add_argument("--stages", type=positive(hi=MAX_STAGES), default=DEFAULT_STAGES,
@@ -226,12 +228,12 @@ def add_parser(sub) -> None:
     add_link_flags(add_pipeline_flags(p), latency=False)
     p.add_argument("--max-new-tokens", type=positive(hi=MAX_OUTPUT_LEN), default=256,
                    help="output length for prompt files (default 256)")
-    p.add_argument("--acceptance", type=Path, default=None,
+    p.add_argument("--acceptance", type=file_path, default=None,
                    help="acceptance model JSON for prompt files (default: by data set)")
     p.add_argument("--seed", type=seed, default=0, help="seed (default 0)")
     add_workers_flag(p, "the tuner's points (a point alone: its requests)")
     add_engine_flag(p)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=file_path, default=None,
                    help="write every trial to this file (a table: see --out-format)")
     add_out_format_flag(p, "the --out table")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
