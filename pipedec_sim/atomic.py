@@ -19,16 +19,30 @@ from typing import Iterable, Iterator
 from pipedec_sim.errors import InputError
 
 
-def _temp_beside(path: Path, made: list[Path]) -> Path:
-    """A temp file in `path`'s folder, making the folder (and its missing parents, noted
-    in `made`, outermost first) if need be."""
+def missing_parents(path: Path) -> list[Path]:
+    """The parents of `path` that do not exist, innermost first."""
     missing = []
     parent = path.parent
     while not os.path.lexists(parent) and parent != parent.parent:
         missing.append(parent)
         parent = parent.parent
+    return missing
+
+
+def remove_empty(folders: Iterable[Path]) -> None:
+    """rmdir each folder that is still empty (a failed write's own, made for it)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass                            # not empty (or gone): something else is there
+
+
+def _temp_beside(path: Path, made: list[Path]) -> Path:
+    """A temp file in `path`'s folder, making the folder (and its missing parents, noted
+    in `made` in the order they are made) if need be."""
+    made += reversed(missing_parents(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    made += reversed(missing)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
@@ -61,11 +75,7 @@ def atomic_paths(paths: Iterable[str | os.PathLike]) -> Iterator[list[Path]]:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        for folder in reversed(made):
-            try:
-                folder.rmdir()
-            except OSError:
-                break                       # not empty (or gone): leave it and its parents
+        remove_empty(reversed(made))
         if isinstance(e, OSError) and e.filename is None and targets:
             # a write that failed inside a library (a full disk under pandas) names no file
             where = targets[0] if len(targets) == 1 else targets[0].parent

@@ -2,8 +2,10 @@
 and a process finder for the real-backend tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 
 from pipedec_sim.inputs.traces import Trace, TraceHeader, TraceRequest
 
@@ -99,6 +101,20 @@ def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
                     addr, port = f[1].split(":")
                     found.append((owner[f[9]], _address(addr), int(port, 16)))
     return found
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (TimeoutError) instead of hanging the suite, e.g. in open() on a FIFO."""
+    def boom(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def one_error_line(err: str) -> str:

@@ -35,7 +35,7 @@ from pipedec_sim.inputs.profile import bundled_profiles
 from pipedec_sim.inputs.traces import write_trace
 from pipedec_sim.programs.cli import main
 
-from .helpers import bernoulli_trace, tagged_pids
+from .helpers import bernoulli_trace, deadline, tagged_pids
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = REPO / "traces" / "synthetic-llama70b.jsonl"
@@ -62,20 +62,6 @@ def refused(capsys, *args, needles=()) -> str:
     for n in needles:
         assert str(n) in err, (n, err)
     return err.strip()
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail (TimeoutError) instead of hanging, e.g. in open() on a FIFO."""
-    def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def small_trace(path: Path, requests: int = 2, length: int = 6, **header) -> Path:

@@ -17,14 +17,20 @@
    as e^T G e / z_t^T G z_t with e = z_d - z_t (LM-head inputs) and G the 576x576 centred Gram
    matrix of the head (full-vocabulary logit matching without a vocabulary-sized matmul); plus,
    on a random subset of generated positions, the KL divergence from the target's next-token
-   distribution softmax(W z_t) to the draft's. AdamW, cosine schedule, fixed seed; stops at
-   `--steps` or after `--minutes`, whichever first (the number of steps done is recorded: rerun
-   with `--steps N` to reproduce).
+   distribution softmax(W z_t) to the draft's. AdamW, cosine schedule, fixed seed; stops
+   after `--minutes`, or at exactly `--steps` when given (then the clock does not stop it: the
+   number of steps done is recorded, rerun with `--steps N` to reproduce).
 4. Output: an HF folder (config.json, model.safetensors, tokenizer) loadable by
    AutoModelForCausalLM, and provenance.json (command, data, seed, steps, training time,
    metrics). The folder is ~60 MB in fp16 because of the 49152 x 576 embedding; the trained
    part alone (layers + norm) is also written as `draft-layers.safetensors`, from which
-   `assemble_draft()` rebuilds the folder using the target's embeddings.
+   `assemble_draft()` rebuilds the folder using the target's embeddings. The folder is
+   written all-or-nothing (draft_folder.save_draft): a new `--out` appears complete or not at
+   all; in an existing folder the draft's files replace their namesakes, once all are
+   complete, and other files there are kept (never deleted).
+
+Bad input (flags, the target folder, `--out`, `--data-dir`) is one line naming the flag, and
+exit status 2, before the target is loaded or any data are generated.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import copy
 import hashlib
 import json
 import math
+import pickle
 import random
 import shlex
 import sys
@@ -43,10 +50,12 @@ from pathlib import Path
 import torch
 
 from backends.torch.compat import with_cache
-from backends.torch.draft_folder import cache_root, make_draft, save_draft
+from backends.torch.draft_folder import DRAFT_FILES, cache_root, make_draft, save_draft
 from backends.torch.trace_recorder import encode_prompt
-from backends.torch.weights import from_folder
-from pipedec_sim.programs.flags import Parser, positive
+from backends.torch.weights import check_weights, from_folder
+from pipedec_sim.atomic import atomic_path, check_output
+from pipedec_sim.errors import InputError
+from pipedec_sim.programs.flags import Parser, file_path, number, positive, seed
 
 
 def log(msg: str) -> None:
@@ -123,6 +132,15 @@ def data_key(args) -> str:
     return hashlib.sha1(s.encode()).hexdigest()[:10]
 
 
+def _load_chunk(path: Path) -> list[dict]:
+    """A cached chunk: tensors, ids and lengths, loaded without running code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise InputError(f"not a readable data chunk ({type(e).__name__}): delete it to "
+                         "generate it again", file=path, field="--data-dir") from None
+
+
 def build_data(target, tok, args, data_dir: Path) -> list[dict]:
     """Load cached generation chunks and add more until --gen-minutes or --gen-prompts."""
     from backends.torch.datasets import load_prompts
@@ -131,7 +149,7 @@ def build_data(target, tok, args, data_dir: Path) -> list[dict]:
     chunks = sorted(data_dir.glob("chunk-*.pt"))
     data = []
     for c in chunks:
-        data.extend(torch.load(c, weights_only=True))   # tensors, ids, lengths: no code
+        data.extend(_load_chunk(c))
     log(f"cached data: {len(data)} sequences, {sum(len(d['ids']) for d in data)} tokens "
         f"in {data_dir}")
     prompts = load_prompts("sharegpt-train")
@@ -171,7 +189,8 @@ def build_data(target, tok, args, data_dir: Path) -> list[dict]:
                 chunk.append({"id": pid, "ids": ids, "hid": hid, "P": P})
         tag = "-bf16" if args.gen_dtype == "bf16" else ""
         path = data_dir / f"chunk-{len(chunks):04d}{tag}.pt"
-        torch.save(chunk, path)
+        with atomic_path(path) as tmp:      # an interrupted run leaves no broken chunk
+            torch.save(chunk, tmp)
         chunks.append(path)
         data.extend(chunk)
         n_new += sum(len(d["ids"]) - d["P"] for d in chunk)
@@ -241,15 +260,20 @@ def train(draft, target, data: list[dict], args, val: list[dict]):
         frac = min(1.0, (step - warm) / max(1, est_steps - warm))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    if not data:        # no batch would ever come: the loop below would spin forever
+        raise ValueError("train: no training sequences")
     t0 = time.perf_counter()
+
+    def done() -> bool:
+        return step >= max_steps or (not args.steps and time.perf_counter() - t0 > budget)
+
     step = 0
     epoch = 0
     hist = []
     draft.train()
-    while step < max_steps:
+    while not done():
         for batch in _batches(data, args.batch_tokens, rng):
-            if step >= max_steps or (not args.steps and time.perf_counter() - t0 > budget):
-                max_steps = step
+            if done():
                 break
             ids, mask, feat, fw, gen = _collate(data, batch, args.skip_prefix)
             for g in opt.param_groups:
@@ -295,8 +319,6 @@ def train(draft, target, data: list[dict], args, val: list[dict]):
                 draft.train()
         else:
             epoch += 1
-            continue
-        break
     draft.eval()
     return {"steps": step, "epochs": round(epoch + 0.0, 2), "train_seconds":
             round(time.perf_counter() - t0, 1), "final_train": {
@@ -327,25 +349,52 @@ def evaluate(draft, data: list[dict], W) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
+INIT_CHOICES = ("first", "first-last", "none")
+
+
+def init_flag(text: str) -> str | tuple[int, ...]:
+    """--init-layers: one of INIT_CHOICES, or comma-separated layer indices (>= 0); their
+    range is checked against the target (`init_of`)."""
+    if text in INIT_CHOICES:
+        return text
+    try:
+        idx = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(INIT_CHOICES)} or "
+                                         f"comma-separated layer indices, got {text!r}") from None
+    if min(idx) < 0:
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text!r}")
+    return idx
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="pipedec-real distill-draft",
-                                 description="distil a small draft for SmolLM2 on CPU")
-    ap.add_argument("--target", default="smollm2")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--init-layers", default="first",
+                description="distil a small draft for SmolLM2 on CPU")
+    ap.add_argument("--target", default="smollm2",
+                    help="smollm2 or an HF Llama folder with a tokenizer (default smollm2)")
+    ap.add_argument("--out", required=True, type=file_path,
+                    help="the draft's folder: made, or its files replaced (other files kept)")
+    ap.add_argument("--layers", type=positive(), default=2,
+                    help="decoder layers of the draft, at most the target's (default 2)")
+    ap.add_argument("--init-layers", type=init_flag, default="first",
                     help="'first' (target layers 0..L-1: the best start measured, top-1 ~9%% "
                          "vs 0%% for first+last), 'first-last', 'none', or comma-separated "
-                         "target layer indices")
-    ap.add_argument("--minutes", type=float, default=20.0, help="training wall-clock bound")
-    ap.add_argument("--steps", type=int, default=0, help="exact number of steps (reproduce)")
-    ap.add_argument("--est-steps", type=int, default=400,
+                         "target layer indices (at most --layers; the rest start random)")
+    ap.add_argument("--minutes", type=positive(float), default=20.0,
+                    help="training wall-clock bound (unless --steps)")
+    ap.add_argument("--steps", type=positive(), default=None,
+                    help="exact number of steps (reproduce; default: as many as --minutes "
+                         "allow)")
+    ap.add_argument("--est-steps", type=positive(), default=400,
                     help="schedule length when bounded by --minutes")
-    ap.add_argument("--gen-minutes", type=float, default=15.0,
-                    help="bound on new data generation this run (cached data are reused)")
-    ap.add_argument("--gen-prompts", type=int, default=4000, help="most prompts to generate on")
-    ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per prompt")
-    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument("--gen-minutes", type=number(float, lo=0), default=15.0,
+                    help="bound on new data generation this run (cached data are reused; "
+                         "0: the cache only)")
+    ap.add_argument("--gen-prompts", type=positive(), default=4000,
+                    help="most prompts to generate on")
+    ap.add_argument("--gen-tokens", type=positive(), default=128, help="new tokens per prompt")
+    ap.add_argument("--gen-batch", type=positive(), default=32,
+                    help="prompts the target generates for at once (default 32)")
     ap.add_argument("--gen-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: generate the text with a bf16 copy of the target (about 3x "
                          "faster on CPUs with AVX512-BF16/AMX), then label every position with "
@@ -353,46 +402,151 @@ def build_parser() -> argparse.ArgumentParser:
                          "target's; only the prefixes come from the bf16 policy)")
     ap.add_argument("--bf16-train", action="store_true",
                     help="train under bf16 autocast (about 5x faster matmuls on such CPUs)")
-    ap.add_argument("--gen-chunk", type=int, default=128, help="prompts per cached chunk")
-    ap.add_argument("--max-prompt-tokens", type=int, default=192)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--kl-positions", type=int, default=1024)
-    ap.add_argument("--feat-weight", type=float, default=1.0)
-    ap.add_argument("--skip-prefix", type=int, default=0,
-                    help="positions at the start (the fixed system prompt) without feature loss")
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--val", type=int, default=64, help="held-out sequences for validation")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=positive(), default=None)
-    ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--eval-every", type=int, default=100, help="validation (16 sequences)")
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--gen-chunk", type=positive(), default=128,
+                    help="prompts per cached chunk")
+    ap.add_argument("--max-prompt-tokens", type=positive(), default=192,
+                    help="longer prompts are skipped (default 192)")
+    ap.add_argument("--batch-tokens", type=positive(), default=4096,
+                    help="tokens per training batch (default 4096)")
+    ap.add_argument("--kl-positions", type=positive(), default=1024,
+                    help="positions per batch in the distribution loss (default 1024)")
+    ap.add_argument("--feat-weight", type=number(float, lo=0), default=1.0,
+                    help="weight of the feature loss beside the distribution loss (default 1)")
+    ap.add_argument("--skip-prefix", type=number(int, lo=0), default=0,
+                    help="positions at the start (the fixed system prompt) without feature "
+                         "loss (default 0: found from the data)")
+    ap.add_argument("--lr", type=positive(float), default=5e-4,
+                    help="AdamW peak learning rate, cosine schedule (default 5e-4)")
+    ap.add_argument("--val", type=positive(), default=64,
+                    help="held-out sequences for validation")
+    ap.add_argument("--seed", type=seed, default=0,
+                    help="seeds the prompt order, the training batches and new weights (default 0)")
+    ap.add_argument("--threads", type=positive(), default=None,
+                    help="torch threads (default: torch's own choice)")
+    ap.add_argument("--log-every", type=positive(), default=10,
+                    help="a log line every N steps (default 10)")
+    ap.add_argument("--eval-every", type=number(int, lo=0), default=100,
+                    help="validation (16 sequences) every N steps (0: never)")
+    ap.add_argument("--data-dir", type=file_path, default=None,
+                    help="cache of generated data (default: one per data setting under the "
+                         "project cache)")
     ap.add_argument("--gen-only", action="store_true", help="only build the data cache")
     return ap
+
+
+def target_folder(spec: str) -> Path:
+    """--target as an HF folder with safetensors weights (smollm2: SmolLM2's, converted
+    once), or one InputError line naming --target."""
+    from backends.torch.smollm2 import ALIASES, SmolLM2Missing, ensure_smollm2
+    if spec.lower() in ALIASES:
+        try:
+            return ensure_smollm2()
+        except SmolLM2Missing as e:
+            raise InputError(str(e), field="--target") from None
+    p = Path(spec).expanduser()
+    problem = None
+    if not p.exists():
+        problem = "model folder not found (expected smollm2 or an HF Llama folder)"
+        if spec.startswith(("tiny", "eps-pair")):
+            problem += f"; {spec} is a seeded test model, without a tokenizer to distil with"
+    elif not p.is_dir():
+        problem = "is not a folder (expected an HF Llama folder with config.json)"
+    elif not (p / "config.json").is_file():
+        problem = "no config.json: not an HF model folder"
+    if problem:
+        raise InputError(problem, file=spec, field="--target")
+    try:
+        check_weights(p)
+    except InputError as e:
+        raise InputError(e.message, file=e.file, field="--target") from None
+    return p
+
+
+def target_layers(folder: Path) -> int:
+    """The target's decoder layer count, from its config.json (the draft is a Llama)."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise InputError(f"unreadable ({str(e).splitlines()[0]})", file=folder / "config.json",
+                         field="--target") from None
+    if cfg.model_type != "llama":
+        raise InputError(f"model type {cfg.model_type!r}: the draft is a Llama, so the target "
+                         "must be one", file=folder, field="--target")
+    return cfg.num_hidden_layers
+
+
+def init_of(init, layers: int, n_target: int) -> list[int] | None:
+    """The target layers the draft's layers start from (None: random), checked against
+    the target's `n_target` layers."""
+    if init == "first":
+        return list(range(layers))
+    if init == "first-last":
+        return list(range(layers - 1)) + [n_target - 1] if layers > 1 else [0]
+    if init == "none":
+        return None
+    if len(init) > layers:
+        raise InputError(f"{len(init)} indices for a {layers}-layer draft (--layers)",
+                         field="--init-layers")
+    if max(init) >= n_target:
+        raise InputError(f"layer {max(init)} is out of range: the target has {n_target} "
+                         f"layers (0..{n_target - 1})", field="--init-layers")
+    return list(init)
+
+
+def data_dir_of(args) -> Path:
+    return args.data_dir or cache_root() / "distill" / f"data-{data_key(args)}"
+
+
+def check_inputs(args) -> tuple[Path, list[int] | None]:
+    """Every check that needs no weights, before any work: the flags that depend on each
+    other, the output folders, the target folder. Returns the target's folder and the
+    draft's initial layers."""
+    if not args.gen_only:
+        if args.gen_prompts <= args.val:
+            raise InputError(f"must be below --gen-prompts ({args.gen_prompts}): {args.val} "
+                             "held-out sequences would leave none to train on", field="--val")
+        check_output(args.out, "--out", folder=True, files=DRAFT_FILES)
+    check_output(data_dir_of(args), "--data-dir", folder=True)
+    tp = target_folder(args.target)
+    n = target_layers(tp)
+    if args.gen_only:
+        return tp, None
+    if args.layers > n:
+        raise InputError(f"must be at most the target's {n} layers, got {args.layers}",
+                         field="--layers")
+    return tp, init_of(args.init_layers, args.layers, n)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise InputError("no usable tokenizer: distilling needs the target's own (its "
+                         f"tokenizer.json beside config.json; {type(e).__name__})",
+                         file=folder, field="--target") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    tp, init = check_inputs(args)
+    tok = load_tokenizer(tp)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from transformers import AutoTokenizer
-
-    from backends.torch.smollm2 import resolve_model
-    tp = resolve_model(args.target)
     target = from_folder(tp)
     for p in target.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(tp)
-    data_dir = Path(args.data_dir) if args.data_dir else \
-        cache_root() / "distill" / f"data-{data_key(args)}"
+    data_dir = data_dir_of(args)
     data = build_data(target, tok, args, data_dir)
     if args.gen_only:
         return 0
     if len(data) <= args.val:
-        log(f"too little data ({len(data)} sequences)")
-        return 1
+        raise InputError(f"{args.val} held-out sequences leave none to train on: only "
+                         f"{len(data)} in {data_dir} (raise --gen-minutes or --gen-prompts)",
+                         field="--val")
     # the system prompt is the same for every sequence: find its length
     if args.skip_prefix == 0:
         a, b = data[0]["ids"], data[1]["ids"]
@@ -401,15 +555,6 @@ def main(argv: list[str] | None = None) -> int:
             n += 1
         args.skip_prefix = max(0, n - 1)
     val, tr = data[-args.val:], data[:-args.val]
-    nl = target.config.num_hidden_layers
-    if args.init_layers == "first":
-        init = list(range(args.layers))
-    elif args.init_layers == "first-last":
-        init = list(range(args.layers - 1)) + [nl - 1] if args.layers > 1 else [0]
-    elif args.init_layers == "none":
-        init = None
-    else:
-        init = [int(x) for x in args.init_layers.split(",")]
     draft = make_draft(target, args.layers, init)
     W = draft.lm_head.weight
     before = evaluate(draft, val, W)
@@ -422,9 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     after = evaluate(draft, val, W)
     log(f"after training: {after}")
     cmd = "python -m backends.torch.distill " + " ".join(shlex.quote(a) for a in argv)
-    repro = [a for a in argv]
-    if "--steps" not in repro:
-        repro += ["--steps", str(res["steps"])]
+    repro = list(argv) if args.steps else argv + ["--steps", str(res["steps"])]
     prov = {
         "command": cmd,
         "reproduce": "python -m backends.torch.distill " + " ".join(shlex.quote(a)
@@ -446,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                      "transformers": __import__("transformers").__version__},
         "created": time.strftime("%Y-%m-%d"),
     }
-    save_draft(draft, tok, Path(args.out), prov)
+    save_draft(draft, tok, args.out, prov)
     log(f"saved {args.out}")
     return 0
 

@@ -1,14 +1,31 @@
 """The trained draft's folder forms: a full HF folder, and the shipped-small form (only the
 draft's own layers, `draft-layers.safetensors`; embeddings and LM head are the target's,
-tied) that `assemble_draft` rebuilds into a full folder."""
+tied) that `assemble_draft` rebuilds into a full folder.
+
+Either is written all-or-nothing (`save_draft`): a failed or interrupted save leaves no
+half-written draft behind."""
 from __future__ import annotations
 
 import copy
 import json
 import os
+import secrets
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from backends.torch.weights import from_folder
+from pipedec_sim.atomic import missing_parents, remove_empty
+from pipedec_sim.errors import InputError
+
+LAYERS_FILE = "draft-layers.safetensors"
+PROVENANCE = "provenance.json"
+# What save_draft writes (the tokenizer's files vary a little with its kind): an output
+# folder must not hold a folder under one of these names (atomic.check_output's `files`).
+DRAFT_FILES = ("config.json", "generation_config.json", "model.safetensors", LAYERS_FILE,
+               PROVENANCE, "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")
 
 
 def cache_root() -> Path:
@@ -41,15 +58,67 @@ def trainable_state(draft) -> dict:
 
 
 def save_draft(draft, tok, out: Path, provenance: dict) -> None:
+    """The draft's HF folder (fp16), its trained layers alone (LAYERS_FILE) and
+    provenance.json, written all-or-nothing (`_filled_in_place`): a folder `out` that does
+    not exist yet appears complete or not at all; in an existing folder each file replaces
+    its namesake only once every file is complete, and its other files are kept."""
     from safetensors.torch import save_file
-    out.mkdir(parents=True, exist_ok=True)
-    d16 = copy.deepcopy(draft).half()
-    d16.config.dtype = "float16"
-    d16.save_pretrained(out)
-    tok.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in trainable_state(d16).items()},
-              str(out / "draft-layers.safetensors"))
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    with _filled_in_place(Path(out)) as tmp:
+        d16 = copy.deepcopy(draft).half()
+        d16.config.dtype = "float16"
+        d16.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in trainable_state(d16).items()},
+                  str(tmp / LAYERS_FILE))
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+@contextmanager
+def _filled_in_place(out: Path) -> Iterator[Path]:
+    """Yield an empty temp folder on `out`'s file system; once the block has filled it,
+    it becomes `out` (renamed, where `out` does not exist) or its files replace their
+    namesakes in the existing folder `out` (nothing else there is deleted: `out` may be
+    `.` or hold the user's own files), provenance.json last. On any error the temp folder
+    and the parents made for it are removed, and `out` is as it was."""
+    existing = out.is_dir()
+    made = [] if existing else missing_parents(out)
+    home = out if existing else out.parent
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = home / f".{out.name or 'draft'}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()                                  # mode from the umask, as any new folder
+    try:
+        yield tmp
+        _sync(tmp)
+        if existing:
+            _move_files(tmp, out)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
+        raise
+
+
+def _sync(folder: Path) -> None:
+    """Every file in `folder` durable before any of them becomes visible, and readable by
+    all (safetensors writes its files 0600; a draft folder is meant to be shared)."""
+    for f in folder.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(f, 0o644)
+
+
+def _move_files(tmp: Path, out: Path) -> None:
+    """Move the files of `tmp` into `out` (provenance.json last, so that a draft folder
+    with a new provenance.json is complete), then remove `tmp`."""
+    names = sorted((f.name for f in tmp.iterdir()), key=lambda n: (n == PROVENANCE, n))
+    clash = [n for n in names if (out / n).is_dir()]
+    if clash:
+        raise InputError(f"holds a folder named {clash[0]}, where a draft file goes",
+                         file=out)
+    for name in names:
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
 
 
 def assemble_draft(layers_file: str | os.PathLike, out: str | os.PathLike,
@@ -69,7 +138,7 @@ def assemble_draft(layers_file: str | os.PathLike, out: str | os.PathLike,
                                                 strict=False)
     assert not unexpected, unexpected
     out = Path(out)
-    prov = Path(layers_file).with_name("provenance.json")
+    prov = Path(layers_file).with_name(PROVENANCE)
     p = json.loads(prov.read_text()) if prov.is_file() else {"assembled_from": str(layers_file)}
     save_draft(draft, AutoTokenizer.from_pretrained(tp), out, p)
     return out

@@ -102,9 +102,9 @@ def iter_lines(path: FilePath) -> Iterator[tuple[int, str]]:
 def _first_bad_line(path: FilePath) -> int | None:
     """The 1-based line holding the first byte that is not UTF-8 (text is decoded in
     chunks, so the decoder's error does not say which line)."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
     try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             for lineno, raw in enumerate(f, start=1):
                 try:

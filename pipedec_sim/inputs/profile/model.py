@@ -192,7 +192,8 @@ class Profile:
     def check_topology(self, topology: str, field: str = "--topology") -> None:
         """InputError if the profile was made for the other topology: an analytic profile
         placed the head (and so its links and memory) for the one it records."""
-        cluster = (self.provenance.get("details") or {}).get("cluster") or {}
+        details = self.provenance.get("details")
+        cluster = details.get("cluster") if isinstance(details, dict) else None
         made = cluster.get("topology") if isinstance(cluster, dict) else None
         if made in ("A", "B") and made != topology:
             raise InputError(f"the profile was made for topology {made} (its GPU placement, "
