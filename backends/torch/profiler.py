@@ -20,6 +20,7 @@ The rows are real tree rows (a star under the last committed row) through the sa
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import sys
 import time
@@ -247,6 +248,72 @@ def _trimmed_mean(xs, trim: float = 0.02) -> float:
     return statistics.fmean(xs)
 
 
+# ---- child processes: the head owns an interrupt ----------------------------------------
+# Ctrl-C signals the terminal's whole process group, children included; the head handles it
+# (one line, exit 130) and ends its children, which must neither react (a traceback) nor
+# outlive it. SIGTERM kills the head at once: its children then die with it.
+
+LINK_TIMEOUT = timedelta(seconds=10)   # gloo between two local processes: a stall, not load
+
+
+def _process(ctx, fn, *args, daemon: bool = True):
+    """A child process of `ctx` running fn(*args) that dies with this one (`_child`)."""
+    return ctx.Process(target=_child, args=(os.getpid(), fn, *args), daemon=daemon)
+
+
+def _child(parent: int, fn, *args) -> None:
+    from backends.torch.worker import _die_with_parent
+    _die_with_parent()                 # SIGTERM when the parent dies...
+    if os.getppid() != parent:         # ...or now: it died while this one imported torch
+        os._exit(1)
+    fn(*args)
+
+
+def _start(*procs) -> None:
+    """Start children with SIGINT ignored from their first instruction, before they import
+    anything (SIG_IGN survives exec, Python keeps it, their children inherit it). A SIGINT
+    to this process in the few milliseconds this takes is lost."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _end(procs, wait: bool) -> None:
+    """Reap children: given 10 s to exit (`wait`: they are finishing), else killed at once
+    with their own children."""
+    for p in procs:
+        if not wait and p.exitcode is None:     # not reaped: its pid is still its own
+            _kill_tree(p.pid)
+    for p in procs:
+        p.join(10 if wait else 5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants, every one stopped first (SIGSTOP, top down, so
+    that none starts another meanwhile): none sees a peer vanish and reports it, none is left
+    finishing its start-up. Descendants from /proc (Linux); elsewhere only `pid` itself."""
+    tree = [pid]
+    for p in tree:                     # grows as it goes
+        try:
+            os.kill(p, signal.SIGSTOP)
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    tree += [int(c) for c in f.read().split()]
+        except OSError:                # gone already, or no /proc
+            pass
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
                  ) -> tuple[float, float, dict]:
     """(one-way latency ms, bandwidth Gbit/s, details) between two local gloo ranks.
@@ -265,12 +332,19 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
     from backends.torch.runtime import loopback_store
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store, init = loopback_store(2)           # the rendezvous listens on 127.0.0.1 only
-    child = mp.get_context("spawn").Process(target=_echo, args=(init, repeats, hidden),
-                                            daemon=True)
-    child.start()
+    ctx = mp.get_context("spawn")
+    ready, ready_w = ctx.Pipe(duplex=False)
+    child = _process(ctx, _echo, init, repeats, hidden, ready_w)
+    _start(child)
+    ok = False
     try:
+        # The rendezvous blocks in C++, where a signal waits until it returns: wait here
+        # (interruptible) while the child imports torch, so that it takes milliseconds.
+        while not ready.poll(0.1):
+            if child.exitcode is not None:
+                raise RuntimeError(f"the link's echo process exited ({child.exitcode})")
         dist.init_process_group("gloo", store=store, rank=0, world_size=2,
-                                timeout=timedelta(seconds=60))
+                                timeout=LINK_TIMEOUT)
         small = torch.zeros(8, dtype=torch.int64)
         hot = []
         for _ in range(repeats):
@@ -296,10 +370,11 @@ def measure_link(repeats: int = 200, hidden: int = 256, gap_s: float = 0.002
         dist.recv(small, 1)
         secs = time.perf_counter() - t
         dist.destroy_process_group()
+        ok = True
     finally:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
+        _end([child], ok)              # killed before our end of the link closes, if unfinished
+        if dist.is_initialized():
+            dist.destroy_process_group()
     lat = _trimmed_mean(idle) / 2 * 1e3
     details = {"hop_mean_ms": round(lat, 4),
                "hop_median_ms": round(statistics.median(idle) / 2 * 1e3, 4),
@@ -317,27 +392,32 @@ def _batch_message(hidden: int) -> list[torch.Tensor]:
                       wire.TAG_DATA)
 
 
-def _echo(init: str, repeats: int, hidden: int) -> None:
+def _echo(init: str, repeats: int, hidden: int, ready) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=1, world_size=2,
-                            timeout=timedelta(seconds=60))
-    small = torch.zeros(8, dtype=torch.int64)
-    for _ in range(repeats):
-        dist.recv(small, 0)
+    ready.send(True)                    # torch is imported: the rendezvous is quick now
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=1, world_size=2,
+                                timeout=LINK_TIMEOUT)
+        small = torch.zeros(8, dtype=torch.int64)
+        for _ in range(repeats):
+            dist.recv(small, 0)
+            dist.send(small, 0)
+        msg = _batch_message(hidden)
+        for _ in range(repeats):
+            for x in msg:
+                dist.recv(x, 0)
+            works = [dist.isend(x, 0) for x in msg]
+            for w in works:
+                w.wait()
+        big = torch.zeros(4 * 2**20 // 4)
+        for _ in range(10):
+            dist.recv(big, 0)
         dist.send(small, 0)
-    msg = _batch_message(hidden)
-    for _ in range(repeats):
-        for x in msg:
-            dist.recv(x, 0)
-        works = [dist.isend(x, 0) for x in msg]
-        for w in works:
-            w.wait()
-    big = torch.zeros(4 * 2**20 // 4)
-    for _ in range(10):
-        dist.recv(big, 0)
-    dist.send(small, 0)
-    dist.destroy_process_group()
+        dist.destroy_process_group()
+    except RuntimeError:                # gloo lost the head: if it died, its SIGTERM
+        time.sleep(1)                   # (`_child`) ends this process quietly meanwhile;
+        raise                           # if not, the failure is this one's own: shown
 
 
 def _spin(seconds: float, out) -> None:
@@ -359,9 +439,8 @@ def measure_core_share(max_n: int = 5, seconds: float = 1.0) -> list[float]:
     out = []
     for n in range(1, max_n + 1):
         q = ctx.Queue()
-        procs = [ctx.Process(target=_spin, args=(seconds, q), daemon=True) for _ in range(n)]
-        for p in procs:
-            p.start()
+        procs = [_process(ctx, _spin, seconds, q) for _ in range(n)]
+        _start(*procs)
         shares = [q.get(timeout=seconds + 30) for _ in procs]
         for p in procs:
             p.join(5)
@@ -755,7 +834,7 @@ def profile_main(args) -> int:
 
 # ---- CPU work outside the compute (issue 6: simulator fidelity on shared cores) ---------
 
-def _stage_cpu_child(cfg, j: int, world: int, init: str, q) -> None:
+def _stage_cpu_child(cfg, j: int, world: int, init: str, out) -> None:
     """A real stage process (`worker.stage_main`) with CPU accounting: per request (RESET to
     REPORT) its process CPU (main + gloo threads), main-thread CPU, and the CPU inside
     `run_stage` and KV compaction, which the profile's grids already model."""
@@ -792,7 +871,7 @@ def _stage_cpu_child(cfg, j: int, world: int, init: str, q) -> None:
     worker.Stage.on_reset = mark(worker.Stage.on_reset)
     worker.Stage.on_report = mark(worker.Stage.on_report)
     worker.stage_main(cfg, j, world, init, "")
-    q.put((j, marks))
+    out.send((j, marks))
 
 
 def _head_cycle(out, S: int, H: int, seq: int, rows, committed: int, *, ack: bool = True):
@@ -837,12 +916,12 @@ def _head_ring(out, S: int, H: int, seq: int, ctx: int, cycles: int, n: int, win
         wire.recv(2, torch.int64, 1, wire.TAG_ACK)
 
 
-def _busy_streamer(stop) -> None:
+def _busy_streamer() -> None:
     """Background load like a pipeline stage's: 4-row matmuls over ~100 MB of weights."""
     torch.set_num_threads(1)
     ws = [torch.randn(576, 1536) for _ in range(24)] + [torch.randn(576, 576) for _ in range(16)]
     x = torch.randn(4, 576)
-    while not stop.is_set():
+    while True:                        # until killed
         for w in ws:
             x @ w
 
@@ -875,16 +954,16 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
     store, init = loopback_store(S + 1)       # the rendezvous listens on 127.0.0.1 only
     cfg = StageConfig(target_spec, S)
     ctxm = mp.get_context("spawn")
-    q = ctxm.Queue()
-    kids = [ctxm.Process(target=_stage_cpu_child, args=(cfg, j, S + 1, init, q), daemon=True)
+    # Pipes, not queues or events: their semaphores, left by a killed process, would make
+    # the resource tracker warn on stderr.
+    pipes = [ctxm.Pipe(duplex=False) for _ in range(S)]
+    kids = [_process(ctxm, _stage_cpu_child, cfg, j, S + 1, init, pipes[j - 1][1])
             for j in range(1, S + 1)]
-    stop = ctxm.Event()
-    kids += [ctxm.Process(target=_busy_streamer, args=(stop,), daemon=True)
-             for _ in range(background)]
-    for k in kids:
-        k.start()
-    H = load(target_spec).config.hidden_size
+    busy = [_process(ctxm, _busy_streamer) for _ in range(background)]
+    _start(*kids, *busy)
+    ok = False
     try:
+        H = load(target_spec).config.hidden_size
         dist.init_process_group("gloo", store=store, rank=0, world_size=S + 1,
                                 timeout=IDLE_TIMEOUT)
         connect(0, S + 1, "cpu", "gloo", H, torch.float32)   # the stages' handshake
@@ -915,14 +994,14 @@ def measure_stage_overhead(target_spec: str, *, cycles: int = 40, n: int = 4, ct
         wire.recv(wire.HEADER_LEN, torch.int64, S)      # STOP comes back from the last stage
         wire.recv(2, torch.int64, 1, wire.TAG_ACK)      # and stage 1 ends the ack stream
         out.flush()
-        marks = dict(q.get(timeout=60) for _ in range(S))
-        stop.set()
+        if not all(r.poll(60) for r, _ in pipes):
+            raise TimeoutError("a stage process sent no CPU accounting in 60 s")
+        marks = dict(r.recv() for r, _ in pipes)
         dist.destroy_process_group()
+        ok = True
     finally:
-        for k in kids:
-            k.join(10)
-            if k.is_alive():
-                k.kill()
+        _end(busy, wait=False)
+        _end(kids, wait=ok)
     fields, details = _overhead_fields(marks, cycles, n)
     # The head's wire CPU per batch round trip covers two inbound events (ack, result).
     fields["head_event_ms"] = round(head_cpu[0] / cycles / 2, 4)
@@ -950,31 +1029,30 @@ def measure_cpu_costs(target_spec: str, *, background: int = 2) -> tuple[dict, d
                     "load_average": os.getloadavg()}
 
 
-def _cpu_costs_child(target_spec: str, q) -> None:
-    q.put(measure_cpu_costs(target_spec))
+def _cpu_costs_child(target_spec: str, out) -> None:
+    out.send(measure_cpu_costs(target_spec))
 
 
 def isolated_cpu_costs(target_spec: str) -> tuple[dict, dict]:
     """measure_cpu_costs in a child process: a gloo abort there (a transport that changed
     under it) leaves a profile without the optional fields instead of no profile."""
     import multiprocessing as mp
-    import queue
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_cpu_costs_child, args=(target_spec, q), daemon=False)
-    p.start()
+    results, out = ctx.Pipe(duplex=False)      # no queue: see measure_stage_overhead
+    p = _process(ctx, _cpu_costs_child, target_spec, out, daemon=False)   # it has children
+    _start(p)
+    ok = False
     try:
         for _ in range(600):
-            try:
-                return q.get(timeout=1.0)
-            except queue.Empty:
-                if p.exitcode is not None:
-                    break
+            if results.poll(1.0):
+                ok = True
+                return results.recv()
+            if p.exitcode is not None:
+                break
+        ok = True
         return {}, {"error": f"measure_cpu_costs failed (exit {p.exitcode})"}
     finally:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
+        _end([p], wait=ok)
 
 
 def _overhead_fields(marks: dict, cycles: int, n: int) -> tuple[dict, dict]:
