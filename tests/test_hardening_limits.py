@@ -200,3 +200,10 @@ def test_the_timeline_cannot_be_a_results_table(tmp_path, capsys):
     refused(capsys, *run_args(TRACE, "--out", out, "--timeline", out / "summary.csv"),
             needles=["summary.csv", "field '--timeline'", "where --out writes"])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dry", [(), ("--dry-run",)], ids=["run", "dry run"])
+def test_sweep_address_needs_ray_even_in_a_dry_run(tmp_path, capsys, dry):
+    refused(capsys, "sweep", "--trace", TRACE, "--strategies", "ar", "--stages", 2,
+            "--executor", "process", "--address", "1.2.3.4:99", "--out", tmp_path / "sw",
+            "--quiet", *dry, needles=["--address", "only goes with --executor ray"])

@@ -1164,8 +1164,6 @@ def _check_execution(args) -> Execution:
     """The execution flags, checked before any work (InputError naming the flag)."""
     from pipedec_sim.results.tables import check_out_format
     check_out_format(args.out_format)
-    if args.address is not None and args.executor != "ray":
-        raise InputError("only goes with --executor ray", field="--address")
     if args.executor == "ray":
         from pipedec_sim.programs.ray_tasks import check_address, import_ray
         import_ray()
@@ -1177,6 +1175,8 @@ def _check_execution(args) -> Execution:
 
 def cmd_sweep(args) -> int:
     from pipedec_sim.atomic import check_output
+    if args.address is not None and args.executor != "ray":      # a dry run's flags too
+        raise InputError("only goes with --executor ray", field="--address")
     if not args.dry_run:                          # before any work: can DIR be written?
         _check_execution(args)
         check_output(args.out, "--out", folder=True, files=sweep_files())
