@@ -48,7 +48,7 @@ def _temp_beside(path: Path, made: list[Path]) -> Path:
     return Path(tmp)
 
 
-def _seal(tmp: Path, path: Path) -> None:
+def seal(tmp: Path, path: Path) -> None:
     """Make a written temp file durable, with the mode its target will keep."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -68,7 +68,7 @@ def atomic_paths(paths: Iterable[str | os.PathLike]) -> Iterator[list[Path]]:
             temps.append(_temp_beside(path, made))
         yield temps
         for tmp, path in zip(temps, targets):      # all durable before any becomes visible
-            _seal(tmp, path)
+            seal(tmp, path)
         for tmp, path in zip(temps, targets):
             os.replace(tmp, path)
     except BaseException as e:

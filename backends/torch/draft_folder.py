@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from backends.torch.weights import from_folder
-from pipedec_sim.atomic import missing_parents, remove_empty
+from pipedec_sim.atomic import missing_parents, remove_empty, seal
 from pipedec_sim.errors import InputError
 
 LAYERS_FILE = "draft-layers.safetensors"
@@ -88,7 +88,10 @@ def _filled_in_place(out: Path) -> Iterator[Path]:
     tmp.mkdir()                                  # mode from the umask, as any new folder
     try:
         yield tmp
-        _sync(tmp)
+        # every file durable, with its target's mode (new: 0644, though safetensors writes
+        # 0600: a draft folder is meant to be shared), before any becomes visible
+        for f in tmp.iterdir():
+            seal(f, out / f.name)
         if existing:
             _move_files(tmp, out)
         else:
@@ -97,15 +100,6 @@ def _filled_in_place(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty(made)
         raise
-
-
-def _sync(folder: Path) -> None:
-    """Every file in `folder` durable before any of them becomes visible, and readable by
-    all (safetensors writes its files 0600; a draft folder is meant to be shared)."""
-    for f in folder.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(f, 0o644)
 
 
 def _move_files(tmp: Path, out: Path) -> None:

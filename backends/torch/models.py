@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from backends.torch import eps_pair
+from backends.torch.draft_folder import LAYERS_FILE
 from backends.torch.weights import check_weights, from_folder
 from pipedec_sim.errors import InputError
 
@@ -127,7 +128,6 @@ def _hf_encode(tok) -> Callable[[str], list[int]]:
 
 # The draft distilled for SmolLM2, shipped as its trained layers only (see traces/README.md).
 SHIPPED_DRAFT = Path(__file__).resolve().parents[2] / "traces" / "smollm2-draft"
-LAYERS_FILE = "draft-layers.safetensors"
 
 
 def resolve_path(spec: str) -> Path:

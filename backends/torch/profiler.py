@@ -262,8 +262,8 @@ def _process(ctx, fn, *args, daemon: bool = True):
 
 
 def _child(parent: int, fn, *args) -> None:
-    from backends.torch.worker import _die_with_parent
-    _die_with_parent()                 # SIGTERM when the parent dies...
+    from backends.torch.worker import die_with_parent
+    die_with_parent()                 # SIGTERM when the parent dies...
     if os.getppid() != parent:         # ...or now: it died while this one imported torch
         os._exit(1)
     fn(*args)

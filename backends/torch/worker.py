@@ -332,7 +332,7 @@ def stage_main(cfg: StageConfig, j: int, world: int, init_method: str, err_dir: 
     if "127.0.0.1" in init_method:     # launched by a local head: it decides when to stop
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         signal.signal(signal.SIGINT, signal.SIG_IGN)    # a terminal's Ctrl-C is the head's
-        _die_with_parent()
+        die_with_parent()
     try:
         shard = build_shard(cfg, j)
         # A gloo timeout closes the link for good, so an idle stage must never time out:
@@ -372,7 +372,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: SIGTERM this process when its parent dies (no orphans if the head is killed)."""
     try:
         import ctypes
